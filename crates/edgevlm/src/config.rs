@@ -1,0 +1,352 @@
+//! Model configuration read from `config.json` (and friends) in the Hugging Face layout.
+//!
+//! Two layouts exist in the wild: transformers 4.x writes `rope_theta` / `torch_dtype`, transformers 5.x
+//! writes `rope_parameters: {rope_theta, rope_type}` / `dtype`. Both are read; missing keys take the
+//! defaults of the transformers configuration classes.
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The Llama text decoder's hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+}
+
+/// The SigLIP vision encoder's hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+}
+
+impl VisionConfig {
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// `Idefics3ForConditionalGeneration` (SmolVLM) configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Idefics3Config {
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub scale_factor: usize,
+    pub image_token_id: u32,
+    pub tie_word_embeddings: bool,
+    /// The dtype the checkpoint was saved in (`torch_dtype` or `dtype`), if stated.
+    pub dtype: Option<String>,
+}
+
+/// Architectures this build knows how to run.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Idefics3ForConditionalGeneration"];
+
+fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.get(key).filter(|x| !x.is_null())
+}
+
+fn usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
+    match get(v, key) {
+        None => Ok(default),
+        Some(x) => x
+            .as_u64()
+            .map(|n| n as usize)
+            .ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))),
+    }
+}
+
+fn f64_or(v: &Value, key: &str, default: f64) -> Result<f64> {
+    match get(v, key) {
+        None => Ok(default),
+        Some(x) => x
+            .as_f64()
+            .ok_or_else(|| Error::Config(format!("`{key}` must be a number, got {x}"))),
+    }
+}
+
+fn str_or(v: &Value, key: &str, default: &str) -> Result<String> {
+    match get(v, key) {
+        None => Ok(default.to_string()),
+        Some(x) => x
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Error::Config(format!("`{key}` must be a string, got {x}"))),
+    }
+}
+
+fn bool_or(v: &Value, key: &str, default: bool) -> Result<bool> {
+    match get(v, key) {
+        None => Ok(default),
+        Some(x) => x
+            .as_bool()
+            .ok_or_else(|| Error::Config(format!("`{key}` must be true or false, got {x}"))),
+    }
+}
+
+fn nonzero(name: &str, n: usize) -> Result<usize> {
+    if n == 0 {
+        Err(Error::Config(format!("`{name}` must be greater than zero")))
+    } else {
+        Ok(n)
+    }
+}
+
+impl TextConfig {
+    /// Parse a Llama `text_config` (defaults of `transformers.LlamaConfig`).
+    pub fn from_value(v: &Value) -> Result<Self> {
+        let hidden_size = nonzero("text_config.hidden_size", usize_or(v, "hidden_size", 4096)?)?;
+        let num_attention_heads = nonzero(
+            "text_config.num_attention_heads",
+            usize_or(v, "num_attention_heads", 32)?,
+        )?;
+        let num_key_value_heads = nonzero(
+            "text_config.num_key_value_heads",
+            usize_or(v, "num_key_value_heads", num_attention_heads)?,
+        )?;
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::Config(format!(
+                "text_config: num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"
+            )));
+        }
+        let head_dim = usize_or(v, "head_dim", hidden_size / num_attention_heads)?;
+        // transformers 5.x: rope_parameters {rope_type, rope_theta}; 4.x: rope_theta + rope_scaling.
+        let (rope_theta, rope_type) = match get(v, "rope_parameters") {
+            Some(p) => (
+                f64_or(p, "rope_theta", 10000.0)?,
+                str_or(p, "rope_type", "default")?,
+            ),
+            None => {
+                let t = f64_or(v, "rope_theta", 10000.0)?;
+                let ty = match get(v, "rope_scaling") {
+                    Some(s) => match get(s, "rope_type").or_else(|| get(s, "type")) {
+                        Some(Value::String(s)) => s.clone(),
+                        _ => "default".to_string(),
+                    },
+                    None => "default".to_string(),
+                };
+                (t, ty)
+            }
+        };
+        if rope_type != "default" {
+            return Err(Error::Unsupported(format!(
+                "rope scaling type `{rope_type}` is not supported yet (only unscaled RoPE)"
+            )));
+        }
+        let hidden_act = str_or(v, "hidden_act", "silu")?;
+        if hidden_act != "silu" {
+            return Err(Error::Unsupported(format!(
+                "text hidden_act `{hidden_act}` (only silu)"
+            )));
+        }
+        Ok(Self {
+            vocab_size: nonzero("text_config.vocab_size", usize_or(v, "vocab_size", 32000)?)?,
+            hidden_size,
+            intermediate_size: nonzero(
+                "text_config.intermediate_size",
+                usize_or(v, "intermediate_size", 11008)?,
+            )?,
+            num_hidden_layers: usize_or(v, "num_hidden_layers", 32)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim: nonzero("text_config.head_dim", head_dim)?,
+            rms_norm_eps: f64_or(v, "rms_norm_eps", 1e-6)?,
+            rope_theta,
+            max_position_embeddings: usize_or(v, "max_position_embeddings", 2048)?,
+            hidden_act,
+            attention_bias: bool_or(v, "attention_bias", false)?,
+            mlp_bias: bool_or(v, "mlp_bias", false)?,
+        })
+    }
+}
+
+impl VisionConfig {
+    /// Parse a `vision_config` (defaults of `transformers.Idefics3VisionConfig`).
+    pub fn from_value(v: &Value) -> Result<Self> {
+        let hidden_size = nonzero("vision_config.hidden_size", usize_or(v, "hidden_size", 1152)?)?;
+        let num_attention_heads = nonzero(
+            "vision_config.num_attention_heads",
+            usize_or(v, "num_attention_heads", 16)?,
+        )?;
+        if hidden_size % num_attention_heads != 0 {
+            return Err(Error::Config(format!(
+                "vision_config: hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"
+            )));
+        }
+        let image_size = nonzero("vision_config.image_size", usize_or(v, "image_size", 224)?)?;
+        let patch_size = nonzero("vision_config.patch_size", usize_or(v, "patch_size", 32)?)?;
+        if patch_size > image_size {
+            return Err(Error::Config(format!(
+                "vision_config: patch_size ({patch_size}) is larger than image_size ({image_size})"
+            )));
+        }
+        let hidden_act = str_or(v, "hidden_act", "gelu_pytorch_tanh")?;
+        if !matches!(hidden_act.as_str(), "gelu_pytorch_tanh" | "gelu") {
+            return Err(Error::Unsupported(format!(
+                "vision hidden_act `{hidden_act}` (only gelu_pytorch_tanh and gelu)"
+            )));
+        }
+        Ok(Self {
+            hidden_size,
+            intermediate_size: usize_or(v, "intermediate_size", 3072)?,
+            num_hidden_layers: usize_or(v, "num_hidden_layers", 12)?,
+            num_attention_heads,
+            num_channels: usize_or(v, "num_channels", 3)?,
+            image_size,
+            patch_size,
+            layer_norm_eps: f64_or(v, "layer_norm_eps", 1e-6)?,
+            hidden_act,
+        })
+    }
+}
+
+impl Idefics3Config {
+    /// Parse the text of a `config.json`.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("config.json is not valid JSON: {e}")))?;
+        Self::from_value(&v)
+    }
+
+    pub fn from_value(v: &Value) -> Result<Self> {
+        let archs: Vec<&str> = get(v, "architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let model_type = get(v, "model_type").and_then(Value::as_str).unwrap_or("");
+        let known = archs.iter().any(|a| SUPPORTED_ARCHITECTURES.contains(a))
+            || (archs.is_empty() && model_type == "idefics3");
+        if !known {
+            let what = if archs.is_empty() {
+                format!("model_type `{model_type}`")
+            } else {
+                format!("architecture {}", archs.join(", "))
+            };
+            return Err(Error::Unsupported(format!(
+                "{what} is not supported (supported: {})",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )));
+        }
+        let text_v = get(v, "text_config")
+            .ok_or_else(|| Error::Config("config.json has no `text_config`".into()))?;
+        let vision_v = get(v, "vision_config")
+            .ok_or_else(|| Error::Config("config.json has no `vision_config`".into()))?;
+        let text = TextConfig::from_value(text_v)?;
+        let vision = VisionConfig::from_value(vision_v)?;
+        let scale_factor = nonzero("scale_factor", usize_or(v, "scale_factor", 2)?)?;
+        if vision.patches_per_side() % scale_factor != 0 {
+            return Err(Error::Config(format!(
+                "scale_factor {scale_factor} does not divide the {} patches per side",
+                vision.patches_per_side()
+            )));
+        }
+        let tie_word_embeddings = match get(v, "tie_word_embeddings") {
+            Some(_) => bool_or(v, "tie_word_embeddings", false)?,
+            None => bool_or(text_v, "tie_word_embeddings", false)?,
+        };
+        let dtype = get(v, "dtype")
+            .or_else(|| get(v, "torch_dtype"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(Self {
+            text,
+            vision,
+            scale_factor,
+            image_token_id: usize_or(v, "image_token_id", 128257)? as u32,
+            tie_word_embeddings,
+            dtype,
+        })
+    }
+
+    /// Number of `<image>` tokens one tile becomes after the pixel-shuffle connector.
+    pub fn image_tokens_per_tile(&self) -> usize {
+        let p = self.vision.patches_per_side();
+        p * p / (self.scale_factor * self.scale_factor)
+    }
+}
+
+/// Token ids at which generation stops: `generation_config.json`'s `eos_token_id` (an id or a list).
+pub fn eos_token_ids(generation_config: &Value) -> Vec<u32> {
+    match get(generation_config, "eos_token_id") {
+        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn minimal(text: Value) -> Value {
+        json!({
+            "architectures": ["Idefics3ForConditionalGeneration"],
+            "scale_factor": 4, "image_token_id": 49190,
+            "text_config": text,
+            "vision_config": {"hidden_size": 768, "num_attention_heads": 12, "image_size": 512, "patch_size": 16}
+        })
+    }
+
+    #[test]
+    fn reads_both_rope_layouts() {
+        let v4 = minimal(json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000}));
+        let v5 = minimal(json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}));
+        let a = Idefics3Config::from_value(&v4).unwrap();
+        let b = Idefics3Config::from_value(&v5).unwrap();
+        assert_eq!(a.text.rope_theta, 100000.0);
+        assert_eq!(a, b);
+        assert_eq!(a.text.head_dim, 64);
+        assert_eq!(a.image_tokens_per_tile(), 64);
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let v = json!({"architectures": ["LlavaForConditionalGeneration"]});
+        let e = Idefics3Config::from_value(&v).unwrap_err().to_string();
+        assert!(e.contains("LlavaForConditionalGeneration"), "{e}");
+    }
+
+    #[test]
+    fn bad_head_grouping_is_an_error() {
+        let v = minimal(json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 2}));
+        assert!(Idefics3Config::from_value(&v).is_err());
+    }
+
+    #[test]
+    fn scaled_rope_is_refused_clearly() {
+        let v = minimal(json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}));
+        let e = Idefics3Config::from_value(&v).unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn eos_ids_from_int_or_list() {
+        assert_eq!(eos_token_ids(&json!({"eos_token_id": 49279})), vec![49279]);
+        assert_eq!(eos_token_ids(&json!({"eos_token_id": [2, 49279]})), vec![2, 49279]);
+        assert!(eos_token_ids(&json!({})).is_empty());
+    }
+}

@@ -1,0 +1,840 @@
+//! The engine: loads a model folder (weights, tokenizer, template, processor settings) and answers
+//! OpenAI-shaped chat requests, whole or streamed.
+
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::config::{eos_token_ids, Idefics3Config};
+use crate::error::{Error, Result};
+use crate::image::{self, ImageProcessorConfig, ProcessedImage};
+use crate::model::nn::{LoadOptions, Weights};
+use crate::model::vision::patch_mask_from_pixels;
+use crate::model::{Idefics3, KvCache};
+use crate::openai::*;
+use crate::sampling::{log_softmax, Sampler, SamplingParams};
+use crate::template::{ChatTemplate, TemplateMessage, TemplatePart};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightStore;
+
+/// Compute precision of the weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    BF16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::BF16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::BF16),
+            "f16" => Ok(Precision::F16),
+            _ => Err(Error::Request(format!("unknown dtype `{s}` (f32, bf16, f16)"))),
+        }
+    }
+}
+
+/// Which device runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda),
+            "metal" => Ok(DeviceKind::Metal),
+            _ => Err(Error::Request(format!("unknown device `{s}` (cpu, cuda, metal)"))),
+        }
+    }
+}
+
+impl DeviceKind {
+    pub fn open(self) -> Result<Device> {
+        let feature_hint = |name: &str, e: candle_core::Error| {
+            Error::Device(format!(
+                "cannot open {name} device ({e}); is this build compiled with `--features {name}`?"
+            ))
+        };
+        match self {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| feature_hint("cuda", e)),
+            DeviceKind::Metal => Device::new_metal(0).map_err(|e| feature_hint("metal", e)),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub precision: Precision,
+    pub device: DeviceKind,
+    /// Split large images into tiles plus a global view (the processor's default).
+    pub image_splitting: Option<bool>,
+    /// Tiles encoded per vision forward pass (bounds attention scratch memory).
+    pub vision_batch: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            precision: Precision::F32,
+            device: DeviceKind::Cpu,
+            image_splitting: None,
+            vision_batch: 2,
+        }
+    }
+}
+
+/// Wall-clock timings of one request, in milliseconds.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub image_preprocess_ms: f64,
+    pub image_encode_ms: f64,
+    pub image_tiles: usize,
+    pub prompt_tokens: usize,
+    pub prompt_ms: f64,
+    pub completion_tokens: usize,
+    pub generation_ms: f64,
+}
+
+impl Timings {
+    pub fn prompt_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / (self.prompt_ms / 1e3).max(1e-9)
+    }
+    /// Decode speed over the tokens after the first (the first comes out of the prompt pass).
+    pub fn generation_tokens_per_s(&self) -> f64 {
+        self.completion_tokens.saturating_sub(1) as f64 / (self.generation_ms / 1e3).max(1e-9)
+    }
+}
+
+/// A request turned into model inputs.
+pub struct PreparedPrompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub images: Vec<ProcessedImage>,
+    pub preprocess_ms: f64,
+}
+
+/// Generation settings resolved from a request.
+#[derive(Clone, Debug)]
+pub struct GenerationSettings {
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub top_logprobs: Option<usize>,
+    /// Stop at the model's end-of-sequence tokens (a benchmark turns this off).
+    pub stop_at_eos: bool,
+}
+
+pub struct Engine {
+    model: Idefics3,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    image_cfg: ImageProcessorConfig,
+    eos_ids: Vec<u32>,
+    name: String,
+    opts: EngineOptions,
+    /// Generation defaults from generation_config.json.
+    gen_defaults: Value,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A special token from tokenizer_config.json: a string or an AddedToken object.
+fn token_field(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) => o
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+/// The chat template: chat_template.jinja, chat_template.json, or tokenizer_config.json's field (a string
+/// or a list of named templates, of which "default" is used).
+fn find_chat_template(dir: &Path, tok_cfg: &Value) -> Result<String> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        return std::fs::read_to_string(&jinja).map_err(|e| Error::file(&jinja, e));
+    }
+    let json = dir.join("chat_template.json");
+    if let Some(v) = read_json_opt(&json)? {
+        return v
+            .get("chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| Error::file(&json, "no `chat_template` string"));
+    }
+    match tok_cfg.get("chat_template") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| Error::Template("tokenizer_config.json has no default template".into())),
+        _ => Err(Error::file(
+            dir,
+            "no chat template (chat_template.json, chat_template.jinja or tokenizer_config.json)",
+        )),
+    }
+}
+
+impl Engine {
+    /// Load `model`: a local folder or a Hugging Face repo id.
+    pub fn load(model: &str, opts: EngineOptions) -> Result<Self> {
+        let dir = crate::source::resolve(model)?;
+        Self::load_dir(&dir, model, opts)
+    }
+
+    /// Load a model folder in the HF layout; `name` is echoed in responses.
+    pub fn load_dir(dir: &Path, name: &str, opts: EngineOptions) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let cfg_text = std::fs::read_to_string(&config_path).map_err(|e| Error::file(&config_path, e))?;
+        let cfg = Idefics3Config::from_json_str(&cfg_text).map_err(|e| match e {
+            Error::Config(m) | Error::Unsupported(m) => Error::file(&config_path, m),
+            other => other,
+        })?;
+        let device = opts.device.open()?;
+        let store = WeightStore::open_dir(dir)?;
+        let load_opts = LoadOptions {
+            dtype: opts.precision.dtype(),
+            device,
+        };
+        let model = Idefics3::load(&Weights::new(&store, &load_opts), &cfg)?;
+        drop(store);
+
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let template = ChatTemplate::new(
+            &find_chat_template(dir, &tok_cfg)?,
+            &token_field(&tok_cfg, "bos_token"),
+            &token_field(&tok_cfg, "eos_token"),
+        )?;
+
+        let pre = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
+        let proc_cfg = read_json_opt(&dir.join("processor_config.json"))?;
+        let tokens_per_tile = cfg.image_tokens_per_tile();
+        let seq_len = proc_cfg
+            .as_ref()
+            .and_then(|v| v.get("image_seq_len"))
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .unwrap_or(tokens_per_tile);
+        if seq_len != tokens_per_tile {
+            return Err(Error::file(
+                dir.join("processor_config.json"),
+                format!("image_seq_len {seq_len} does not match the model's {tokens_per_tile} tokens per tile"),
+            ));
+        }
+        let image_cfg = ImageProcessorConfig::from_values(&pre, Some(seq_len))?;
+
+        let gen_defaults = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let mut eos_ids = eos_token_ids(&gen_defaults);
+        let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
+        for v in [cfg_json.get("text_config"), Some(&cfg_json)].into_iter().flatten() {
+            eos_ids.extend(eos_token_ids(v));
+        }
+        if let Some(id) = tokenizer.token_to_id("<end_of_utterance>") {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+
+        for (tok, id) in [("<image>", cfg.image_token_id)] {
+            if tokenizer.token_to_id(tok) != Some(id) {
+                return Err(Error::Tokenizer(format!(
+                    "{tok} is not token {id} in tokenizer.json, as config.json's image_token_id says"
+                )));
+            }
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            image_cfg,
+            eos_ids,
+            name: name.to_string(),
+            opts,
+            gen_defaults,
+        })
+    }
+
+    pub fn model(&self) -> &Idefics3 {
+        &self.model
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+    pub fn image_config(&self) -> &ImageProcessorConfig {
+        &self.image_cfg
+    }
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+    pub fn context_length(&self) -> usize {
+        self.model.cfg.text.max_position_embeddings
+    }
+
+    fn splitting(&self) -> bool {
+        self.opts
+            .image_splitting
+            .unwrap_or(self.image_cfg.do_image_splitting)
+    }
+
+    /// Messages in the template's shape, plus the image references in prompt order.
+    pub fn template_messages(req: &ChatRequest) -> Result<(Vec<TemplateMessage>, Vec<String>)> {
+        if req.messages.is_empty() {
+            return Err(Error::Request("`messages` is empty".into()));
+        }
+        let mut out = Vec::with_capacity(req.messages.len());
+        let mut images = Vec::new();
+        for (i, m) in req.messages.iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(Error::Request(format!(
+                        "messages[{i}]: role `{other}` is not supported (system, user, assistant)"
+                    )))
+                }
+            };
+            let content = match &m.content {
+                None => return Err(Error::Request(format!("messages[{i}] has no content"))),
+                Some(MessageContent::Text(t)) => vec![TemplatePart::Text { text: t.clone() }],
+                Some(MessageContent::Parts(parts)) => parts
+                    .iter()
+                    .map(|p| match p {
+                        ContentPart::Text { text } => TemplatePart::Text { text: text.clone() },
+                        ContentPart::ImageUrl { image_url } => {
+                            images.push(image_url.url().to_string());
+                            TemplatePart::Image
+                        }
+                    })
+                    .collect(),
+            };
+            out.push(TemplateMessage {
+                role: role.to_string(),
+                content,
+            });
+        }
+        Ok((out, images))
+    }
+
+    /// Render the chat template for a request (with the generation prompt).
+    pub fn render_prompt(&self, req: &ChatRequest) -> Result<String> {
+        let (messages, _) = Self::template_messages(req)?;
+        self.template.render(&messages, true)
+    }
+
+    /// Process images given as decoded RGB and expand a rendered prompt into token ids.
+    pub fn prepare_with_images(&self, prompt: &str, images: &[image::Image8]) -> Result<PreparedPrompt> {
+        let t0 = Instant::now();
+        let split = self.splitting();
+        let processed = images
+            .iter()
+            .map(|img| image::process_image(img, &self.image_cfg, split))
+            .collect::<Result<Vec<_>>>()?;
+        let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let text = image::expand_image_tokens(prompt, &processed, self.image_cfg.image_seq_len)?;
+        let ids = self.tokenizer.encode(&text)?;
+        Ok(PreparedPrompt {
+            text,
+            ids,
+            images: processed,
+            preprocess_ms,
+        })
+    }
+
+    /// Render, load images and tokenize a request.
+    pub fn prepare(&self, req: &ChatRequest) -> Result<PreparedPrompt> {
+        let (messages, refs) = Self::template_messages(req)?;
+        let prompt = self.template.render(&messages, true)?;
+        let t0 = Instant::now();
+        let decoded = refs
+            .iter()
+            .map(|r| image::load_image_ref(r))
+            .collect::<Result<Vec<_>>>()?;
+        let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut p = self.prepare_with_images(&prompt, &decoded)?;
+        p.preprocess_ms += decode_ms;
+        Ok(p)
+    }
+
+    /// Image features for all images of a prompt, `(image tokens, hidden)`, or None without images.
+    pub fn encode_images(&self, images: &[ProcessedImage]) -> Result<Option<Tensor>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let device = self.model.device();
+        let mut tiles = Vec::with_capacity(images.len());
+        for img in images {
+            let t = Tensor::from_slice(
+                &img.pixel_values,
+                (img.num_tiles, 3, img.height, img.width),
+                device,
+            )?;
+            tiles.push(t);
+        }
+        // Tiles of different images may differ in size only when settings differ; pad to the largest as
+        // HF does, with the pixel mask marking the padding.
+        let max_h = images.iter().map(|i| i.height).max().unwrap_or(0);
+        let max_w = images.iter().map(|i| i.width).max().unwrap_or(0);
+        let uniform = images.iter().all(|i| i.height == max_h && i.width == max_w);
+        let (pixels, masks) = if uniform {
+            (Tensor::cat(&tiles, 0)?, None)
+        } else {
+            let mut padded = Vec::with_capacity(tiles.len());
+            let mut masks = Vec::new();
+            for (t, img) in tiles.iter().zip(images) {
+                let t = t
+                    .pad_with_zeros(2, 0, max_h - img.height)?
+                    .pad_with_zeros(3, 0, max_w - img.width)?;
+                padded.push(t);
+                let mut m = vec![0u8; max_h * max_w];
+                for y in 0..img.height {
+                    m[y * max_w..y * max_w + img.width].fill(1);
+                }
+                let pm = patch_mask_from_pixels(&m, max_h, max_w, self.model.cfg.vision.patch_size);
+                masks.extend(std::iter::repeat_n(pm, img.num_tiles));
+            }
+            (Tensor::cat(&padded, 0)?, Some(masks))
+        };
+        let feats = self
+            .model
+            .encode_images(&pixels, masks.as_deref(), self.opts.vision_batch)?;
+        Ok(Some(feats))
+    }
+
+    /// Resolve a request's generation settings against the model's defaults.
+    pub fn settings(&self, req: &ChatRequest) -> Result<GenerationSettings> {
+        if req.n.unwrap_or(1) != 1 {
+            return Err(Error::Request("only n = 1 is supported".into()));
+        }
+        let default_sample = self
+            .gen_defaults
+            .get("do_sample")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let gd = |k: &str| self.gen_defaults.get(k).and_then(Value::as_f64);
+        let temperature = match req.temperature {
+            Some(t) => t,
+            None if default_sample => gd("temperature").unwrap_or(1.0) as f32,
+            None => 0.0,
+        };
+        let top_logprobs = match (req.logprobs, req.top_logprobs) {
+            (Some(true), n) => Some(n.unwrap_or(0)),
+            (_, Some(_)) => {
+                return Err(Error::Request("top_logprobs requires logprobs: true".into()))
+            }
+            _ => None,
+        };
+        if top_logprobs.is_some_and(|n| n > 20) {
+            return Err(Error::Request("top_logprobs must be at most 20".into()));
+        }
+        let sampling = SamplingParams {
+            temperature,
+            top_k: req.top_k.unwrap_or(0),
+            top_p: req.top_p.unwrap_or(1.0),
+            min_p: req.min_p.unwrap_or(0.0),
+            repetition_penalty: req
+                .repetition_penalty
+                .or(gd("repetition_penalty").map(|x| x as f32))
+                .unwrap_or(1.0),
+            seed: req.seed.unwrap_or(0),
+        };
+        sampling.validate()?;
+        let stop = req.stop.clone().map(StopField::into_vec).unwrap_or_default();
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(Error::Request("`stop` takes up to 4 non-empty strings".into()));
+        }
+        let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+        if max_tokens == Some(0) {
+            return Err(Error::Request("max_tokens must be at least 1".into()));
+        }
+        Ok(GenerationSettings {
+            sampling,
+            max_tokens,
+            stop,
+            top_logprobs,
+            stop_at_eos: true,
+        })
+    }
+
+    /// Answer a request with one `chat.completion`.
+    pub fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion> {
+        Ok(self.chat_streaming(req, |_| Ok(()))?.0)
+    }
+
+    /// Answer a request, calling `on_chunk` with each `chat.completion.chunk` as text is produced; returns
+    /// the assembled completion and the request's timings.
+    pub fn chat_streaming(
+        &self,
+        req: &ChatRequest,
+        mut on_chunk: impl FnMut(&ChatCompletionChunk) -> Result<()>,
+    ) -> Result<(ChatCompletion, Timings)> {
+        let settings = self.settings(req)?;
+        let prepared = self.prepare(req)?;
+        let id = completion_id();
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let chunk = |delta: Delta, finish: Option<FinishReason>, logprobs: Option<ChoiceLogprobs>| {
+            ChatCompletionChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk".into(),
+                created,
+                model: self.name.clone(),
+                choices: vec![ChunkChoice {
+                    index: 0,
+                    delta,
+                    logprobs,
+                    finish_reason: finish,
+                }],
+                usage: None,
+            }
+        };
+        on_chunk(&chunk(
+            Delta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+            },
+            None,
+            None,
+        ))?;
+        let mut emit_err = None;
+        let out = self.generate(&prepared, &settings, |piece, lp| {
+            if emit_err.is_some() {
+                return;
+            }
+            let logprobs = lp.map(|l| ChoiceLogprobs { content: l.to_vec() });
+            if let Err(e) = on_chunk(&chunk(
+                Delta {
+                    role: None,
+                    content: Some(piece.to_string()),
+                },
+                None,
+                logprobs,
+            )) {
+                emit_err = Some(e);
+            }
+        })?;
+        if let Some(e) = emit_err {
+            return Err(e);
+        }
+        let usage = Usage {
+            prompt_tokens: prepared.ids.len(),
+            completion_tokens: out.tokens.len(),
+            total_tokens: prepared.ids.len() + out.tokens.len(),
+        };
+        let mut last = chunk(Delta::default(), Some(out.finish_reason), None);
+        let include_usage = req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if include_usage {
+            last.usage = Some(usage.clone());
+        }
+        on_chunk(&last)?;
+        let completion = ChatCompletion {
+            id: id.clone(),
+            object: "chat.completion".into(),
+            created,
+            model: self.name.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: out.text,
+                },
+                logprobs: settings
+                    .top_logprobs
+                    .map(|_| ChoiceLogprobs { content: out.logprobs }),
+                finish_reason: out.finish_reason,
+            }],
+            usage,
+            system_fingerprint: Some(format!("edgevlm-{}", env!("CARGO_PKG_VERSION"))),
+        };
+        Ok((completion, out.timings))
+    }
+
+    /// Run the model on a prepared prompt. `on_text` receives each new piece of answer text (stop strings
+    /// held back until they can be ruled out) and, when logprobs were asked for, the entries of the tokens
+    /// that completed it.
+    pub fn generate(
+        &self,
+        prepared: &PreparedPrompt,
+        settings: &GenerationSettings,
+        mut on_text: impl FnMut(&str, Option<&[TokenLogprob]>),
+    ) -> Result<GenerationOutput> {
+        let ctx = self.context_length();
+        let n_prompt = prepared.ids.len();
+        if n_prompt >= ctx {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: n_prompt,
+                max_tokens: settings.max_tokens.unwrap_or(1),
+                context: ctx,
+            });
+        }
+        let max_tokens = match settings.max_tokens {
+            Some(m) if n_prompt + m > ctx => {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: n_prompt,
+                    max_tokens: m,
+                    context: ctx,
+                })
+            }
+            Some(m) => m,
+            None => ctx - n_prompt,
+        };
+        let mut timings = Timings {
+            image_preprocess_ms: prepared.preprocess_ms,
+            image_tiles: prepared.images.iter().map(|i| i.num_tiles).sum(),
+            prompt_tokens: n_prompt,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let feats = self.encode_images(&prepared.images)?;
+        timings.image_encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        let t1 = Instant::now();
+        let embeds = self.model.merge_embeddings(&prepared.ids, feats.as_ref())?;
+        let mut cache: KvCache = self.model.text.new_cache(n_prompt + max_tokens);
+        let mut logits = self.model.forward_embeds(&embeds, &mut cache, false)?;
+        timings.prompt_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+        let t2 = Instant::now();
+        let mut sampler = Sampler::new(settings.sampling.clone())?;
+        let mut context: Vec<u32> = prepared.ids.clone();
+        let mut tokens = Vec::new();
+        let mut text = TextAssembler::new(&settings.stop);
+        let mut all_logprobs = Vec::new();
+        let mut pending_logprobs = Vec::new();
+        let mut lsm = Vec::new();
+        let mut finish = FinishReason::Length;
+        let mut logit_buf: Vec<f32>;
+        loop {
+            logit_buf = logits.squeeze(0)?.to_vec1::<f32>()?;
+            sampler.apply_repetition_penalty(&mut logit_buf, &context);
+            let next = sampler.sample(&logit_buf);
+            tokens.push(next);
+            context.push(next);
+            let is_eos = settings.stop_at_eos && self.eos_ids.contains(&next);
+            if is_eos {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if let Some(n) = settings.top_logprobs {
+                log_softmax(&logit_buf, &mut lsm);
+                pending_logprobs.push(self.token_logprob(next, &lsm, n));
+            }
+            let (emit, stopped) = text.push(&self.tokenizer, next)?;
+            if !emit.is_empty() || stopped {
+                let lp = settings.top_logprobs.map(|_| pending_logprobs.as_slice());
+                if !emit.is_empty() {
+                    on_text(&emit, lp);
+                }
+                all_logprobs.append(&mut pending_logprobs);
+            }
+            if stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if tokens.len() >= max_tokens {
+                break;
+            }
+            let emb = self.model.text.embed(&[next])?.unsqueeze(0)?;
+            logits = self.model.forward_embeds(&emb, &mut cache, false)?;
+        }
+        let rest = text.finish();
+        if !rest.is_empty() {
+            let lp = settings.top_logprobs.map(|_| pending_logprobs.as_slice());
+            on_text(&rest, lp);
+        }
+        all_logprobs.append(&mut pending_logprobs);
+        timings.completion_tokens = tokens.len();
+        timings.generation_ms = t2.elapsed().as_secs_f64() * 1e3;
+        Ok(GenerationOutput {
+            text: text.into_text(),
+            tokens,
+            finish_reason: finish,
+            logprobs: all_logprobs,
+            timings,
+        })
+    }
+
+    fn token_logprob(&self, token: u32, logprobs: &[f32], top: usize) -> TokenLogprob {
+        let entry = |id: u32| {
+            let t = self.tokenizer.token_text(id);
+            TopLogprob {
+                bytes: t.as_bytes().to_vec(),
+                token: t,
+                logprob: logprobs[id as usize],
+            }
+        };
+        let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+        let k = top.min(idx.len());
+        if k > 0 {
+            idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                logprobs[b as usize].total_cmp(&logprobs[a as usize])
+            });
+            idx.truncate(k);
+            idx.sort_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]));
+        } else {
+            idx.clear();
+        }
+        let me = entry(token);
+        TokenLogprob {
+            token: me.token,
+            logprob: me.logprob,
+            bytes: me.bytes,
+            top_logprobs: idx.into_iter().map(entry).collect(),
+        }
+    }
+}
+
+/// What [`Engine::generate`] produced.
+pub struct GenerationOutput {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub logprobs: Vec<TokenLogprob>,
+    pub timings: Timings,
+}
+
+fn completion_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut rng = crate::sampling::Rng::new(nanos as u64 ^ u64::from(std::process::id()));
+    format!("chatcmpl-{:016x}{:08x}", rng.next_u64(), rng.next_u64() as u32)
+}
+
+/// Turns generated tokens into answer text: incremental detokenisation that never splits a UTF-8
+/// character, cut at the first stop string, with a possible stop-string prefix held back.
+pub struct TextAssembler {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    text: String,
+    emitted: usize,
+    stops: Vec<String>,
+    stopped: bool,
+}
+
+impl TextAssembler {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            text: String::new(),
+            emitted: 0,
+            stops: stops.to_vec(),
+            stopped: false,
+        }
+    }
+
+    /// Add a token; returns the text that can be shown now and whether a stop string ended the answer.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<(String, bool)> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            self.text.push_str(&full[prefix.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+        // Stop strings: search from where a new match could start.
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.emitted.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min();
+        if let Some(at) = hit {
+            self.text.truncate(at);
+            self.stopped = true;
+            let out = self.text[self.emitted.min(at)..].to_string();
+            self.emitted = self.text.len();
+            return Ok((out, true));
+        }
+        // Hold back the longest suffix that is a prefix of some stop string.
+        let mut safe = self.text.len();
+        for s in &self.stops {
+            for l in (1..s.len().min(self.text.len() + 1)).rev() {
+                if s.is_char_boundary(l) && self.text.ends_with(&s[..l]) {
+                    safe = safe.min(self.text.len() - l);
+                    break;
+                }
+            }
+        }
+        let safe = safe.max(self.emitted);
+        let out = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        Ok((out, false))
+    }
+
+    /// Text held back at the end of generation (no stop string followed).
+    pub fn finish(&mut self) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+
+    pub fn into_text(self) -> String {
+        self.text
+    }
+}

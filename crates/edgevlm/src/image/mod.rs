@@ -1,0 +1,9 @@
+//! Image input: decoding, Pillow-exact resampling, and the Idefics3 image processor.
+
+pub mod decode;
+pub mod processor;
+pub mod resample;
+
+pub use decode::{decode_bytes, load_image_path, load_image_ref};
+pub use processor::{expand_image_tokens, process_image, ImageProcessorConfig, ProcessedImage};
+pub use resample::{Filter, Image8};

@@ -1,0 +1,113 @@
+//! `Idefics3ForConditionalGeneration` (SmolVLM): vision encoder → pixel-shuffle connector → Llama decoder,
+//! with image features written over the `<image>` token embeddings.
+
+use candle_core::{Device, Tensor};
+
+use super::kv_cache::KvCache;
+use super::nn::Weights;
+use super::text::TextModel;
+use super::vision::{Connector, VisionTransformer};
+use crate::config::Idefics3Config;
+use crate::error::{Error, Result};
+
+pub struct Idefics3 {
+    pub vision: VisionTransformer,
+    pub connector: Connector,
+    pub text: TextModel,
+    pub cfg: Idefics3Config,
+    device: Device,
+}
+
+impl Idefics3 {
+    /// Load from the HF checkpoint layout (`model.vision_model`, `model.connector`, `model.text_model`,
+    /// `lm_head`).
+    pub fn load(w: &Weights, cfg: &Idefics3Config) -> Result<Self> {
+        let m = w.pp("model");
+        Ok(Self {
+            vision: VisionTransformer::load(&m.pp("vision_model"), &cfg.vision)?,
+            connector: Connector::load(
+                &m.pp("connector"),
+                cfg.vision.hidden_size,
+                cfg.text.hidden_size,
+                cfg.scale_factor,
+            )?,
+            text: TextModel::load(
+                &m.pp("text_model"),
+                &w.pp("lm_head"),
+                &cfg.text,
+                cfg.tie_word_embeddings,
+            )?,
+            cfg: cfg.clone(),
+            device: w.opts.device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Encode tiles `(n, 3, H, W)` into image-token features `(n · tokens_per_tile, text_hidden)`,
+    /// `chunk` tiles at a time to bound the attention scratch memory.
+    pub fn encode_images(&self, pixel_values: &Tensor, patch_masks: Option<&[Vec<bool>]>, chunk: usize) -> Result<Tensor> {
+        let n = pixel_values.dim(0)?;
+        let chunk = chunk.max(1);
+        let mut feats = Vec::with_capacity(n.div_ceil(chunk));
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let px = pixel_values.narrow(0, start, len)?;
+            let masks = patch_masks.map(|m| &m[start..start + len]);
+            let h = self.vision.forward(&px, masks)?;
+            let f = self.connector.forward(&h)?;
+            let (b, t, d) = f.dims3()?;
+            feats.push(f.reshape((b * t, d))?);
+            start += len;
+        }
+        Ok(Tensor::cat(&feats, 0)?)
+    }
+
+    /// Input embeddings `(1, ids.len(), hidden)` with the rows of `<image>` tokens replaced, in order, by
+    /// `image_features` (one row per `<image>` token).
+    pub fn merge_embeddings(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
+        let text = self.text.embed(ids)?;
+        let n_image_tokens = ids.iter().filter(|&&i| i == self.cfg.image_token_id).count();
+        let feats = match image_features {
+            None if n_image_tokens == 0 => return Ok(text.unsqueeze(0)?),
+            None => {
+                return Err(Error::Request(format!(
+                    "prompt has {n_image_tokens} <image> tokens but no image was given"
+                )))
+            }
+            Some(f) => f,
+        };
+        let rows = feats.dim(0)?;
+        if rows != n_image_tokens {
+            return Err(Error::Request(format!(
+                "image features and image tokens do not match: {n_image_tokens} <image> tokens, {rows} feature rows"
+            )));
+        }
+        // One gather over [text rows; image rows].
+        let n = ids.len() as u32;
+        let mut next_image = n;
+        let index: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(pos, &id)| {
+                if id == self.cfg.image_token_id {
+                    next_image += 1;
+                    next_image - 1
+                } else {
+                    pos as u32
+                }
+            })
+            .collect();
+        let all = Tensor::cat(&[&text, &feats.to_dtype(text.dtype())?], 0)?;
+        let index = Tensor::new(index.as_slice(), text.device())?;
+        Ok(all.index_select(&index, 0)?.unsqueeze(0)?)
+    }
+
+    /// Run the decoder over `embeds` (see [`TextModel::forward`]).
+    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+        self.text.forward(embeds, cache, all_logits)
+    }
+}

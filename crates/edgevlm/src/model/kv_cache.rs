@@ -1,0 +1,70 @@
+//! Per-layer key/value cache, preallocated to the request's length so that appending a token writes
+//! in place instead of concatenating.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, capacity: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forget everything (keeps the buffers).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Write `k`, `v` `(b, kv_heads, t, d)` of `layer` after the cached positions and return the keys and
+    /// values of all positions so far. The caller moves the length forward with [`KvCache::advance`] once
+    /// every layer has appended.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let end = self.len + t;
+        if end > self.capacity {
+            return Err(Error::Request(format!(
+                "KV cache holds {} positions, {end} needed",
+                self.capacity
+            )));
+        }
+        let slot = &mut self.layers[layer];
+        if slot.is_none() {
+            let zeros = Tensor::zeros((b, h, self.capacity, d), k.dtype(), k.device())?;
+            *slot = Some((zeros.clone(), zeros.copy()?));
+        }
+        let (kc, vc) = slot.as_ref().ok_or_else(|| Error::Request("KV cache slot missing".into()))?;
+        kc.slice_set(k, 2, self.len)?;
+        vc.slice_set(v, 2, self.len)?;
+        Ok((
+            kc.narrow(2, 0, end)?.contiguous()?,
+            vc.narrow(2, 0, end)?.contiguous()?,
+        ))
+    }
+
+    pub fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}

@@ -1,0 +1,237 @@
+//! The Llama text decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) with a KV cache.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::kv_cache::KvCache;
+use super::nn::{attention, Linear, RmsNorm, Weights};
+use crate::config::TextConfig;
+use crate::error::{Error, Result};
+
+/// Rotary position tables, computed in f32 exactly as HF's default RoPE does.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    max_len: usize,
+}
+
+impl Rope {
+    fn new(cfg: &TextConfig, max_len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let base = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for &f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_len, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_len, half), device)?.to_dtype(dtype)?,
+            max_len,
+        })
+    }
+
+    /// Rotate `(b, heads, t, d)` for positions `offset..offset+t`.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if offset + t > self.max_len {
+            return Err(Error::Request(format!(
+                "position {} is beyond the model's {} positions",
+                offset + t,
+                self.max_len
+            )));
+        }
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let a = w.pp("self_attn");
+        let m = w.pp("mlp");
+        let ab = cfg.attention_bias;
+        Ok(Self {
+            input_norm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+            q: Linear::load(&a.pp("q_proj"), h, cfg.num_attention_heads * d, ab)?,
+            k: Linear::load(&a.pp("k_proj"), h, cfg.num_key_value_heads * d, ab)?,
+            v: Linear::load(&a.pp("v_proj"), h, cfg.num_key_value_heads * d, ab)?,
+            o: Linear::load(&a.pp("o_proj"), cfg.num_attention_heads * d, h, ab)?,
+            post_norm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+            gate: Linear::load(&m.pp("gate_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+            up: Linear::load(&m.pp("up_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+            down: Linear::load(&m.pp("down_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        offset: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_dim;
+        let y = self.input_norm.forward(x)?;
+        let heads = |t_: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t_.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope.apply(&heads(self.q.forward(&y)?, self.heads)?, offset)?;
+        let k = rope.apply(&heads(self.k.forward(&y)?, self.kv_heads)?, offset)?;
+        let v = heads(self.v.forward(&y)?, self.kv_heads)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        // Grouped-query attention without copying K/V per query head: fold the `rep` query heads that
+        // share a KV head into the sequence axis.
+        let rep = self.heads / self.kv_heads;
+        let s = k.dim(2)?;
+        let q = q.reshape((b, self.kv_heads, rep * t, d))?;
+        let mask = match mask {
+            Some(m) => Some(m.reshape((1, 1, 1, t, s))?),
+            None => None,
+        };
+        let o = if let Some(m) = mask {
+            let scale = (d as f64).powf(-0.5);
+            let dtype = q.dtype();
+            let scores = (q.matmul(&k.t()?)? * scale)?
+                .to_dtype(DType::F32)?
+                .reshape((b, self.kv_heads, rep, t, s))?
+                .broadcast_add(&m)?
+                .reshape((b, self.kv_heads, rep * t, s))?;
+            candle_nn::ops::softmax_last_dim(&scores)?
+                .to_dtype(dtype)?
+                .matmul(&v)?
+        } else {
+            attention(&q, &k, &v, (d as f64).powf(-0.5), None)?
+        };
+        let o = o
+            .reshape((b, self.heads, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * d))?;
+        let x = (x + self.o.forward(&o)?)?;
+        let y = self.post_norm.forward(&x)?;
+        let g = candle_nn::ops::silu(&self.gate.forward(&y)?)?;
+        let y = self.down.forward(&(g * self.up.forward(&y)?)?)?;
+        Ok((x + y)?)
+    }
+}
+
+/// Llama decoder with its embedding table and LM head.
+pub struct TextModel {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: TextConfig,
+}
+
+impl TextModel {
+    /// Load the decoder from `model.text_model.*` and the head from `lm_head.*` (or the tied embedding).
+    pub fn load(w: &Weights, head: &Weights, cfg: &TextConfig, tie_word_embeddings: bool) -> Result<Self> {
+        let embed_tokens = w
+            .pp("embed_tokens")
+            .get("weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if tie_word_embeddings && !head.contains("weight") {
+            Linear::from_parts(candle_core::quantized::QMatMul::Tensor(embed_tokens.clone()), None)
+        } else {
+            Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let rope = Rope::new(
+            cfg,
+            cfg.max_position_embeddings,
+            w.opts.dtype,
+            &w.opts.device,
+        )?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(&w.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    /// A KV cache for this model holding up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.layers.len(), capacity)
+    }
+
+    /// Token embeddings `(n, hidden)` for `ids`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::Request(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let idx = Tensor::new(ids, self.embed_tokens.device())?;
+        Ok(self.embed_tokens.index_select(&idx, 0)?)
+    }
+
+    /// Run `embeds` `(1, t, hidden)` at positions `cache.len()..` and return logits `(t, vocab)` for
+    /// every position when `all_logits`, else `(1, vocab)` for the last one. Logits are f32.
+    pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+        let (_, t, _) = embeds.dims3()?;
+        let offset = cache.len();
+        let mask = if t > 1 {
+            Some(causal_mask(t, offset, embeds.device())?)
+        } else {
+            None
+        };
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &self.rope, cache, i, offset, mask.as_ref())?;
+        }
+        cache.advance(t);
+        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&x)?.squeeze(0)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+}
+
+/// `(t, offset + t)` additive mask: query `i` sees keys `0..=offset + i`.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let s = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
+}

@@ -1,0 +1,274 @@
+//! OpenAI-shaped chat completion requests and responses.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// A chat completion request (the subset of OpenAI's that a local engine can honour).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// OpenAI's newer name for `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Extension (as in vLLM / llama.cpp's server).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    /// Extension.
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Extension.
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<Value>,
+    #[serde(default)]
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopField::One(s) => vec![s],
+            StopField::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    Object {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    Plain(String),
+}
+
+impl ImageUrl {
+    pub fn url(&self) -> &str {
+        match self {
+            ImageUrl::Object { url, .. } => url,
+            ImageUrl::Plain(u) => u,
+        }
+    }
+}
+
+impl ChatRequest {
+    /// Parse a JSON request, with a one-line error on malformed input.
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::Request(format!("request JSON: {e}")))
+    }
+
+    /// A request with one user message: optional images first, then the text.
+    pub fn simple(system: Option<&str>, prompt: &str, images: &[String]) -> Self {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: Some(MessageContent::Text(s.into())),
+                name: None,
+            });
+        }
+        let mut parts: Vec<ContentPart> = images
+            .iter()
+            .map(|u| ContentPart::ImageUrl {
+                image_url: ImageUrl::Object {
+                    url: u.clone(),
+                    detail: None,
+                },
+            })
+            .collect();
+        parts.push(ContentPart::Text {
+            text: prompt.into(),
+        });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: Some(MessageContent::Parts(parts)),
+            name: None,
+        });
+        Self {
+            messages,
+            ..Default::default()
+        }
+    }
+}
+
+/// `chat.completion`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<Choice>,
+    pub usage: Usage,
+    pub system_fingerprint: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Choice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChoiceLogprobs>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AssistantMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChoiceLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// `chat.completion.chunk`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChunkChoice {
+    pub index: usize,
+    pub delta: Delta,
+    pub logprobs: Option<ChoiceLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_openai_shapes() {
+        let r = ChatRequest::from_json(
+            r#"{"model":"m","messages":[
+                {"role":"system","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"what"},
+                  {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},
+                  {"type":"image_url","image_url":"file:///tmp/a.png"}]}],
+               "stop":"\n","max_tokens":5,"logprobs":true,"top_logprobs":2}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages.len(), 2);
+        assert!(matches!(r.stop, Some(StopField::One(ref s)) if s == "\n"));
+        match &r.messages[1].content {
+            Some(MessageContent::Parts(p)) => {
+                assert!(matches!(&p[2], ContentPart::ImageUrl { image_url } if image_url.url() == "file:///tmp/a.png"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_json_are_errors() {
+        assert!(ChatRequest::from_json(r#"{"messages":[],"temprature":1}"#).is_err());
+        let e = ChatRequest::from_json("{").unwrap_err().to_string();
+        assert!(e.starts_with("invalid request: request JSON"), "{e}");
+    }
+
+    #[test]
+    fn finish_reason_serialises_lowercase() {
+        assert_eq!(serde_json::to_string(&FinishReason::Length).unwrap(), "\"length\"");
+    }
+}

@@ -1,0 +1,99 @@
+//! Chat templates: the model's Jinja template rendered with minijinja, configured as transformers
+//! configures jinja2 (`trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`).
+
+use minijinja::{Environment, ErrorKind, Value};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// One message in the HF template shape: `content` is a list of `{"type": "text", "text"}` and
+/// `{"type": "image"}` parts.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TemplateMessage {
+    pub role: String,
+    pub content: Vec<TemplatePart>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TemplatePart {
+    Text { text: String },
+    Image,
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Template(format!("does not compile: {e}")))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// Render `messages`, ending with the assistant prompt when `add_generation_prompt`.
+    pub fn render(&self, messages: &[TemplateMessage], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| Error::Template(format!("rendering failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(role: &str, t: &str) -> TemplateMessage {
+        TemplateMessage {
+            role: role.into(),
+            content: vec![TemplatePart::Text { text: t.into() }],
+        }
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_like_transformers() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}\n  {{ m.role }}: {{ m.content[0].text }}\n{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(t.render(&[text("user", "hi")], false).unwrap(), "user: hi\n");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").unwrap();
+        let e = t.render(&[], true).unwrap_err().to_string();
+        assert!(e.contains("no system role"), "{e}");
+    }
+
+    #[test]
+    fn broken_template_is_reported() {
+        assert!(ChatTemplate::new("{% for %}", "", "").is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! Memory-mapped safetensors checkpoints (single file or sharded with `model.safetensors.index.json`).
+//!
+//! The header of every file is parsed once and checked against the file's length, so a truncated or
+//! corrupt file fails at load with the tensor and file named, never with a panic or garbage numbers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Where one tensor lives.
+#[derive(Clone, Debug)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a checkpoint, by name.
+pub struct WeightStore {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+}
+
+fn safetensors_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "U8" => DType::U8,
+        "U32" => DType::U32,
+        "I64" => DType::I64,
+        _ => return None,
+    })
+}
+
+impl WeightStore {
+    /// Open every `*.safetensors` file a model folder holds: the shards named in
+    /// `model.safetensors.index.json` when it exists, else `model.safetensors`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            shards.sort();
+            shards.dedup();
+            for s in &shards {
+                if s.contains("..") || Path::new(s).is_absolute() {
+                    return Err(Error::file(&index, format!("shard name `{s}` leaves the model folder")));
+                }
+            }
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(Error::file(
+                    dir,
+                    "no model.safetensors or model.safetensors.index.json in this folder",
+                ));
+            }
+            vec![single]
+        };
+        Self::open_files(&files)
+    }
+
+    /// Open the given safetensors files; a tensor name may appear in only one of them.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::file(path, e))?;
+            // SAFETY: the map is read-only; a file modified while mapped is outside what we can defend
+            // against (the same contract as every mmap-based loader, safetensors' own included).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
+            for (name, entry) in parse_header(path, &mmap, i)? {
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(Error::file(path, format!("tensor `{name}` appears in two shards")));
+                }
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self { files, entries })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// The stored shape of a tensor, if present.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    fn file_name(&self, e: &Entry) -> String {
+        self.files[e.file].0.display().to_string()
+    }
+
+    /// Load `name`, check it has `shape`, convert to `dtype` on `device`.
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| {
+            let files: Vec<String> = self.files.iter().map(|f| f.0.display().to_string()).collect();
+            Error::Tensor {
+                tensor: name.to_string(),
+                file: files.join(", "),
+                message: "missing".to_string(),
+            }
+        })?;
+        if e.shape != shape {
+            return Err(Error::Tensor {
+                tensor: name.to_string(),
+                file: self.file_name(e),
+                message: format!("shape {:?}, expected {:?}", e.shape, shape),
+            });
+        }
+        if !matches!(e.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+            return Err(Error::Tensor {
+                tensor: name.to_string(),
+                file: self.file_name(e),
+                message: format!("dtype {:?} is not a floating-point weight", e.dtype),
+            });
+        }
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let t = Tensor::from_raw_buffer(bytes, e.dtype, shape, &Device::Cpu)?;
+        let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+        Ok(t.to_device(device)?)
+    }
+}
+
+/// Parse and validate a safetensors header: 8-byte little-endian length, JSON, then the data region.
+fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+    let bad = |m: String| Error::file(path, format!("not a valid safetensors file: {m}"));
+    if bytes.len() < 8 {
+        return Err(bad(format!("{} bytes is too short for a header", bytes.len())));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[..8]);
+    let n = u64::from_le_bytes(len8);
+    if n > (bytes.len() as u64).saturating_sub(8) || n > 100 << 20 {
+        return Err(bad(format!(
+            "header length {n} exceeds the file size {} (truncated or not safetensors)",
+            bytes.len()
+        )));
+    }
+    let n = n as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n])
+        .map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let data_len = bytes.len() - 8 - n;
+    let mut out = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let tensor_err = |m: String| Error::Tensor {
+            tensor: name.clone(),
+            file: path.display().to_string(),
+            message: m,
+        };
+        let dtype_s = info.get("dtype").and_then(Value::as_str).unwrap_or("?");
+        let dtype = safetensors_dtype(dtype_s)
+            .ok_or_else(|| tensor_err(format!("unsupported dtype `{dtype_s}`")))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| tensor_err("no shape".into()))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| tensor_err("shape is not a list of integers".into()))?;
+        let offs = info
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| tensor_err("no data_offsets".into()))?;
+        let (start, end) = match (offs[0].as_u64(), offs[1].as_u64()) {
+            (Some(s), Some(e)) if s <= e => (s as usize, e as usize),
+            _ => return Err(tensor_err("invalid data_offsets".into())),
+        };
+        if end > data_len {
+            return Err(tensor_err(format!(
+                "data ends at byte {end} but the file holds {data_len} (truncated file)"
+            )));
+        }
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let expected = numel.and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+        if expected != Some(end - start) {
+            return Err(tensor_err(format!(
+                "{} bytes do not hold a {dtype_s} tensor of shape {shape:?}",
+                end - start
+            )));
+        }
+        out.push((
+            name,
+            Entry {
+                file,
+                dtype,
+                shape,
+                start: start + 8 + n,
+                end: end + 8 + n,
+            },
+        ));
+    }
+    Ok(out)
+}
