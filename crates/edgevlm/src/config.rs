@@ -71,10 +71,9 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
 fn usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
     match get(v, key) {
         None => Ok(default),
-        Some(x) => x
-            .as_u64()
-            .map(|n| n as usize)
-            .ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))),
+        Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
+            Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))
+        }),
     }
 }
 
@@ -185,7 +184,10 @@ impl TextConfig {
 impl VisionConfig {
     /// Parse a `vision_config` (defaults of `transformers.Idefics3VisionConfig`).
     pub fn from_value(v: &Value) -> Result<Self> {
-        let hidden_size = nonzero("vision_config.hidden_size", usize_or(v, "hidden_size", 1152)?)?;
+        let hidden_size = nonzero(
+            "vision_config.hidden_size",
+            usize_or(v, "hidden_size", 1152)?,
+        )?;
         let num_attention_heads = nonzero(
             "vision_config.num_attention_heads",
             usize_or(v, "num_attention_heads", 16)?,
@@ -291,7 +293,11 @@ impl Idefics3Config {
 pub fn eos_token_ids(generation_config: &Value) -> Vec<u32> {
     match get(generation_config, "eos_token_id") {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|n| n as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -312,9 +318,13 @@ mod tests {
 
     #[test]
     fn reads_both_rope_layouts() {
-        let v4 = minimal(json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000}));
-        let v5 = minimal(json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}));
+        let v4 = minimal(
+            json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000}),
+        );
+        let v5 = minimal(
+            json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}),
+        );
         let a = Idefics3Config::from_value(&v4).unwrap();
         let b = Idefics3Config::from_value(&v5).unwrap();
         assert_eq!(a.text.rope_theta, 100000.0);
@@ -332,7 +342,9 @@ mod tests {
 
     #[test]
     fn bad_head_grouping_is_an_error() {
-        let v = minimal(json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 2}));
+        let v = minimal(
+            json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 2}),
+        );
         assert!(Idefics3Config::from_value(&v).is_err());
     }
 
@@ -346,7 +358,10 @@ mod tests {
     #[test]
     fn eos_ids_from_int_or_list() {
         assert_eq!(eos_token_ids(&json!({"eos_token_id": 49279})), vec![49279]);
-        assert_eq!(eos_token_ids(&json!({"eos_token_id": [2, 49279]})), vec![2, 49279]);
+        assert_eq!(
+            eos_token_ids(&json!({"eos_token_id": [2, 49279]})),
+            vec![2, 49279]
+        );
         assert!(eos_token_ids(&json!({})).is_empty());
     }
 }

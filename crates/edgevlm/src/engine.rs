@@ -45,7 +45,9 @@ impl std::str::FromStr for Precision {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::BF16),
             "f16" => Ok(Precision::F16),
-            _ => Err(Error::Request(format!("unknown dtype `{s}` (f32, bf16, f16)"))),
+            _ => Err(Error::Request(format!(
+                "unknown dtype `{s}` (f32, bf16, f16)"
+            ))),
         }
     }
 }
@@ -66,7 +68,9 @@ impl std::str::FromStr for DeviceKind {
             "cpu" => Ok(DeviceKind::Cpu),
             "cuda" => Ok(DeviceKind::Cuda),
             "metal" => Ok(DeviceKind::Metal),
-            _ => Err(Error::Request(format!("unknown device `{s}` (cpu, cuda, metal)"))),
+            _ => Err(Error::Request(format!(
+                "unknown device `{s}` (cpu, cuda, metal)"
+            ))),
         }
     }
 }
@@ -227,7 +231,8 @@ impl Engine {
     /// Load a model folder in the HF layout; `name` is echoed in responses.
     pub fn load_dir(dir: &Path, name: &str, opts: EngineOptions) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&config_path).map_err(|e| Error::file(&config_path, e))?;
+        let cfg_text =
+            std::fs::read_to_string(&config_path).map_err(|e| Error::file(&config_path, e))?;
         let cfg = Idefics3Config::from_json_str(&cfg_text).map_err(|e| match e {
             Error::Config(m) | Error::Unsupported(m) => Error::file(&config_path, m),
             other => other,
@@ -266,10 +271,14 @@ impl Engine {
         }
         let image_cfg = ImageProcessorConfig::from_values(&pre, Some(seq_len))?;
 
-        let gen_defaults = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let gen_defaults =
+            read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let mut eos_ids = eos_token_ids(&gen_defaults);
         let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
-        for v in [cfg_json.get("text_config"), Some(&cfg_json)].into_iter().flatten() {
+        for v in [cfg_json.get("text_config"), Some(&cfg_json)]
+            .into_iter()
+            .flatten()
+        {
             eos_ids.extend(eos_token_ids(v));
         }
         if let Some(id) = tokenizer.token_to_id("<end_of_utterance>") {
@@ -369,7 +378,11 @@ impl Engine {
     }
 
     /// Process images given as decoded RGB and expand a rendered prompt into token ids.
-    pub fn prepare_with_images(&self, prompt: &str, images: &[image::Image8]) -> Result<PreparedPrompt> {
+    pub fn prepare_with_images(
+        &self,
+        prompt: &str,
+        images: &[image::Image8],
+    ) -> Result<PreparedPrompt> {
         let t0 = Instant::now();
         let split = self.splitting();
         let processed = images
@@ -428,9 +441,11 @@ impl Engine {
             let mut padded = Vec::with_capacity(tiles.len());
             let mut masks = Vec::new();
             for (t, img) in tiles.iter().zip(images) {
-                let t = t
-                    .pad_with_zeros(2, 0, max_h - img.height)?
-                    .pad_with_zeros(3, 0, max_w - img.width)?;
+                let t = t.pad_with_zeros(2, 0, max_h - img.height)?.pad_with_zeros(
+                    3,
+                    0,
+                    max_w - img.width,
+                )?;
                 padded.push(t);
                 let mut m = vec![0u8; max_h * max_w];
                 for y in 0..img.height {
@@ -466,7 +481,9 @@ impl Engine {
         let top_logprobs = match (req.logprobs, req.top_logprobs) {
             (Some(true), n) => Some(n.unwrap_or(0)),
             (_, Some(_)) => {
-                return Err(Error::Request("top_logprobs requires logprobs: true".into()))
+                return Err(Error::Request(
+                    "top_logprobs requires logprobs: true".into(),
+                ))
             }
             _ => None,
         };
@@ -485,9 +502,15 @@ impl Engine {
             seed: req.seed.unwrap_or(0),
         };
         sampling.validate()?;
-        let stop = req.stop.clone().map(StopField::into_vec).unwrap_or_default();
+        let stop = req
+            .stop
+            .clone()
+            .map(StopField::into_vec)
+            .unwrap_or_default();
         if stop.len() > 4 || stop.iter().any(String::is_empty) {
-            return Err(Error::Request("`stop` takes up to 4 non-empty strings".into()));
+            return Err(Error::Request(
+                "`stop` takes up to 4 non-empty strings".into(),
+            ));
         }
         let max_tokens = req.max_completion_tokens.or(req.max_tokens);
         if max_tokens == Some(0) {
@@ -521,21 +544,22 @@ impl Engine {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let chunk = |delta: Delta, finish: Option<FinishReason>, logprobs: Option<ChoiceLogprobs>| {
-            ChatCompletionChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk".into(),
-                created,
-                model: self.name.clone(),
-                choices: vec![ChunkChoice {
-                    index: 0,
-                    delta,
-                    logprobs,
-                    finish_reason: finish,
-                }],
-                usage: None,
-            }
-        };
+        let chunk =
+            |delta: Delta, finish: Option<FinishReason>, logprobs: Option<ChoiceLogprobs>| {
+                ChatCompletionChunk {
+                    id: id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created,
+                    model: self.name.clone(),
+                    choices: vec![ChunkChoice {
+                        index: 0,
+                        delta,
+                        logprobs,
+                        finish_reason: finish,
+                    }],
+                    usage: None,
+                }
+            };
         on_chunk(&chunk(
             Delta {
                 role: Some("assistant".into()),
@@ -549,7 +573,9 @@ impl Engine {
             if emit_err.is_some() {
                 return;
             }
-            let logprobs = lp.map(|l| ChoiceLogprobs { content: l.to_vec() });
+            let logprobs = lp.map(|l| ChoiceLogprobs {
+                content: l.to_vec(),
+            });
             if let Err(e) = on_chunk(&chunk(
                 Delta {
                     role: None,
@@ -591,9 +617,9 @@ impl Engine {
                     role: "assistant".into(),
                     content: out.text,
                 },
-                logprobs: settings
-                    .top_logprobs
-                    .map(|_| ChoiceLogprobs { content: out.logprobs }),
+                logprobs: settings.top_logprobs.map(|_| ChoiceLogprobs {
+                    content: out.logprobs,
+                }),
                 finish_reason: out.finish_reason,
             }],
             usage,
@@ -752,7 +778,11 @@ fn completion_id() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let mut rng = crate::sampling::Rng::new(nanos as u64 ^ u64::from(std::process::id()));
-    format!("chatcmpl-{:016x}{:08x}", rng.next_u64(), rng.next_u64() as u32)
+    format!(
+        "chatcmpl-{:016x}{:08x}",
+        rng.next_u64(),
+        rng.next_u64() as u32
+    )
 }
 
 /// Turns generated tokens into answer text: incremental detokenisation that never splits a UTF-8

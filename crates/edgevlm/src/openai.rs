@@ -254,7 +254,9 @@ mod tests {
         assert!(matches!(r.stop, Some(StopField::One(ref s)) if s == "\n"));
         match &r.messages[1].content {
             Some(MessageContent::Parts(p)) => {
-                assert!(matches!(&p[2], ContentPart::ImageUrl { image_url } if image_url.url() == "file:///tmp/a.png"))
+                assert!(
+                    matches!(&p[2], ContentPart::ImageUrl { image_url } if image_url.url() == "file:///tmp/a.png")
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -269,6 +271,9 @@ mod tests {
 
     #[test]
     fn finish_reason_serialises_lowercase() {
-        assert_eq!(serde_json::to_string(&FinishReason::Length).unwrap(), "\"length\"");
+        assert_eq!(
+            serde_json::to_string(&FinishReason::Length).unwrap(),
+            "\"length\""
+        );
     }
 }

@@ -35,7 +35,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Request(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -147,7 +150,10 @@ impl Sampler {
             }
             r -= p;
         }
-        candidates.last().map(|c| c.0).unwrap_or_else(|| argmax(logits))
+        candidates
+            .last()
+            .map(|c| c.0)
+            .unwrap_or_else(|| argmax(logits))
     }
 
     /// The filtered distribution `(token, probability)` sorted by probability, highest first, not
@@ -216,7 +222,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Log-softmax of `logits` into `out` (natural log), numerically stable.
 pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let lse = logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
     out.clear();
     out.extend(logits.iter().map(|&l| l - lse));
 }
@@ -262,7 +273,11 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let c: Vec<u32> = s.candidates(&[1.0, 5.0, 3.0, 4.0]).iter().map(|c| c.0).collect();
+        let c: Vec<u32> = s
+            .candidates(&[1.0, 5.0, 3.0, 4.0])
+            .iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(c, vec![1, 3]);
     }
 

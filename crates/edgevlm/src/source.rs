@@ -54,7 +54,12 @@ fn looks_like_repo_id(s: &str) -> bool {
 
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim(),
+                "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -101,7 +106,9 @@ fn fetch_from_hub(repo: &str) -> Result<PathBuf> {
             hint(repo)
         ))
     };
-    let config = remote.get("config.json").map_err(|e| net("config.json", e))?;
+    let config = remote
+        .get("config.json")
+        .map_err(|e| net("config.json", e))?;
     for f in REQUIRED_FILES.iter().skip(1) {
         remote.get(f).map_err(|e| net(f, e))?;
     }
@@ -117,7 +124,11 @@ fn fetch_from_hub(repo: &str) -> Result<PathBuf> {
             let mut shards: Vec<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();

@@ -48,7 +48,11 @@ impl ChatTemplate {
     }
 
     /// Render `messages`, ending with the assistant prompt when `add_generation_prompt`.
-    pub fn render(&self, messages: &[TemplateMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[TemplateMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -82,7 +86,10 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(t.render(&[text("user", "hi")], false).unwrap(), "user: hi\n");
+        assert_eq!(
+            t.render(&[text("user", "hi")], false).unwrap(),
+            "user: hi\n"
+        );
     }
 
     #[test]

@@ -65,7 +65,10 @@ impl WeightStore {
             shards.dedup();
             for s in &shards {
                 if s.contains("..") || Path::new(s).is_absolute() {
-                    return Err(Error::file(&index, format!("shard name `{s}` leaves the model folder")));
+                    return Err(Error::file(
+                        &index,
+                        format!("shard name `{s}` leaves the model folder"),
+                    ));
                 }
             }
             shards.into_iter().map(|s| dir.join(s)).collect()
@@ -93,7 +96,10 @@ impl WeightStore {
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
             for (name, entry) in parse_header(path, &mmap, i)? {
                 if entries.insert(name.clone(), entry).is_some() {
-                    return Err(Error::file(path, format!("tensor `{name}` appears in two shards")));
+                    return Err(Error::file(
+                        path,
+                        format!("tensor `{name}` appears in two shards"),
+                    ));
                 }
             }
             files.push((path.clone(), mmap));
@@ -119,9 +125,19 @@ impl WeightStore {
     }
 
     /// Load `name`, check it has `shape`, convert to `dtype` on `device`.
-    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| {
-            let files: Vec<String> = self.files.iter().map(|f| f.0.display().to_string()).collect();
+            let files: Vec<String> = self
+                .files
+                .iter()
+                .map(|f| f.0.display().to_string())
+                .collect();
             Error::Tensor {
                 tensor: name.to_string(),
                 file: files.join(", "),
@@ -144,7 +160,11 @@ impl WeightStore {
         }
         let bytes = &self.files[e.file].1[e.start..e.end];
         let t = Tensor::from_raw_buffer(bytes, e.dtype, shape, &Device::Cpu)?;
-        let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+        let t = if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
         Ok(t.to_device(device)?)
     }
 }
@@ -153,7 +173,10 @@ impl WeightStore {
 fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     let bad = |m: String| Error::file(path, format!("not a valid safetensors file: {m}"));
     if bytes.len() < 8 {
-        return Err(bad(format!("{} bytes is too short for a header", bytes.len())));
+        return Err(bad(format!(
+            "{} bytes is too short for a header",
+            bytes.len()
+        )));
     }
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&bytes[..8]);

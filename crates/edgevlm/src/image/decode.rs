@@ -60,7 +60,10 @@ pub fn decode_bytes(bytes: &[u8], source: &str) -> Result<Image8> {
         .with_guessed_format()
         .map_err(|e| err(source, e))?;
     if reader.format().is_none() {
-        return Err(err(source, "not a recognised image format (JPEG, PNG, WebP, GIF or BMP)"));
+        return Err(err(
+            source,
+            "not a recognised image format (JPEG, PNG, WebP, GIF or BMP)",
+        ));
     }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
@@ -133,7 +136,9 @@ mod tests {
 
     #[test]
     fn garbage_is_a_clear_error() {
-        let e = decode_bytes(b"not an image at all", "x.png").unwrap_err().to_string();
+        let e = decode_bytes(b"not an image at all", "x.png")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("image x.png:"), "{e}");
     }
 

@@ -63,7 +63,9 @@ fn triple(v: Option<&Value>, default: [f32; 3], key: &str) -> Result<[f32; 3]> {
             }
             Ok(out)
         }
-        Some(other) => Err(Error::Config(format!("`{key}` must be 3 numbers, got {other}"))),
+        Some(other) => Err(Error::Config(format!(
+            "`{key}` must be 3 numbers, got {other}"
+        ))),
     }
 }
 
@@ -179,7 +181,11 @@ fn crop(img: &Image8, x0: usize, y0: usize, w: usize, h: usize) -> Image8 {
 }
 
 /// Process one RGB image into tiles.
-pub fn process_image(img: &Image8, cfg: &ImageProcessorConfig, split: bool) -> Result<ProcessedImage> {
+pub fn process_image(
+    img: &Image8,
+    cfg: &ImageProcessorConfig,
+    split: bool,
+) -> Result<ProcessedImage> {
     if img.channels != 3 {
         return Err(Error::Request(format!(
             "image processor expects RGB, got {} channels",
@@ -257,7 +263,11 @@ pub fn image_prompt_string(rows: usize, cols: usize, image_seq_len: usize) -> St
     let mut s = String::new();
     for r in 0..rows {
         for c in 0..cols {
-            s.push_str(&format!("{FAKE}<row_{}_col_{}>{image_tokens}", r + 1, c + 1));
+            s.push_str(&format!(
+                "{FAKE}<row_{}_col_{}>{image_tokens}",
+                r + 1,
+                c + 1
+            ));
         }
         s.push('\n');
     }
@@ -266,7 +276,11 @@ pub fn image_prompt_string(rows: usize, cols: usize, image_seq_len: usize) -> St
 }
 
 /// Replace the `<image>` placeholders of a rendered prompt, in order, with each image's expansion.
-pub fn expand_image_tokens(prompt: &str, images: &[ProcessedImage], image_seq_len: usize) -> Result<String> {
+pub fn expand_image_tokens(
+    prompt: &str,
+    images: &[ProcessedImage],
+    image_seq_len: usize,
+) -> Result<String> {
     let parts: Vec<&str> = prompt.split("<image>").collect();
     if parts.len() - 1 != images.len() {
         return Err(Error::Request(format!(
@@ -341,6 +355,9 @@ mod tests {
         };
         assert!(expand_image_tokens("a <image> b", &[], 64).is_err());
         let s = expand_image_tokens("a<image>b", &[img], 2).unwrap();
-        assert_eq!(s, "a<fake_token_around_image><global-img><image><image><fake_token_around_image>b");
+        assert_eq!(
+            s,
+            "a<fake_token_around_image><global-img><image><image><fake_token_around_image>b"
+        );
     }
 }

@@ -176,6 +176,10 @@ impl Image8 {
 }
 
 /// Resize exactly as Pillow's `Image.resize((width, height), resample=filter)` does for 8-bit bands.
+///
+/// Pillow runs the horizontal pass first, except (since Pillow 12.x, PR #9549) when the height shrinks by
+/// more than twice as many pixels as the width does: then the vertical pass runs first. The order changes
+/// the 8-bit rounding between passes, so it is reproduced.
 pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Image8 {
     if filter == Filter::Nearest {
         return resize_nearest(src, width, height);
@@ -183,54 +187,73 @@ pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Imag
     if width == src.width && height == src.height {
         return src.clone();
     }
-    let c = src.channels;
-    let horiz = precompute(src.width, width, filter);
-    let vert = precompute(src.height, height, filter);
     let need_h = width != src.width;
     let need_v = height != src.height;
+    let shrink_y = src.height as i64 - height as i64;
+    let shrink_x = src.width as i64 - width as i64;
+    let vertical_first = need_h && need_v && shrink_y > 0 && shrink_y > 2 * shrink_x;
+    let horiz = need_h.then(|| precompute(src.width, width, filter));
+    let vert = need_v.then(|| precompute(src.height, height, filter));
+    match (horiz, vert) {
+        (Some(h), Some(v)) if vertical_first => {
+            let tmp = vertical_pass(src, &v, 0);
+            horizontal_pass(&tmp, &h, 0, height)
+        }
+        (Some(h), Some(v)) => {
+            // Only the rows that the vertical pass reads.
+            let first = v.bounds[0].0;
+            let last = v.bounds[height - 1].0 + v.bounds[height - 1].1;
+            let tmp = horizontal_pass(src, &h, first, last - first);
+            vertical_pass(&tmp, &v, first)
+        }
+        (Some(h), None) => horizontal_pass(src, &h, 0, src.height),
+        (None, Some(v)) => vertical_pass(src, &v, 0),
+        (None, None) => src.clone(),
+    }
+}
 
-    // Horizontal pass over just the rows that the vertical pass reads.
-    let (first_row, tmp) = if need_h {
-        let first = vert.bounds[0].0;
-        let last = vert.bounds[height - 1].0 + vert.bounds[height - 1].1;
-        let rows = last - first;
-        let mut out = vec![0u8; rows * width * c];
-        for y in 0..rows {
-            let src_row = &src.data[(y + first) * src.width * c..(y + first + 1) * src.width * c];
-            let dst_row = &mut out[y * width * c..(y + 1) * width * c];
-            for (xx, &(xmin, n)) in horiz.bounds.iter().enumerate() {
-                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + n];
-                for ch in 0..c {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (x, &w) in k.iter().enumerate() {
-                        acc += i64::from(src_row[(xmin + x) * c + ch]) * i64::from(w);
-                    }
-                    dst_row[xx * c + ch] = clip8(acc);
+/// Resample along x: output rows are source rows `first_row..first_row + rows`.
+fn horizontal_pass(src: &Image8, k: &Coefficients, first_row: usize, rows: usize) -> Image8 {
+    let c = src.channels;
+    let width = k.bounds.len();
+    let mut out = vec![0u8; rows * width * c];
+    for y in 0..rows {
+        let src_row =
+            &src.data[(y + first_row) * src.width * c..(y + first_row + 1) * src.width * c];
+        let dst_row = &mut out[y * width * c..(y + 1) * width * c];
+        for (xx, &(xmin, n)) in k.bounds.iter().enumerate() {
+            let w = &k.weights[xx * k.ksize..xx * k.ksize + n];
+            for ch in 0..c {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (x, &wx) in w.iter().enumerate() {
+                    acc += i64::from(src_row[(xmin + x) * c + ch]) * i64::from(wx);
                 }
+                dst_row[xx * c + ch] = clip8(acc);
             }
         }
-        (first, Image8::new(width, rows, c, out))
-    } else {
-        (0, src.clone())
-    };
-    if !need_v {
-        return tmp;
     }
-    let mut out = vec![0u8; height * width * c];
-    let row_len = width * c;
-    for (yy, &(ymin, n)) in vert.bounds.iter().enumerate() {
-        let ymin = ymin - first_row;
-        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + n];
+    Image8::new(width, rows, c, out)
+}
+
+/// Resample along y; `row_offset` is the source row that `src`'s first row stands for.
+fn vertical_pass(src: &Image8, k: &Coefficients, row_offset: usize) -> Image8 {
+    let c = src.channels;
+    let height = k.bounds.len();
+    let row_len = src.width * c;
+    let mut out = vec![0u8; height * row_len];
+    for (yy, &(ymin, n)) in k.bounds.iter().enumerate() {
+        let ymin = ymin - row_offset;
+        let w = &k.weights[yy * k.ksize..yy * k.ksize + n];
         let dst_row = &mut out[yy * row_len..(yy + 1) * row_len];
         for (i, d) in dst_row.iter_mut().enumerate() {
             let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-            for (y, &w) in k.iter().enumerate() {
-                acc += i64::from(tmp.data[(ymin + y) * row_len + i]) * i64::from(w);
+            for (y, &wy) in w.iter().enumerate() {
+                acc += i64::from(src.data[(ymin + y) * row_len + i]) * i64::from(wy);
             }
             *d = clip8(acc);
         }
     }
-    Image8::new(width, height, c, out)
+    Image8::new(src.width, height, c, out)
 }
 
 /// Pillow's nearest-neighbour resize (`ImagingTransformAffine` with NEAREST): source pixel
@@ -280,6 +303,10 @@ mod tests {
         let out = resize(&img, 21, 1, Filter::Lanczos);
         assert_eq!(out.data[0], 0);
         assert_eq!(out.data[20], 255);
-        assert!(out.data.windows(2).any(|w| w[0] > w[1]), "no ringing: {:?}", out.data);
+        assert!(
+            out.data.windows(2).any(|w| w[0] > w[1]),
+            "no ringing: {:?}",
+            out.data
+        );
     }
 }

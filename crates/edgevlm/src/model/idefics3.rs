@@ -48,7 +48,12 @@ impl Idefics3 {
 
     /// Encode tiles `(n, 3, H, W)` into image-token features `(n · tokens_per_tile, text_hidden)`,
     /// `chunk` tiles at a time to bound the attention scratch memory.
-    pub fn encode_images(&self, pixel_values: &Tensor, patch_masks: Option<&[Vec<bool>]>, chunk: usize) -> Result<Tensor> {
+    pub fn encode_images(
+        &self,
+        pixel_values: &Tensor,
+        patch_masks: Option<&[Vec<bool>]>,
+        chunk: usize,
+    ) -> Result<Tensor> {
         let n = pixel_values.dim(0)?;
         let chunk = chunk.max(1);
         let mut feats = Vec::with_capacity(n.div_ceil(chunk));
@@ -70,7 +75,10 @@ impl Idefics3 {
     /// `image_features` (one row per `<image>` token).
     pub fn merge_embeddings(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         let text = self.text.embed(ids)?;
-        let n_image_tokens = ids.iter().filter(|&&i| i == self.cfg.image_token_id).count();
+        let n_image_tokens = ids
+            .iter()
+            .filter(|&&i| i == self.cfg.image_token_id)
+            .count();
         let feats = match image_features {
             None if n_image_tokens == 0 => return Ok(text.unsqueeze(0)?),
             None => {
@@ -107,7 +115,12 @@ impl Idefics3 {
     }
 
     /// Run the decoder over `embeds` (see [`TextModel::forward`]).
-    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
         self.text.forward(embeds, cache, all_logits)
     }
 }

@@ -55,7 +55,9 @@ impl KvCache {
             let zeros = Tensor::zeros((b, h, self.capacity, d), k.dtype(), k.device())?;
             *slot = Some((zeros.clone(), zeros.copy()?));
         }
-        let (kc, vc) = slot.as_ref().ok_or_else(|| Error::Request("KV cache slot missing".into()))?;
+        let (kc, vc) = slot
+            .as_ref()
+            .ok_or_else(|| Error::Request("KV cache slot missing".into()))?;
         kc.slice_set(k, 2, self.len)?;
         vc.slice_set(v, 2, self.len)?;
         Ok((

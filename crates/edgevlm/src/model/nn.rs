@@ -157,7 +157,13 @@ impl RmsNorm {
 
 /// Scaled dot-product attention over `(batch, heads, seq, head_dim)` tensors; `mask` is added to the
 /// scores (0 or -inf) and broadcast. Softmax runs in f32 as in HF's eager and SDPA paths.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = scores.to_dtype(DType::F32)?;

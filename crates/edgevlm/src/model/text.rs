@@ -156,7 +156,12 @@ pub struct TextModel {
 
 impl TextModel {
     /// Load the decoder from `model.text_model.*` and the head from `lm_head.*` (or the tied embedding).
-    pub fn load(w: &Weights, head: &Weights, cfg: &TextConfig, tie_word_embeddings: bool) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        head: &Weights,
+        cfg: &TextConfig,
+        tie_word_embeddings: bool,
+    ) -> Result<Self> {
         let embed_tokens = w
             .pp("embed_tokens")
             .get("weight", &[cfg.vocab_size, cfg.hidden_size])?;
@@ -164,7 +169,10 @@ impl TextModel {
             .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if tie_word_embeddings && !head.contains("weight") {
-            Linear::from_parts(candle_core::quantized::QMatMul::Tensor(embed_tokens.clone()), None)
+            Linear::from_parts(
+                candle_core::quantized::QMatMul::Tensor(embed_tokens.clone()),
+                None,
+            )
         } else {
             Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
         };
@@ -207,7 +215,12 @@ impl TextModel {
 
     /// Run `embeds` `(1, t, hidden)` at positions `cache.len()..` and return logits `(t, vocab)` for
     /// every position when `all_logits`, else `(1, vocab)` for the last one. Logits are f32.
-    pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
         let (_, t, _) = embeds.dims3()?;
         let offset = cache.len();
         let mask = if t > 1 {
@@ -220,7 +233,11 @@ impl TextModel {
             x = layer.forward(&x, &self.rope, cache, i, offset, mask.as_ref())?;
         }
         cache.advance(t);
-        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?
+        };
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.squeeze(0)?;
         Ok(logits.to_dtype(DType::F32)?)
@@ -231,7 +248,15 @@ impl TextModel {
 fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let s = offset + t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (t, s), device)?)
 }

@@ -109,7 +109,11 @@ impl VisionTransformer {
     /// Encode `pixel_values` `(batch, channels, H, W)` (pixels past the last whole patch are ignored) into
     /// `(batch, patches, hidden)`. `patch_mask[b]` is the row-major `(H/p, W/p)` grid of patches that hold
     /// image pixels; `None` means every patch does.
-    pub fn forward(&self, pixel_values: &Tensor, patch_mask: Option<&[Vec<bool>]>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        patch_mask: Option<&[Vec<bool>]>,
+    ) -> Result<Tensor> {
         let (b, c, hgt, wid) = pixel_values.dims4()?;
         let p = self.cfg.patch_size;
         if c != self.cfg.num_channels || hgt < p || wid < p {
@@ -145,10 +149,11 @@ impl VisionTransformer {
             }
         }
         let pos = Tensor::from_vec(pos, b * nh * nw, device)?;
-        let pos_emb = self
-            .position_embedding
-            .index_select(&pos, 0)?
-            .reshape((b, nh * nw, self.cfg.hidden_size))?;
+        let pos_emb = self.position_embedding.index_select(&pos, 0)?.reshape((
+            b,
+            nh * nw,
+            self.cfg.hidden_size,
+        ))?;
         let mut x = (x + pos_emb)?;
         // Padding patches are masked out as keys (queries still run, as in HF).
         let mask = if any_masked {
@@ -226,10 +231,20 @@ pub struct Connector {
 
 impl Connector {
     /// Load from `model.connector.*`.
-    pub fn load(w: &Weights, vision_hidden: usize, text_hidden: usize, scale: usize) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        vision_hidden: usize,
+        text_hidden: usize,
+        scale: usize,
+    ) -> Result<Self> {
         let inp = vision_hidden * scale * scale;
         Ok(Self {
-            proj: Linear::load(&w.pp("modality_projection").pp("proj"), inp, text_hidden, false)?,
+            proj: Linear::load(
+                &w.pp("modality_projection").pp("proj"),
+                inp,
+                text_hidden,
+                false,
+            )?,
             scale,
         })
     }

@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests: locating fixtures and assembling model folders.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use edgevlm::{Engine, EngineOptions};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures() -> PathBuf {
+    repo_root().join("tests").join("fixtures")
+}
+
+/// The real SmolVLM-256M-Instruct tokenizer/template/processor files (no weights), beside the repo.
+pub fn shared_smolvlm() -> Option<PathBuf> {
+    let p = repo_root().join("../shared/models/smolvlm-256m-instruct");
+    if p.join("tokenizer.json").is_file() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent (the real SmolVLM tokenizer files live there)",
+            p.display()
+        );
+        None
+    }
+}
+
+pub const SHARED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "special_tokens_map.json",
+];
+
+/// A fresh folder under the target dir, unique per test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let d = repo_root()
+        .join("target")
+        .join("test-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+/// Assemble a model folder: the tiny model's config and weights plus the real tokenizer files.
+/// Files are linked (copied where links are unavailable), never written into the repo.
+pub fn tiny_model_dir(name: &str) -> Option<PathBuf> {
+    let shared = shared_smolvlm()?;
+    let dir = scratch_dir(name);
+    let tiny = repo_root().join("models/tiny-idefics3");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        link(&tiny.join(f), &dir.join(f));
+    }
+    for f in SHARED_FILES {
+        link(&shared.join(f), &dir.join(f));
+    }
+    Some(dir)
+}
+
+pub fn link(src: &Path, dst: &Path) {
+    #[cfg(unix)]
+    let ok = std::os::unix::fs::symlink(src, dst).is_ok();
+    #[cfg(not(unix))]
+    let ok = false;
+    if !ok {
+        std::fs::copy(src, dst).expect("copy fixture");
+    }
+}
+
+pub fn tiny_engine(name: &str) -> Option<Engine> {
+    let dir = tiny_model_dir(name)?;
+    Some(
+        Engine::load_dir(&dir, "tiny-idefics3", EngineOptions::default()).expect("load tiny model"),
+    )
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read golden")).expect("golden JSON")
+}

@@ -1,0 +1,437 @@
+//! Parity with HF transformers: goldens written by scripts/make_fixtures.py (transformers 5.24,
+//! PIL-based Idefics3ImageProcessor, real SmolVLM tokenizer) for the tiny random-weight model.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use edgevlm::image::{self, load_image_path, process_image};
+use edgevlm::model::vision::patch_mask_from_pixels;
+use edgevlm::openai::{ChatMessage, ChatRequest, ContentPart, ImageUrl, MessageContent};
+use edgevlm::template::{TemplateMessage, TemplatePart};
+use edgevlm::{Engine, GenerationSettings};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const LOGIT_TOL: f32 = 1e-4;
+const MARGIN: f32 = 1e-3;
+
+fn sha256_f32(v: &[f32]) -> String {
+    let mut h = Sha256::new();
+    for x in v {
+        h.update(x.to_le_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn golden_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("golden/logits.safetensors"), &Device::Cpu)
+        .expect("logits.safetensors")
+}
+
+/// HF template messages (JSON) to ours.
+fn hf_messages(v: &Value) -> Vec<TemplateMessage> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| TemplateMessage {
+            role: m["role"].as_str().unwrap().to_string(),
+            content: m["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| match p["type"].as_str().unwrap() {
+                    "image" => TemplatePart::Image,
+                    _ => TemplatePart::Text {
+                        text: p["text"].as_str().unwrap().to_string(),
+                    },
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// HF template messages to an OpenAI request, images given as paths in order.
+fn openai_request(v: &Value, images: &[String]) -> ChatRequest {
+    let mut it = images.iter();
+    let messages = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap().to_string(),
+            content: Some(MessageContent::Parts(
+                m["content"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| match p["type"].as_str().unwrap() {
+                        "image" => ContentPart::ImageUrl {
+                            image_url: ImageUrl::Plain(it.next().cloned().unwrap_or_default()),
+                        },
+                        _ => ContentPart::Text {
+                            text: p["text"].as_str().unwrap().to_string(),
+                        },
+                    })
+                    .collect(),
+            )),
+            name: None,
+        })
+        .collect();
+    ChatRequest {
+        messages,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn image_processor_and_input_ids_match_transformers() {
+    let Some(engine) = tiny_engine("processor") else {
+        return;
+    };
+    let golden = read_json(&fixtures().join("golden/processor.json"));
+    let cases = golden.as_array().unwrap();
+    assert!(cases.len() >= 12);
+    for case in cases {
+        let name = case["image"].as_str().unwrap();
+        let split = case["split"].as_bool().unwrap();
+        let img = load_image_path(&fixtures().join("images").join(name)).unwrap();
+        let p = process_image(&img, engine.image_config(), split).unwrap();
+        let shape: Vec<usize> = serde_json::from_value(case["pixel_values_shape"].clone()).unwrap();
+        assert_eq!(
+            vec![p.num_tiles, 3, p.height, p.width],
+            shape,
+            "{name} split={split}"
+        );
+        let sample: Vec<f32> = serde_json::from_value(case["pixel_values_sample"].clone()).unwrap();
+        let ours: Vec<f32> = p.pixel_values.iter().step_by(9973).copied().collect();
+        let diffs = ours.iter().zip(&sample).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            diffs,
+            0,
+            "{name} split={split}: {diffs} of {} sampled pixel values differ",
+            sample.len()
+        );
+        assert_eq!(
+            sha256_f32(&p.pixel_values),
+            case["pixel_values_sha256"].as_str().unwrap(),
+            "{name} split={split}: pixel values are not bit-identical"
+        );
+        // Every tile is full size: the attention mask is all ones.
+        assert_eq!(
+            case["pixel_attention_mask_sum"].as_u64().unwrap() as usize,
+            p.num_tiles * p.height * p.width
+        );
+        let prompt = case["prompt"].as_str().unwrap();
+        let text =
+            image::expand_image_tokens(prompt, &[p], engine.image_config().image_seq_len).unwrap();
+        let ids = engine.tokenizer().encode(&text).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        assert_eq!(ids, want, "{name} split={split}: input ids differ");
+    }
+}
+
+#[test]
+fn known_token_facts_hold() {
+    let Some(engine) = tiny_engine("facts") else {
+        return;
+    };
+    let golden = read_json(&fixtures().join("golden/processor.json"));
+    let small = golden
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["image"] == "small.png" && c["split"] == true)
+        .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(small["input_ids"].clone()).unwrap();
+    assert_eq!(ids.len(), 874);
+    assert_eq!(ids.iter().filter(|&&i| i == 49190).count(), 13 * 64);
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 1116).count(),
+        1,
+        "one \\n\\n token"
+    );
+    let t = engine.tokenizer();
+    assert_eq!(t.token_to_id("<global-img>"), Some(49152));
+    assert_eq!(t.token_to_id("<row_3_col_4>"), Some(49153 + 6 * 2 + 3));
+    assert_eq!(t.token_to_id("<fake_token_around_image>"), Some(49189));
+    assert!(engine.eos_ids().contains(&49279));
+}
+
+#[test]
+fn chat_template_matches_transformers() {
+    let Some(engine) = tiny_engine("template") else {
+        return;
+    };
+    let golden = read_json(&fixtures().join("golden/template.json"));
+    for case in golden.as_array().unwrap() {
+        let msgs = hf_messages(&case["messages"]);
+        let agp = case["add_generation_prompt"].as_bool().unwrap();
+        let ours = engine.template().render(&msgs, agp).unwrap();
+        assert_eq!(ours, case["rendered"].as_str().unwrap(), "{}", case["name"]);
+        if agp {
+            // The same conversation as an OpenAI request renders the same.
+            let n_images = msgs
+                .iter()
+                .flat_map(|m| &m.content)
+                .filter(|p| matches!(p, TemplatePart::Image))
+                .count();
+            let req = openai_request(&case["messages"], &vec!["x.png".to_string(); n_images]);
+            assert_eq!(
+                engine.render_prompt(&req).unwrap(),
+                ours,
+                "{}",
+                case["name"]
+            );
+        }
+    }
+    // A plain string content is the one-text-part list HF expects.
+    let req = ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"What is 2+2?"}]}"#)
+        .unwrap();
+    let text_only = golden
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "text_only" && c["add_generation_prompt"] == true)
+        .unwrap();
+    assert_eq!(
+        engine.render_prompt(&req).unwrap(),
+        text_only["rendered"].as_str().unwrap()
+    );
+}
+
+struct Case {
+    name: String,
+    prompt_ids: Vec<u32>,
+    continuation: Vec<u32>,
+    request: ChatRequest,
+}
+
+fn logit_cases() -> Vec<Case> {
+    let golden = read_json(&fixtures().join("golden/text.json"));
+    golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let images: Vec<String> = c["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| {
+                    fixtures()
+                        .join("images")
+                        .join(n.as_str().unwrap())
+                        .display()
+                        .to_string()
+                })
+                .collect();
+            Case {
+                name: c["case"].as_str().unwrap().to_string(),
+                prompt_ids: serde_json::from_value(c["prompt_ids"].clone()).unwrap(),
+                continuation: serde_json::from_value(c["continuation"].clone()).unwrap(),
+                request: openai_request(&c["messages"], &images),
+            }
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn teacher_forced_logits_match_transformers() {
+    let Some(engine) = tiny_engine("logits") else {
+        return;
+    };
+    let g = golden_tensors();
+    for case in logit_cases() {
+        let prepared = engine.prepare(&case.request).unwrap();
+        assert_eq!(prepared.ids, case.prompt_ids, "{}: prompt ids", case.name);
+        let feats = engine.encode_images(&prepared.images).unwrap();
+        let mut ids = prepared.ids.clone();
+        ids.extend(&case.continuation);
+        let embeds = engine
+            .model()
+            .merge_embeddings(&ids, feats.as_ref())
+            .unwrap();
+        let mut cache = engine.model().text.new_cache(ids.len());
+        let logits = engine
+            .model()
+            .forward_embeds(&embeds, &mut cache, true)
+            .unwrap();
+        let n = prepared.ids.len();
+
+        let last: Vec<f32> = logits.get(n - 1).unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = g[&format!("{}.last_prompt_logits", case.name)]
+            .to_vec1()
+            .unwrap();
+        let d = max_abs_diff(&last, &want);
+        println!(
+            "{}: last prompt position, max |Δlogit| over the vocabulary = {d:.3e}",
+            case.name
+        );
+        assert!(
+            d < LOGIT_TOL,
+            "{}: last-prompt logits differ by {d}",
+            case.name
+        );
+
+        let top_v: Vec<Vec<f32>> = g[&format!("{}.topk_values", case.name)].to_vec2().unwrap();
+        let top_i: Vec<Vec<i64>> = g[&format!("{}.topk_ids", case.name)].to_vec2().unwrap();
+        let mut worst = 0f32;
+        let mut checked_argmax = 0;
+        for (step, (vals, idx)) in top_v.iter().zip(&top_i).enumerate() {
+            let row: Vec<f32> = logits.get(n - 1 + step).unwrap().to_vec1().unwrap();
+            for (v, &i) in vals.iter().zip(idx) {
+                worst = worst.max((row[i as usize] - v).abs());
+            }
+            if vals[0] - vals[1] > MARGIN {
+                checked_argmax += 1;
+                assert_eq!(
+                    edgevlm::sampling::argmax(&row),
+                    idx[0] as u32,
+                    "{} step {step}: argmax differs",
+                    case.name
+                );
+            }
+        }
+        println!(
+            "{}: {} teacher-forced steps, max |Δlogit| on the top-16 = {worst:.3e}, argmax checked at {checked_argmax}",
+            case.name,
+            top_v.len()
+        );
+        assert!(
+            worst < LOGIT_TOL,
+            "{}: top-k logits differ by {worst}",
+            case.name
+        );
+        assert!(checked_argmax > 0);
+    }
+}
+
+#[test]
+fn greedy_generation_with_kv_cache_follows_transformers() {
+    let Some(engine) = tiny_engine("greedy") else {
+        return;
+    };
+    for case in logit_cases() {
+        let prepared = engine.prepare(&case.request).unwrap();
+        let mut settings: GenerationSettings = engine.settings(&case.request).unwrap();
+        settings.max_tokens = Some(case.continuation.len());
+        settings.stop_at_eos = false;
+        let out = engine.generate(&prepared, &settings, |_, _| {}).unwrap();
+        assert_eq!(
+            out.tokens, case.continuation,
+            "{}: greedy tokens",
+            case.name
+        );
+        assert_eq!(out.timings.completion_tokens, case.continuation.len());
+    }
+}
+
+#[test]
+fn masked_tile_vision_features_match_transformers() {
+    let Some(engine) = tiny_engine("masked") else {
+        return;
+    };
+    let golden = read_json(&fixtures().join("golden/text.json"));
+    let m = &golden["masked_tile"];
+    let (rows, cols) = (
+        m["rows"].as_u64().unwrap() as usize,
+        m["cols"].as_u64().unwrap() as usize,
+    );
+    let img =
+        load_image_path(&fixtures().join("images").join(m["image"].as_str().unwrap())).unwrap();
+    let p = process_image(&img, engine.image_config(), false).unwrap();
+    let (h, w) = (p.height, p.width);
+    let mut mask = vec![0u8; h * w];
+    let mut px = p.pixel_values.clone();
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                if y < rows && x < cols {
+                    mask[y * w + x] = 1;
+                } else {
+                    px[(c * h + y) * w + x] = 0.0;
+                }
+            }
+        }
+    }
+    let pm = patch_mask_from_pixels(&mask, h, w, 16);
+    assert_eq!(pm.iter().filter(|&&b| b).count(), 19 * 13);
+    let t = Tensor::from_vec(px, (1, 3, h, w), &Device::Cpu).unwrap();
+    let feats = engine.model().encode_images(&t, Some(&[pm]), 1).unwrap();
+    let ours: Vec<f32> = feats.flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = golden_tensors()["masked_tile.features"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(ours.len(), want.len());
+    let d = max_abs_diff(&ours, &want);
+    println!("masked tile: max |Δfeature| = {d:.3e}");
+    assert!(d < LOGIT_TOL, "masked tile features differ by {d}");
+}
+
+#[test]
+fn engine_answers_with_a_chat_completion() {
+    let Some(engine) = tiny_engine("completion") else {
+        return;
+    };
+    let img = fixtures().join("images/wide.png").display().to_string();
+    let mut req = ChatRequest::simple(None, "Describe this image.", &[img]);
+    req.max_tokens = Some(5);
+    req.logprobs = Some(true);
+    req.top_logprobs = Some(3);
+    let mut chunks = Vec::new();
+    let (c, timings) = engine
+        .chat_streaming(&req, |ch| {
+            chunks.push(ch.clone());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(c.object, "chat.completion");
+    assert!(c.id.starts_with("chatcmpl-"));
+    assert_eq!(c.usage.prompt_tokens, 344);
+    assert_eq!(c.usage.completion_tokens, 5);
+    assert_eq!(c.usage.total_tokens, 349);
+    assert_eq!(
+        c.choices[0].finish_reason,
+        edgevlm::openai::FinishReason::Length
+    );
+    let lp = c.choices[0].logprobs.as_ref().unwrap();
+    assert_eq!(lp.content.len(), 5);
+    for t in &lp.content {
+        assert_eq!(t.top_logprobs.len(), 3);
+        assert!(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob);
+        // greedy: the chosen token is the most likely one
+        assert_eq!(t.token, t.top_logprobs[0].token);
+        assert!(t.logprob <= 0.0);
+    }
+    // The stream: a role chunk, content chunks that add up to the message, a final chunk.
+    assert_eq!(
+        chunks[0].choices[0].delta.role.as_deref(),
+        Some("assistant")
+    );
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|ch| ch.choices[0].delta.content.clone())
+        .collect();
+    assert_eq!(streamed, c.choices[0].message.content);
+    assert_eq!(
+        chunks.last().unwrap().choices[0].finish_reason,
+        Some(c.choices[0].finish_reason)
+    );
+    assert!(chunks
+        .iter()
+        .all(|ch| ch.id == c.id && ch.object == "chat.completion.chunk"));
+    assert_eq!(timings.image_tiles, 5);
+    let _ = Engine::template_messages(&req).unwrap();
+}
