@@ -1,0 +1,201 @@
+//! Bad input gets one clear line naming what and where, never a panic.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::*;
+use edgevlm::openai::ChatRequest;
+use edgevlm::{Engine, EngineOptions, Error};
+
+/// A model folder like the tiny one but whose `model.safetensors` is `weights` (raw bytes).
+fn folder_with_weights(name: &str, weights: &[u8]) -> Option<PathBuf> {
+    let dir = tiny_model_dir(name)?;
+    let st = dir.join("model.safetensors");
+    std::fs::remove_file(&st).unwrap();
+    std::fs::write(&st, weights).unwrap();
+    Some(dir)
+}
+
+fn tiny_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(repo_root().join("models/tiny-idefics3/model.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> Vec<u8> {
+    candle_core::safetensors::save(tensors, path).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+fn load_err(dir: &Path) -> String {
+    match Engine::load_dir(dir, "t", EngineOptions::default()) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => {
+            let s = e.to_string();
+            assert!(!s.contains('\n'), "error is not one line: {s}");
+            s
+        }
+    }
+}
+
+#[test]
+fn truncated_weights_name_the_tensor_and_file() {
+    let bytes = std::fs::read(repo_root().join("models/tiny-idefics3/model.safetensors")).unwrap();
+    let Some(dir) = folder_with_weights("truncated", &bytes[..bytes.len() / 2]) else { return };
+    let e = load_err(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+    assert!(e.contains("truncated"), "{e}");
+    assert!(e.contains("tensor `"), "{e}");
+}
+
+#[test]
+fn garbage_weights_are_not_safetensors() {
+    let Some(dir) = folder_with_weights("garbage", b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header") else { return };
+    let e = load_err(&dir);
+    assert!(e.contains("not a valid safetensors file"), "{e}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_shape_and_file() {
+    let mut t = tiny_tensors();
+    t.insert(
+        "model.text_model.norm.weight".into(),
+        Tensor::ones(31, candle_core::DType::BF16, &Device::Cpu).unwrap(),
+    );
+    let tmp = scratch_dir("wrong-shape-src").join("w.safetensors");
+    let bytes = save(&t, &tmp);
+    let Some(dir) = folder_with_weights("wrong-shape", &bytes) else { return };
+    let e = load_err(&dir);
+    assert!(e.contains("model.text_model.norm.weight"), "{e}");
+    assert!(e.contains("[31]") && e.contains("[32]"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn missing_and_non_float_tensors_are_named() {
+    let mut t = tiny_tensors();
+    t.remove("lm_head.weight");
+    let tmp = scratch_dir("missing-src").join("w.safetensors");
+    let bytes = save(&t, &tmp);
+    let Some(dir) = folder_with_weights("missing", &bytes) else { return };
+    let e = load_err(&dir);
+    assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
+
+    let mut t = tiny_tensors();
+    let shape = t["model.text_model.norm.weight"].dims().to_vec();
+    t.insert(
+        "model.text_model.norm.weight".into(),
+        Tensor::zeros(shape, candle_core::DType::U8, &Device::Cpu).unwrap(),
+    );
+    let bytes = save(&t, &tmp);
+    let Some(dir) = folder_with_weights("u8", &bytes) else { return };
+    let e = load_err(&dir);
+    assert!(e.contains("model.text_model.norm.weight") && e.contains("U8"), "{e}");
+}
+
+#[test]
+fn unknown_architecture_and_bad_config() {
+    let Some(dir) = tiny_model_dir("arch") else { return };
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value = read_json(&cfg_path);
+    std::fs::remove_file(&cfg_path).unwrap();
+    cfg["architectures"] = serde_json::json!(["LlavaForConditionalGeneration"]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("LlavaForConditionalGeneration") && e.contains("config.json"), "{e}");
+
+    std::fs::write(&cfg_path, "{ not json").unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
+
+    std::fs::remove_file(&cfg_path).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let Some(dir) = tiny_model_dir("no-tokenizer") else { return };
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("tokenizer.json"), "{e}");
+}
+
+#[test]
+fn request_errors_are_clear() {
+    let Some(engine) = tiny_engine("requests") else { return };
+    let not_image = fixtures().join("golden/text.json").display().to_string();
+    let cases: Vec<(ChatRequest, &str)> = vec![
+        (ChatRequest::simple(None, "hi", &[not_image.clone()]), "not a recognised image format"),
+        (ChatRequest::simple(None, "hi", &["/no/such/image.png".into()]), "/no/such/image.png"),
+        (ChatRequest::from_json(r#"{"messages":[]}"#).unwrap(), "`messages` is empty"),
+        (
+            ChatRequest::from_json(r#"{"messages":[{"role":"tool","content":"x"}]}"#).unwrap(),
+            "role `tool`",
+        ),
+        (
+            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#).unwrap(),
+            "top_p",
+        ),
+        (
+            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":100000}"#).unwrap(),
+            "context holds 4096",
+        ),
+        (
+            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).unwrap(),
+            "n = 1",
+        ),
+        (
+            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x <image>"}]}"#).unwrap(),
+            "<image> placeholders",
+        ),
+    ];
+    for (req, want) in cases {
+        let e = engine.chat(&req).expect_err(want).to_string();
+        assert!(e.contains(want), "expected `{want}` in: {e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+}
+
+#[test]
+fn prompt_longer_than_context_is_refused() {
+    let Some(engine) = tiny_engine("long-prompt") else { return };
+    let long = "word ".repeat(5000);
+    let req = ChatRequest::simple(None, &long, &[]);
+    match engine.chat(&req) {
+        Err(Error::ContextOverflow { prompt_tokens, context, .. }) => {
+            assert!(prompt_tokens > context);
+            assert_eq!(context, 4096);
+        }
+        other => panic!("expected a context overflow, got {other:?}", other = other.map(|c| c.id)),
+    }
+}
+
+#[test]
+fn huge_image_dimensions_are_refused_before_decoding() {
+    // A PNG header claiming 100000 x 100000 pixels.
+    let mut png = Vec::new();
+    png.extend_from_slice(b"\x89PNG\r\n\x1a\n");
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(b"IHDR");
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    let e = edgevlm::image::decode_bytes(&png, "huge.png").unwrap_err().to_string();
+    assert!(e.starts_with("image huge.png:"), "{e}");
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
