@@ -20,7 +20,11 @@ fn folder_with_weights(name: &str, weights: &[u8]) -> Option<PathBuf> {
 }
 
 fn tiny_tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(repo_root().join("models/tiny-idefics3/model.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        repo_root().join("models/tiny-idefics3/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> Vec<u8> {
@@ -42,7 +46,9 @@ fn load_err(dir: &Path) -> String {
 #[test]
 fn truncated_weights_name_the_tensor_and_file() {
     let bytes = std::fs::read(repo_root().join("models/tiny-idefics3/model.safetensors")).unwrap();
-    let Some(dir) = folder_with_weights("truncated", &bytes[..bytes.len() / 2]) else { return };
+    let Some(dir) = folder_with_weights("truncated", &bytes[..bytes.len() / 2]) else {
+        return;
+    };
     let e = load_err(&dir);
     assert!(e.contains("model.safetensors"), "{e}");
     assert!(e.contains("truncated"), "{e}");
@@ -51,7 +57,10 @@ fn truncated_weights_name_the_tensor_and_file() {
 
 #[test]
 fn garbage_weights_are_not_safetensors() {
-    let Some(dir) = folder_with_weights("garbage", b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header") else { return };
+    let Some(dir) = folder_with_weights("garbage", b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header")
+    else {
+        return;
+    };
     let e = load_err(&dir);
     assert!(e.contains("not a valid safetensors file"), "{e}");
 }
@@ -65,7 +74,9 @@ fn wrong_shape_names_tensor_shape_and_file() {
     );
     let tmp = scratch_dir("wrong-shape-src").join("w.safetensors");
     let bytes = save(&t, &tmp);
-    let Some(dir) = folder_with_weights("wrong-shape", &bytes) else { return };
+    let Some(dir) = folder_with_weights("wrong-shape", &bytes) else {
+        return;
+    };
     let e = load_err(&dir);
     assert!(e.contains("model.text_model.norm.weight"), "{e}");
     assert!(e.contains("[31]") && e.contains("[32]"), "{e}");
@@ -78,7 +89,9 @@ fn missing_and_non_float_tensors_are_named() {
     t.remove("lm_head.weight");
     let tmp = scratch_dir("missing-src").join("w.safetensors");
     let bytes = save(&t, &tmp);
-    let Some(dir) = folder_with_weights("missing", &bytes) else { return };
+    let Some(dir) = folder_with_weights("missing", &bytes) else {
+        return;
+    };
     let e = load_err(&dir);
     assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
 
@@ -89,21 +102,31 @@ fn missing_and_non_float_tensors_are_named() {
         Tensor::zeros(shape, candle_core::DType::U8, &Device::Cpu).unwrap(),
     );
     let bytes = save(&t, &tmp);
-    let Some(dir) = folder_with_weights("u8", &bytes) else { return };
+    let Some(dir) = folder_with_weights("u8", &bytes) else {
+        return;
+    };
     let e = load_err(&dir);
-    assert!(e.contains("model.text_model.norm.weight") && e.contains("U8"), "{e}");
+    assert!(
+        e.contains("model.text_model.norm.weight") && e.contains("U8"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_architecture_and_bad_config() {
-    let Some(dir) = tiny_model_dir("arch") else { return };
+    let Some(dir) = tiny_model_dir("arch") else {
+        return;
+    };
     let cfg_path = dir.join("config.json");
     let mut cfg: serde_json::Value = read_json(&cfg_path);
     std::fs::remove_file(&cfg_path).unwrap();
     cfg["architectures"] = serde_json::json!(["LlavaForConditionalGeneration"]);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("LlavaForConditionalGeneration") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("LlavaForConditionalGeneration") && e.contains("config.json"),
+        "{e}"
+    );
 
     std::fs::write(&cfg_path, "{ not json").unwrap();
     let e = load_err(&dir);
@@ -116,7 +139,9 @@ fn unknown_architecture_and_bad_config() {
 
 #[test]
 fn missing_tokenizer_is_named() {
-    let Some(dir) = tiny_model_dir("no-tokenizer") else { return };
+    let Some(dir) = tiny_model_dir("no-tokenizer") else {
+        return;
+    };
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
     let e = load_err(&dir);
     assert!(e.contains("tokenizer.json"), "{e}");
@@ -124,30 +149,47 @@ fn missing_tokenizer_is_named() {
 
 #[test]
 fn request_errors_are_clear() {
-    let Some(engine) = tiny_engine("requests") else { return };
+    let Some(engine) = tiny_engine("requests") else {
+        return;
+    };
     let not_image = fixtures().join("golden/text.json").display().to_string();
     let cases: Vec<(ChatRequest, &str)> = vec![
-        (ChatRequest::simple(None, "hi", &[not_image.clone()]), "not a recognised image format"),
-        (ChatRequest::simple(None, "hi", &["/no/such/image.png".into()]), "/no/such/image.png"),
-        (ChatRequest::from_json(r#"{"messages":[]}"#).unwrap(), "`messages` is empty"),
+        (
+            ChatRequest::simple(None, "hi", std::slice::from_ref(&not_image)),
+            "not a recognised image format",
+        ),
+        (
+            ChatRequest::simple(None, "hi", &["/no/such/image.png".into()]),
+            "/no/such/image.png",
+        ),
+        (
+            ChatRequest::from_json(r#"{"messages":[]}"#).unwrap(),
+            "`messages` is empty",
+        ),
         (
             ChatRequest::from_json(r#"{"messages":[{"role":"tool","content":"x"}]}"#).unwrap(),
             "role `tool`",
         ),
         (
-            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#).unwrap(),
+            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#)
+                .unwrap(),
             "top_p",
         ),
         (
-            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":100000}"#).unwrap(),
+            ChatRequest::from_json(
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":100000}"#,
+            )
+            .unwrap(),
             "context holds 4096",
         ),
         (
-            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).unwrap(),
+            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#)
+                .unwrap(),
             "n = 1",
         ),
         (
-            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x <image>"}]}"#).unwrap(),
+            ChatRequest::from_json(r#"{"messages":[{"role":"user","content":"x <image>"}]}"#)
+                .unwrap(),
             "<image> placeholders",
         ),
     ];
@@ -160,15 +202,24 @@ fn request_errors_are_clear() {
 
 #[test]
 fn prompt_longer_than_context_is_refused() {
-    let Some(engine) = tiny_engine("long-prompt") else { return };
+    let Some(engine) = tiny_engine("long-prompt") else {
+        return;
+    };
     let long = "word ".repeat(5000);
     let req = ChatRequest::simple(None, &long, &[]);
     match engine.chat(&req) {
-        Err(Error::ContextOverflow { prompt_tokens, context, .. }) => {
+        Err(Error::ContextOverflow {
+            prompt_tokens,
+            context,
+            ..
+        }) => {
             assert!(prompt_tokens > context);
             assert_eq!(context, 4096);
         }
-        other => panic!("expected a context overflow, got {other:?}", other = other.map(|c| c.id)),
+        other => panic!(
+            "expected a context overflow, got {other:?}",
+            other = other.map(|c| c.id)
+        ),
     }
 }
 
@@ -185,7 +236,9 @@ fn huge_image_dimensions_are_refused_before_decoding() {
     png.extend_from_slice(&13u32.to_be_bytes());
     png.extend_from_slice(&ihdr);
     png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
-    let e = edgevlm::image::decode_bytes(&png, "huge.png").unwrap_err().to_string();
+    let e = edgevlm::image::decode_bytes(&png, "huge.png")
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("image huge.png:"), "{e}");
 }
 
@@ -194,7 +247,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c

@@ -14,6 +14,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod image;
+pub mod kernels;
 pub mod model;
 pub mod openai;
 pub mod sampling;

@@ -170,3 +170,72 @@ mod tests {
         assert!(load_image_ref("https://example.com/a.png").is_err());
     }
 }
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+    use image::{ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+
+    fn encode(img: DynamicImage, fmt: ImageFormat) -> Vec<u8> {
+        let mut buf = Vec::new();
+        img.write_to(&mut Cursor::new(&mut buf), fmt).unwrap();
+        buf
+    }
+
+    #[test]
+    fn every_supported_format_decodes_to_rgb() {
+        let rgb = DynamicImage::ImageRgb8(RgbImage::from_fn(24, 16, |x, y| {
+            Rgb([x as u8 * 10, y as u8 * 10, 128])
+        }));
+        for fmt in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::Bmp,
+            ImageFormat::WebP,
+            ImageFormat::Gif,
+        ] {
+            let img = decode_bytes(&encode(rgb.clone(), fmt), "x")
+                .unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
+            assert_eq!(
+                (img.width, img.height, img.channels),
+                (24, 16, 3),
+                "{fmt:?}"
+            );
+            let d = i32::from(img.data[3 * (5 * 24 + 7)]) - 70;
+            assert!(
+                d.abs() <= 12,
+                "{fmt:?}: red at (7, 5) is {}",
+                img.data[3 * (5 * 24 + 7)]
+            );
+        }
+    }
+
+    #[test]
+    fn grey_alpha_and_16_bit_convert() {
+        let grey = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(2, 2, image::Luma([77])));
+        assert_eq!(
+            decode_bytes(&encode(grey, ImageFormat::Png), "g")
+                .unwrap()
+                .data,
+            vec![77; 12]
+        );
+        let rgba = DynamicImage::ImageRgba8(RgbaImage::from_pixel(1, 1, Rgba([0, 0, 0, 127])));
+        assert_eq!(
+            decode_bytes(&encode(rgba, ImageFormat::Png), "a")
+                .unwrap()
+                .data,
+            vec![128; 3]
+        );
+        let deep = DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
+            1,
+            1,
+            Rgb([65535u16, 32896, 0]),
+        ));
+        assert_eq!(
+            decode_bytes(&encode(deep, ImageFormat::Png), "d")
+                .unwrap()
+                .data,
+            vec![255, 128, 0]
+        );
+    }
+}

@@ -106,7 +106,7 @@ impl ImageProcessorConfig {
         if cfg.tile_size == 0 || cfg.longest_edge == 0 {
             return Err(Error::Config("image sizes must be positive".into()));
         }
-        if cfg.image_std.iter().any(|&s| s == 0.0) {
+        if cfg.image_std.contains(&0.0) {
             return Err(Error::Config("image_std must not be zero".into()));
         }
         Ok(cfg)

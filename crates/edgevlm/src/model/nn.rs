@@ -73,10 +73,20 @@ impl<'a> Weights<'a> {
     }
 }
 
+/// The weight of a linear layer.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// Dense `(out, in)`, contiguous, as checkpoints store it: one token runs the row-wise mat-vec
+    /// kernel, several tokens the GEMM on the transposed view.
+    Dense { w: Tensor },
+    /// Quantized (candle's `QMatMul`: k-quants, Q4/Q8 blocks).
+    Quantized(QMatMul),
+}
+
 /// `y = x Wᵀ + b`, with `W` dense or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
@@ -88,15 +98,50 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self::from_parts(QMatMul::Tensor(weight), bias))
+        Self::dense(&weight, bias)
     }
 
-    pub fn from_parts(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    /// From a dense `(out, in)` weight as checkpoints store it.
+    pub fn dense(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight: LinearWeight::Dense {
+                w: weight.contiguous()?,
+            },
+            bias,
+        })
     }
 
+    pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: LinearWeight::Quantized(weight),
+            bias,
+        }
+    }
+
+    /// `x`: `(..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            LinearWeight::Dense { w } => {
+                let dims = x.dims();
+                let k = dims[dims.len() - 1];
+                let rows = x.elem_count() / k.max(1);
+                let x2 = x.reshape((rows, k))?;
+                let y = match rows {
+                    1 => crate::kernels::matvec::try_matvec(&x2, w)?,
+                    _ => None,
+                };
+                let y = match y {
+                    Some(y) => y,
+                    None => x2.matmul(&w.t()?)?,
+                };
+                let mut out_dims = dims.to_vec();
+                if let Some(last) = out_dims.last_mut() {
+                    *last = w.dim(0)?;
+                }
+                y.reshape(out_dims)?
+            }
+            LinearWeight::Quantized(q) => q.forward(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

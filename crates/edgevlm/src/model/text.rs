@@ -169,10 +169,7 @@ impl TextModel {
             .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if tie_word_embeddings && !head.contains("weight") {
-            Linear::from_parts(
-                candle_core::quantized::QMatMul::Tensor(embed_tokens.clone()),
-                None,
-            )
+            Linear::dense(&embed_tokens, None)?
         } else {
             Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
         };

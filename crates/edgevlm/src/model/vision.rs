@@ -86,8 +86,7 @@ impl VisionTransformer {
         let conv = e.pp("patch_embedding");
         let weight = conv.get("weight", &[h, c, p, p])?.reshape((h, c * p * p))?;
         let bias = conv.get("bias", &[h])?;
-        let patch_embed =
-            Linear::from_parts(candle_core::quantized::QMatMul::Tensor(weight), Some(bias));
+        let patch_embed = Linear::dense(&weight, Some(bias))?;
         let n = cfg.patches_per_side() * cfg.patches_per_side();
         let position_embedding = e.pp("position_embedding").get("weight", &[n, h])?;
         let layers = (0..cfg.num_hidden_layers)
@@ -253,7 +252,7 @@ impl Connector {
         let (b, seq, d) = x.dims3()?;
         let side = (seq as f64).sqrt() as usize;
         let s = self.scale;
-        if side * side != seq || side % s != 0 {
+        if side * side != seq || !side.is_multiple_of(s) {
             return Err(Error::Request(format!(
                 "pixel shuffle needs a square patch grid divisible by {s}, got {seq} patches"
             )));

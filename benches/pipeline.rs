@@ -1,0 +1,108 @@
+//! `cargo bench --bench pipeline`: wall-clock medians of the image processor and of the tiny model's
+//! vision, prefill and decode passes. Speed targets live here and in the CLI, never in unit tests.
+//! Set `EDGEVLM_BENCH_MODEL=DIR` to time a full-size model folder instead of the tiny one.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use edgevlm::image::{load_image_path, process_image};
+use edgevlm::{Engine, EngineOptions};
+
+fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn model_dir(root: &Path) -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("EDGEVLM_BENCH_MODEL") {
+        return Some(PathBuf::from(d));
+    }
+    let shared = root.join("../shared/models/smolvlm-256m-instruct");
+    if !shared.join("tokenizer.json").is_file() {
+        return None;
+    }
+    let dir = root.join("target/bench-model");
+    std::fs::create_dir_all(&dir).ok()?;
+    let tiny = root.join("models/tiny-idefics3");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(tiny.join(f), dir.join(f)).ok()?;
+    }
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ] {
+        std::fs::copy(shared.join(f), dir.join(f)).ok()?;
+    }
+    Some(dir)
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let img =
+        load_image_path(&root.join("tests/fixtures/images/large.png")).expect("fixture image");
+    let Some(dir) = model_dir(&root) else {
+        eprintln!("SKIPPED: no model folder (../shared is absent and EDGEVLM_BENCH_MODEL unset)");
+        return;
+    };
+    let engine = Engine::load_dir(&dir, "bench", EngineOptions::default()).expect("load model");
+    let cfg = engine.image_config().clone();
+    let ms = median_ms(|| drop(process_image(&img, &cfg, true).unwrap()), 5);
+    println!("image processor, 2300x1500 PNG -> 13 tiles: {ms:.1} ms");
+
+    let p = process_image(&img, &cfg, true).unwrap();
+    let one = edgevlm::image::ProcessedImage {
+        pixel_values: p.pixel_values[..3 * p.height * p.width].to_vec(),
+        num_tiles: 1,
+        ..p.clone()
+    };
+    let ms = median_ms(
+        || drop(engine.encode_images(std::slice::from_ref(&one)).unwrap()),
+        3,
+    );
+    println!("vision encoder + connector, one 512x512 tile: {ms:.1} ms");
+
+    let prompt = engine
+        .prepare_with_images(&"word ".repeat(500), &[])
+        .expect("tokenize");
+    let ids = &prompt.ids[..512.min(prompt.ids.len())];
+    let model = engine.model();
+    let ms = median_ms(
+        || {
+            let mut cache = model.text.new_cache(ids.len());
+            let e = model.merge_embeddings(ids, None).unwrap();
+            drop(model.forward_embeds(&e, &mut cache, false).unwrap());
+        },
+        3,
+    );
+    println!(
+        "prefill {} tokens: {ms:.1} ms ({:.0} tokens/s)",
+        ids.len(),
+        ids.len() as f64 / ms * 1e3
+    );
+
+    let steps = 64;
+    let mut cache = model.text.new_cache(ids.len() + steps);
+    let e = model.merge_embeddings(ids, None).unwrap();
+    model.forward_embeds(&e, &mut cache, false).unwrap();
+    let t = Instant::now();
+    for i in 0..steps {
+        let e = model.merge_embeddings(&[ids[i % ids.len()]], None).unwrap();
+        model.forward_embeds(&e, &mut cache, false).unwrap();
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "decode {steps} tokens after a {}-token prompt: {:.0} tokens/s",
+        ids.len(),
+        steps as f64 / ms * 1e3
+    );
+}

@@ -1,0 +1,3 @@
+//! Hand-written CPU kernels for the shapes where the general GEMM is slow.
+
+pub mod matvec;
