@@ -1,5 +1,7 @@
 //! `edgevlm`: ask a local vision-language model about images from the command line.
 
+mod quant_eval;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgevlm::openai::StopField;
+use edgevlm::quant::QuantSpec;
 use edgevlm::{ChatRequest, DeviceKind, Engine, EngineOptions, Precision, DEFAULT_MODEL};
 
 #[derive(Parser)]
@@ -25,6 +28,8 @@ struct Cli {
 enum Command {
     /// Answer a prompt about zero or more images (or a whole OpenAI chat request with --request).
     Run(RunArgs),
+    /// Accuracy of quantized weights against f32 on the same model (top-1 agreement, KLD, perplexity).
+    QuantEval(quant_eval::QuantEvalArgs),
 }
 
 #[derive(Args)]
@@ -69,6 +74,12 @@ struct RunArgs {
     dtype: String,
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     device: String,
+    /// Quantize linear weights while loading: q8 (8-bit) or q4 (4-bit), affine groups (CPU).
+    #[arg(long, value_parser = ["q8", "q4"])]
+    quant: Option<String>,
+    /// Group size for --quant (32, 64 or 128).
+    #[arg(long, default_value_t = 32)]
+    group_size: usize,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -157,6 +168,11 @@ fn run(a: RunArgs) -> Result<()> {
         precision: a.dtype.parse::<Precision>()?,
         device: a.device.parse::<DeviceKind>()?,
         image_splitting: a.no_image_splitting.then_some(false),
+        quantize: match a.quant.as_deref() {
+            Some("q8") => Some(QuantSpec::new(8, a.group_size)?),
+            Some("q4") => Some(QuantSpec::new(4, a.group_size)?),
+            _ => None,
+        },
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -219,6 +235,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::QuantEval(a) => quant_eval::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

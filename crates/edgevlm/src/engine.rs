@@ -10,10 +10,11 @@ use serde_json::Value;
 use crate::config::{eos_token_ids, Idefics3Config};
 use crate::error::{Error, Result};
 use crate::image::{self, ImageProcessorConfig, ProcessedImage};
-use crate::model::nn::{LoadOptions, Weights};
+use crate::model::nn::{CheckpointQuant, LoadOptions, Weights};
 use crate::model::vision::patch_mask_from_pixels;
 use crate::model::{Idefics3, KvCache};
 use crate::openai::*;
+use crate::quant::QuantSpec;
 use crate::sampling::{log_softmax, Sampler, SamplingParams};
 use crate::template::{ChatTemplate, TemplateMessage, TemplatePart};
 use crate::tokenizer::Tokenizer;
@@ -98,6 +99,8 @@ pub struct EngineOptions {
     pub image_splitting: Option<bool>,
     /// Tiles encoded per vision forward pass (bounds attention scratch memory).
     pub vision_batch: usize,
+    /// Quantize full-precision linear weights while loading.
+    pub quantize: Option<QuantSpec>,
 }
 
 impl Default for EngineOptions {
@@ -107,6 +110,7 @@ impl Default for EngineOptions {
             device: DeviceKind::Cpu,
             image_splitting: None,
             vision_batch: 2,
+            quantize: None,
         }
     }
 }
@@ -239,10 +243,18 @@ impl Engine {
         })?;
         let device = opts.device.open()?;
         let store = WeightStore::open_dir(dir)?;
-        let load_opts = LoadOptions {
-            dtype: opts.precision.dtype(),
-            device,
-        };
+        let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
+        let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
+        load_opts.checkpoint_quant =
+            CheckpointQuant::from_config(&cfg_json).map_err(|e| Error::file(&config_path, e))?;
+        if let Some(spec) = opts.quantize {
+            if !load_opts.device.is_cpu() {
+                return Err(Error::Device(
+                    "quantized weights run on the CPU in this build (use --device cpu)".into(),
+                ));
+            }
+            load_opts.quantize = Some(spec);
+        }
         let model = Idefics3::load(&Weights::new(&store, &load_opts), &cfg)?;
         drop(store);
 
@@ -274,7 +286,6 @@ impl Engine {
         let gen_defaults =
             read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let mut eos_ids = eos_token_ids(&gen_defaults);
-        let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
         for v in [cfg_json.get("text_config"), Some(&cfg_json)]
             .into_iter()
             .flatten()

@@ -17,6 +17,7 @@ pub mod image;
 pub mod kernels;
 pub mod model;
 pub mod openai;
+pub mod quant;
 pub mod sampling;
 pub mod source;
 pub mod template;

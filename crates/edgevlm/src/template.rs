@@ -81,14 +81,15 @@ mod tests {
     #[test]
     fn trim_and_lstrip_blocks_like_transformers() {
         let t = ChatTemplate::new(
-            "{% for m in messages %}\n  {{ m.role }}: {{ m.content[0].text }}\n{% endfor %}",
+            "{% for m in messages %}\n    {% if m.role %}{{ m.role }}: {% endif %}\n  {{ m.content[0].text }}\n{% endfor %}",
             "",
             "",
         )
         .unwrap();
+        // jinja2 3.1.6 with trim_blocks + lstrip_blocks renders exactly this.
         assert_eq!(
             t.render(&[text("user", "hi")], false).unwrap(),
-            "user: hi\n"
+            "user:   hi\n"
         );
     }
 

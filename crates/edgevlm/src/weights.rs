@@ -124,6 +124,29 @@ impl WeightStore {
         self.files[e.file].0.display().to_string()
     }
 
+    /// The stored dtype, shape and bytes of `name` (for packed quantized tensors).
+    pub fn raw(&self, name: &str) -> Result<(DType, &[usize], &[u8])> {
+        let e = self.entries.get(name).ok_or_else(|| Error::Tensor {
+            tensor: name.to_string(),
+            file: self
+                .files
+                .iter()
+                .map(|f| f.0.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            message: "missing".to_string(),
+        })?;
+        Ok((e.dtype, &e.shape, &self.files[e.file].1[e.start..e.end]))
+    }
+
+    /// The file that holds `name`, for error messages.
+    pub fn file_of(&self, name: &str) -> String {
+        self.entries
+            .get(name)
+            .map(|e| self.file_name(e))
+            .unwrap_or_default()
+    }
+
     /// Load `name`, check it has `shape`, convert to `dtype` on `device`.
     pub fn get(
         &self,

@@ -1,3 +1,4 @@
 //! Hand-written CPU kernels for the shapes where the general GEMM is slow.
 
 pub mod matvec;
+pub mod qmatvec;

@@ -6,14 +6,92 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::error::Result;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::quant::{AffineWeight, QuantSpec, ScaleType};
 use crate::weights::WeightStore;
 
-/// How a model's weights are materialised: dtype and device.
+/// How a model's weights are materialised.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
+    /// Quantize dense linear weights while loading (one tensor at a time).
+    pub quantize: Option<QuantSpec>,
+    /// The checkpoint's own quantization (config.json `quantization`), for pre-quantized weights.
+    pub checkpoint_quant: Option<CheckpointQuant>,
+}
+
+impl LoadOptions {
+    pub fn new(dtype: DType, device: Device) -> Self {
+        Self {
+            dtype,
+            device,
+            quantize: None,
+            checkpoint_quant: None,
+        }
+    }
+}
+
+/// MLX's `quantization` section: default bits/group size plus per-module overrides (`false` = dense).
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointQuant {
+    pub default: Option<QuantSpec>,
+    pub overrides: HashMap<String, Option<QuantSpec>>,
+}
+
+impl CheckpointQuant {
+    /// Parse `config.json`'s `quantization` (or `quantization_config`) object.
+    pub fn from_config(cfg: &serde_json::Value) -> Result<Option<Self>> {
+        let Some(q) = cfg
+            .get("quantization")
+            .or_else(|| cfg.get("quantization_config"))
+        else {
+            return Ok(None);
+        };
+        let spec = |v: &serde_json::Value| -> Result<Option<QuantSpec>> {
+            match v {
+                serde_json::Value::Bool(false) => Ok(None),
+                serde_json::Value::Object(o) => {
+                    let bits = o.get("bits").and_then(|b| b.as_u64()).unwrap_or(4) as u32;
+                    let gs = o.get("group_size").and_then(|g| g.as_u64()).unwrap_or(64) as usize;
+                    if let Some(mode) = o.get("mode").and_then(|m| m.as_str()) {
+                        if mode != "affine" {
+                            return Err(Error::Unsupported(format!(
+                                "quantization mode `{mode}` (only affine)"
+                            )));
+                        }
+                    }
+                    QuantSpec::new(bits, gs).map(Some)
+                }
+                other => Err(Error::Config(format!(
+                    "quantization entry {other} is not an object"
+                ))),
+            }
+        };
+        let mut out = CheckpointQuant {
+            default: spec(q)?,
+            ..Default::default()
+        };
+        if let Some(o) = q.as_object() {
+            for (k, v) in o {
+                if v.is_object() || v.is_boolean() {
+                    out.overrides.insert(k.clone(), spec(v)?);
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The spec of the module at `path` (`model.text_model.layers.0.mlp.up_proj`).
+    pub fn lookup(&self, path: &str) -> Option<QuantSpec> {
+        match self.overrides.get(path) {
+            Some(s) => *s,
+            None => self.default,
+        }
+    }
 }
 
 /// A weight source with a name prefix, in the style of candle's `VarBuilder` but with errors that
@@ -66,6 +144,14 @@ impl<'a> Weights<'a> {
             .get(&self.path(name), shape, self.opts.dtype, &self.opts.device)
     }
 
+    pub fn store(&self) -> &WeightStore {
+        self.store
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// A tensor kept in f32 whatever the model dtype (position tables, norms that HF runs in f32).
     pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.store
@@ -81,6 +167,8 @@ pub enum LinearWeight {
     Dense { w: Tensor },
     /// Quantized (candle's `QMatMul`: k-quants, Q4/Q8 blocks).
     Quantized(QMatMul),
+    /// MLX-style affine groups, run by edgevlm's CPU kernels.
+    Affine(Arc<AffineWeight>),
 }
 
 /// `y = x Wᵀ + b`, with `W` dense or quantized.
@@ -91,14 +179,40 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Load `prefix.weight` (and `prefix.bias`): pre-quantized when the checkpoint holds `scales`,
+    /// quantized now when the options ask for it, dense otherwise.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.get("weight", &[out_dim, in_dim])?;
         let bias = if bias {
             Some(w.get("bias", &[out_dim])?)
         } else {
             None
         };
+        if w.contains("scales") {
+            let q = load_affine(w, in_dim, out_dim)?;
+            return Ok(Self::affine(q, bias));
+        }
+        let weight = w.get("weight", &[out_dim, in_dim])?;
+        if let Some(spec) = w.opts.quantize {
+            let values = weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            drop(weight);
+            let q = AffineWeight::quantize(&values, out_dim, in_dim, spec, &w.path("weight"))?;
+            return Ok(Self::affine(q, bias));
+        }
         Self::dense(&weight, bias)
+    }
+
+    pub fn affine(q: AffineWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: LinearWeight::Affine(Arc::new(q)),
+            bias,
+        }
+    }
+
+    pub fn weight(&self) -> &LinearWeight {
+        &self.weight
     }
 
     /// From a dense `(out, in)` weight as checkpoints store it.
@@ -141,6 +255,7 @@ impl Linear {
                 y.reshape(out_dims)?
             }
             LinearWeight::Quantized(q) => q.forward(x)?,
+            LinearWeight::Affine(q) => affine_forward(q, x)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -218,4 +333,117 @@ pub fn attention(
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     Ok(probs.matmul(v)?)
+}
+
+/// Read an MLX-quantized layer: `weight` packed u32, `scales`/`biases` in a float type.
+fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeight> {
+    let module = w.prefix().to_string();
+    let spec = w
+        .opts
+        .checkpoint_quant
+        .as_ref()
+        .and_then(|c| c.lookup(&module))
+        .ok_or_else(|| Error::Tensor {
+            tensor: w.path("scales"),
+            file: w.store().file_of(&w.path("scales")),
+            message: "quantized tensor but config.json has no `quantization` entry for it".into(),
+        })?;
+    let store = w.store();
+    let bad = |name: &str, m: String| Error::Tensor {
+        tensor: w.path(name),
+        file: store.file_of(&w.path(name)),
+        message: m,
+    };
+    let (dt, shape, bytes) = store.raw(&w.path("weight"))?;
+    let words = in_dim / spec.per_word();
+    if dt != DType::U32 || shape != [out_dim, words] {
+        return Err(bad(
+            "weight",
+            format!("{dt:?} {shape:?}, expected U32 [{out_dim}, {words}] for {}-bit codes of a {out_dim}x{in_dim} layer", spec.bits),
+        ));
+    }
+    let packed: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let groups = in_dim / spec.group_size.max(1);
+    let read_float = |name: &str| -> Result<(Vec<f32>, ScaleType)> {
+        let (dt, shape, bytes) = store.raw(&w.path(name))?;
+        if shape != [out_dim, groups] {
+            return Err(bad(
+                name,
+                format!(
+                    "shape {shape:?}, expected [{out_dim}, {groups}] (group size {})",
+                    spec.group_size
+                ),
+            ));
+        }
+        let (v, st) = match dt {
+            DType::F32 => (
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                ScaleType::F32,
+            ),
+            DType::F16 => (
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                ScaleType::F16,
+            ),
+            DType::BF16 => (
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                ScaleType::BF16,
+            ),
+            other => {
+                return Err(bad(
+                    name,
+                    format!("dtype {other:?} (scales and biases are f32, f16 or bf16)"),
+                ))
+            }
+        };
+        Ok((v, st))
+    };
+    let (scales, st) = read_float("scales")?;
+    let (biases, _) = read_float("biases")?;
+    AffineWeight::from_parts(spec, out_dim, in_dim, packed, scales, biases, st, &module)
+}
+
+/// `x (..., in)` times an affine-quantized weight, on the CPU in f32.
+fn affine_forward(q: &AffineWeight, x: &Tensor) -> Result<Tensor> {
+    use crate::kernels::qmatvec::{affine_matvec, dequantize_block, BLOCK_ROWS};
+    if !x.device().is_cpu() {
+        return Err(Error::Device(
+            "quantized weights run on the CPU in this build".into(),
+        ));
+    }
+    let k = q.in_dim;
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.reshape((rows, k))?.to_dtype(DType::F32)?;
+    let y = if rows == 1 {
+        let xv = x2.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; q.out_dim];
+        affine_matvec(q, &xv, &mut y);
+        Tensor::from_vec(y, (1, q.out_dim), x.device())?
+    } else {
+        let mut parts = Vec::with_capacity(q.out_dim.div_ceil(BLOCK_ROWS));
+        let mut buf = vec![0f32; BLOCK_ROWS.min(q.out_dim) * k];
+        for start in (0..q.out_dim).step_by(BLOCK_ROWS) {
+            let n = BLOCK_ROWS.min(q.out_dim - start);
+            dequantize_block(q, start, n, &mut buf[..n * k]);
+            let block = Tensor::from_slice(&buf[..n * k], (n, k), x.device())?;
+            parts.push(x2.matmul(&block.t()?)?);
+        }
+        Tensor::cat(&parts, 1)?
+    };
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = q.out_dim;
+    }
+    Ok(y.reshape(dims)?.to_dtype(x.dtype())?)
 }

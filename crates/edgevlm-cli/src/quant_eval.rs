@@ -1,0 +1,177 @@
+//! `edgevlm quant-eval`: accuracy of quantized weights against full precision on the same model,
+//! teacher-forced over a text: top-1 agreement, mean KL divergence of the next-token distribution, and
+//! perplexity of each.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use edgevlm::quant::QuantSpec;
+use edgevlm::sampling::log_softmax;
+use edgevlm::{Engine, EngineOptions};
+
+#[derive(Args)]
+pub struct QuantEvalArgs {
+    /// Model folder (or repo id).
+    #[arg(long, default_value = edgevlm::DEFAULT_MODEL)]
+    model: String,
+    /// Plain-text file to score (scripts/fetch-eval-text.sh fetches a public-domain one).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens of the text to score.
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    /// Window length: the text is scored in independent windows of this many tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Quantizations to compare, as BITSgGROUP (e.g. 8g32, 4g64).
+    #[arg(long, value_delimiter = ',', default_value = "8g32,8g64,4g32,4g64")]
+    configs: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_config(s: &str) -> Result<QuantSpec> {
+    let (b, g) = s
+        .split_once('g')
+        .with_context(|| format!("`{s}` is not BITSgGROUP (e.g. 4g32)"))?;
+    Ok(QuantSpec::new(b.parse()?, g.parse()?)?)
+}
+
+#[derive(Default, serde::Serialize)]
+struct Score {
+    name: String,
+    tokens: usize,
+    top1_agreement: f64,
+    mean_kld: f64,
+    perplexity: f64,
+    load_ms: f64,
+    eval_ms: f64,
+}
+
+/// Logits `(t, vocab)` of every position of `ids` (teacher-forced).
+fn all_logits(engine: &Engine, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let model = engine.model();
+    let mut cache = model.text.new_cache(ids.len());
+    let e = model.merge_embeddings(ids, None)?;
+    let logits = model.forward_embeds(&e, &mut cache, true)?;
+    Ok(logits.to_vec2::<f32>()?)
+}
+
+pub fn run(a: QuantEvalArgs) -> Result<()> {
+    if a.ctx < 2 {
+        bail!("--ctx must be at least 2");
+    }
+    let specs = a
+        .configs
+        .iter()
+        .map(|c| parse_config(c).map(|s| (c.clone(), s)))
+        .collect::<Result<Vec<_>>>()?;
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("reading {}", a.text.display()))?;
+    let t0 = Instant::now();
+    let reference = Engine::load(&a.model, EngineOptions::default())?;
+    let ref_load = t0.elapsed().as_secs_f64() * 1e3;
+    let ids = reference.tokenizer().encode(&text)?;
+    if ids.len() < a.tokens {
+        bail!(
+            "{} holds {} tokens, fewer than --tokens {}",
+            a.text.display(),
+            ids.len(),
+            a.tokens
+        );
+    }
+    let ids = &ids[..a.tokens];
+    let windows: Vec<&[u32]> = ids.chunks(a.ctx).filter(|w| w.len() >= 2).collect();
+
+    // Reference log-probabilities, kept per window.
+    let t0 = Instant::now();
+    let mut ref_lp: Vec<Vec<Vec<f32>>> = Vec::with_capacity(windows.len());
+    let mut ref_score = Score {
+        name: "f32".into(),
+        load_ms: ref_load,
+        ..Default::default()
+    };
+    let mut nll = 0f64;
+    let mut scratch = Vec::new();
+    for w in &windows {
+        let logits = all_logits(&reference, w)?;
+        let mut lps = Vec::with_capacity(w.len() - 1);
+        for (pos, row) in logits.iter().take(w.len() - 1).enumerate() {
+            log_softmax(row, &mut scratch);
+            nll -= f64::from(scratch[w[pos + 1] as usize]);
+            lps.push(scratch.clone());
+        }
+        ref_score.tokens += w.len() - 1;
+        ref_lp.push(lps);
+    }
+    ref_score.eval_ms = t0.elapsed().as_secs_f64() * 1e3;
+    ref_score.perplexity = (nll / ref_score.tokens as f64).exp();
+    ref_score.top1_agreement = 1.0;
+    drop(reference);
+
+    let mut scores = vec![ref_score];
+    for (name, spec) in specs {
+        let t0 = Instant::now();
+        let engine = Engine::load(
+            &a.model,
+            EngineOptions {
+                quantize: Some(spec),
+                ..Default::default()
+            },
+        )?;
+        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t0 = Instant::now();
+        let (mut agree, mut kld, mut nll, mut n) = (0usize, 0f64, 0f64, 0usize);
+        for (w, refs) in windows.iter().zip(&ref_lp) {
+            let logits = all_logits(&engine, w)?;
+            for (pos, (row, p)) in logits.iter().zip(refs).enumerate() {
+                log_softmax(row, &mut scratch);
+                let q = &scratch;
+                if edgevlm::sampling::argmax(q) == edgevlm::sampling::argmax(p) {
+                    agree += 1;
+                }
+                kld += p
+                    .iter()
+                    .zip(q)
+                    .map(|(&lp, &lq)| f64::from(lp).exp() * f64::from(lp - lq))
+                    .sum::<f64>();
+                nll -= f64::from(q[w[pos + 1] as usize]);
+                n += 1;
+            }
+        }
+        scores.push(Score {
+            name: format!("q{name}"),
+            tokens: n,
+            top1_agreement: agree as f64 / n as f64,
+            mean_kld: kld / n as f64,
+            perplexity: (nll / n as f64).exp(),
+            load_ms,
+            eval_ms: t0.elapsed().as_secs_f64() * 1e3,
+        });
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&scores)?);
+    } else {
+        println!(
+            "model {} | {} tokens in windows of {} | reference f32",
+            a.model, scores[0].tokens, a.ctx
+        );
+        println!("| weights | top-1 agreement | mean KLD | perplexity | load ms | eval ms |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for s in &scores {
+            println!(
+                "| {} | {:.2}% | {:.5} | {:.3} | {:.0} | {:.0} |",
+                s.name,
+                s.top1_agreement * 100.0,
+                s.mean_kld,
+                s.perplexity,
+                s.load_ms,
+                s.eval_ms
+            );
+        }
+    }
+    Ok(())
+}

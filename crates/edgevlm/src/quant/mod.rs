@@ -1,0 +1,5 @@
+//! Quantized weights: MLX-style affine groups (4/8-bit), read from checkpoints or made while loading.
+
+pub mod affine;
+
+pub use affine::{AffineWeight, QuantSpec, ScaleType};

@@ -1,0 +1,213 @@
+//! Quantized weights: MLX affine layout read bit-exactly, kernels against a dense reference, bad files,
+//! and quantize-on-load. Fixtures from scripts/make_quant_fixtures.py (MLX 0.32.4).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use edgevlm::model::nn::{CheckpointQuant, Linear, LinearWeight, LoadOptions, Weights};
+use edgevlm::weights::WeightStore;
+
+fn fixture_files() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures().join("quant"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn spec_of(p: &std::path::Path) -> (u32, usize) {
+    let n = p.file_stem().unwrap().to_str().unwrap(); // mlx_b4_g32_f16
+    let parts: Vec<&str> = n.split('_').collect();
+    (
+        parts[1][1..].parse().unwrap(),
+        parts[2][1..].parse().unwrap(),
+    )
+}
+
+/// Write `layer.{weight,scales,biases}` from a fixture and load it as a Linear.
+fn load_layer(
+    tensors: &HashMap<String, Tensor>,
+    bits: u32,
+    gs: usize,
+    name: &str,
+) -> edgevlm::Result<Linear> {
+    let mut out = HashMap::new();
+    for (k, v) in [("wq", "weight"), ("scales", "scales"), ("biases", "biases")] {
+        if let Some(t) = tensors.get(k) {
+            out.insert(format!("layer.{v}"), t.clone());
+        }
+    }
+    let path = scratch_dir(name).join("q.safetensors");
+    candle_core::safetensors::save(&out, &path).unwrap();
+    let store = WeightStore::open_files(&[path])?;
+    let cfg = serde_json::json!({"quantization": {"bits": bits, "group_size": gs}});
+    let mut opts = LoadOptions::new(DType::F32, Device::Cpu);
+    opts.checkpoint_quant = CheckpointQuant::from_config(&cfg)?;
+    let w = Weights::new(&store, &opts);
+    let (o, i) = tensors["w"].dims2().unwrap();
+    Linear::load(&w.pp("layer"), i, o, false)
+}
+
+#[test]
+fn mlx_affine_dequantizes_bit_exactly() {
+    let files = fixture_files();
+    assert_eq!(
+        files.len(),
+        18,
+        "4/8 bits x 32/64/128 groups x f32/f16/bf16 scales"
+    );
+    for f in files {
+        let (bits, gs) = spec_of(&f);
+        let t = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+        let lin = load_layer(&t, bits, gs, "mlx-exact").unwrap();
+        let LinearWeight::Affine(q) = lin.weight() else {
+            panic!("not affine")
+        };
+        let ours = q.dequantize_like_mlx();
+        let want: Vec<f32> = t["deq"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let differ = ours
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{}: {differ} of {} values differ from mx.dequantize",
+            f.display(),
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn quantized_products_match_the_dequantized_weight() {
+    for f in fixture_files()
+        .into_iter()
+        .filter(|f| f.to_str().unwrap().ends_with("_f32.safetensors"))
+    {
+        let (bits, gs) = spec_of(&f);
+        let t = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+        let lin = load_layer(&t, bits, gs, "mlx-kernels").unwrap();
+        let dense = Linear::dense(&t["deq"], None).unwrap();
+        let (_, k) = t["w"].dims2().unwrap();
+        for rows in [1usize, 3] {
+            let x = Tensor::rand(-1f32, 1f32, (1, rows, k), &Device::Cpu).unwrap();
+            let a: Vec<f32> = lin
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = dense
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let d = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(d < 1e-4, "{} rows={rows}: |Δ| = {d}", f.display());
+        }
+    }
+}
+
+#[test]
+fn bad_quantized_tensors_are_named() {
+    let f = fixtures().join("quant/mlx_b4_g32_f32.safetensors");
+    let t = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+    // packed codes of the wrong width
+    let mut bad = t.clone();
+    bad.insert(
+        "wq".into(),
+        t["wq"].narrow(1, 0, 16).unwrap().contiguous().unwrap(),
+    );
+    let e = load_layer(&bad, 4, 32, "bad-packed")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer.weight") && e.contains("U32"), "{e}");
+    // missing biases
+    let mut bad = t.clone();
+    bad.remove("biases");
+    let e = load_layer(&bad, 4, 32, "bad-biases")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer.biases") && e.contains("missing"), "{e}");
+    // scales for another group size
+    let e = load_layer(&t, 4, 64, "bad-group")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer"), "{e}");
+    // unsupported bits in config.json
+    let e = load_layer(&t, 3, 32, "bad-bits").err().unwrap().to_string();
+    assert!(e.contains("3-bit"), "{e}");
+}
+
+#[test]
+fn quantize_on_load_stays_close_to_full_precision() {
+    let Some(dir) = tiny_model_dir("quantize-on-load") else {
+        return;
+    };
+    let golden =
+        candle_core::safetensors::load(fixtures().join("golden/logits.safetensors"), &Device::Cpu)
+            .unwrap();
+    let want: Vec<f32> = golden["image_wide.last_prompt_logits"].to_vec1().unwrap();
+    let req = edgevlm::ChatRequest::simple(
+        None,
+        "Describe this image.",
+        &[fixtures().join("images/wide.png").display().to_string()],
+    );
+    for (bits, bound) in [(8u32, 0.05f32), (4, 0.6)] {
+        let opts = edgevlm::EngineOptions {
+            quantize: Some(edgevlm::quant::QuantSpec::new(bits, 32).unwrap()),
+            ..Default::default()
+        };
+        let engine = edgevlm::Engine::load_dir(&dir, "tiny-q", opts).unwrap();
+        let p = engine.prepare(&req).unwrap();
+        let feats = engine.encode_images(&p.images).unwrap();
+        let e = engine
+            .model()
+            .merge_embeddings(&p.ids, feats.as_ref())
+            .unwrap();
+        let mut cache = engine.model().text.new_cache(p.ids.len());
+        let got: Vec<f32> = engine
+            .model()
+            .forward_embeds(&e, &mut cache, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let d = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        println!("q{bits} g32 on the tiny model: max |Δ last-prompt logit| = {d:.4} (max |logit| {scale:.2})");
+        assert!(d < bound * scale, "q{bits}: {d}");
+        assert_eq!(
+            edgevlm::sampling::argmax(&got),
+            edgevlm::sampling::argmax(&want),
+            "q{bits} top-1"
+        );
+    }
+}
