@@ -256,3 +256,47 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !c
 }
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    let Some(dir) = tiny_model_dir("sharded") else {
+        return;
+    };
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let all = tiny_tensors();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let t: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&t, dir.join(shard)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), serde_json::json!(shard));
+        }
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let sharded = Engine::load_dir(&dir, "t", EngineOptions::default()).unwrap();
+    let single = tiny_engine("sharded-ref").unwrap();
+    let req = ChatRequest::simple(None, "What is 2+2?", &[]);
+    let mut r = req.clone();
+    r.max_tokens = Some(6);
+    assert_eq!(
+        sharded.chat(&r).unwrap().choices[0].message.content,
+        single.chat(&r).unwrap().choices[0].message.content
+    );
+    // A shard named in the index but absent is an error that names it.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+}

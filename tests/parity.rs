@@ -158,6 +158,10 @@ fn known_token_facts_hold() {
     assert_eq!(t.token_to_id("<row_3_col_4>"), Some(49153 + 6 * 2 + 3));
     assert_eq!(t.token_to_id("<fake_token_around_image>"), Some(49189));
     assert!(engine.eos_ids().contains(&49279));
+    // Logprob bytes are the token's raw bytes: "Ġthe" is b" the"; "Ã" is the lone byte 0xC3.
+    assert_eq!(t.token_bytes(t.token_to_id("Ġthe").unwrap()), b" the");
+    assert_eq!(t.token_bytes(t.token_to_id("Ã").unwrap()), vec![0xC3]);
+    assert_eq!(t.token_bytes(49279), b"<end_of_utterance>");
 }
 
 #[test]

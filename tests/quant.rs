@@ -176,7 +176,8 @@ fn quantize_on_load_stays_close_to_full_precision() {
         "Describe this image.",
         &[fixtures().join("images/wide.png").display().to_string()],
     );
-    for (bits, bound) in [(8u32, 0.05f32), (4, 0.6)] {
+    let mut errors = Vec::new();
+    for (bits, bound, kld_bound) in [(8u32, 0.05f32, 0.002f32), (4, 0.6, 0.05)] {
         let opts = edgevlm::EngineOptions {
             quantize: Some(edgevlm::quant::QuantSpec::new(bits, 32).unwrap()),
             ..Default::default()
@@ -204,10 +205,20 @@ fn quantize_on_load_stays_close_to_full_precision() {
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         println!("q{bits} g32 on the tiny model: max |Δ last-prompt logit| = {d:.4} (max |logit| {scale:.2})");
         assert!(d < bound * scale, "q{bits}: {d}");
-        assert_eq!(
-            edgevlm::sampling::argmax(&got),
-            edgevlm::sampling::argmax(&want),
-            "q{bits} top-1"
-        );
+        let (mut lp, mut lq) = (Vec::new(), Vec::new());
+        edgevlm::sampling::log_softmax(&want, &mut lp);
+        edgevlm::sampling::log_softmax(&got, &mut lq);
+        let kld: f32 = lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum();
+        println!("q{bits}: KLD(f32 || q{bits}) of the next-token distribution = {kld:.5}");
+        assert!(kld < kld_bound, "q{bits}: KLD {kld}");
+        errors.push(d);
+        if bits == 8 {
+            let top = edgevlm::sampling::argmax(&want);
+            assert_eq!(edgevlm::sampling::argmax(&got), top, "q8 top-1");
+        }
     }
+    assert!(
+        errors[0] < errors[1],
+        "8-bit is closer than 4-bit: {errors:?}"
+    );
 }

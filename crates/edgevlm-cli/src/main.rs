@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Answer a prompt about zero or more images (or a whole OpenAI chat request with --request).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Accuracy of quantized weights against f32 on the same model (top-1 agreement, KLD, perplexity).
     QuantEval(quant_eval::QuantEvalArgs),
 }
@@ -234,7 +234,7 @@ fn run(a: RunArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::QuantEval(a) => quant_eval::run(a),
     };
     match result {

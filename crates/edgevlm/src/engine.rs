@@ -745,13 +745,10 @@ impl Engine {
     }
 
     fn token_logprob(&self, token: u32, logprobs: &[f32], top: usize) -> TokenLogprob {
-        let entry = |id: u32| {
-            let t = self.tokenizer.token_text(id);
-            TopLogprob {
-                bytes: t.as_bytes().to_vec(),
-                token: t,
-                logprob: logprobs[id as usize],
-            }
+        let entry = |id: u32| TopLogprob {
+            token: self.tokenizer.token_text(id),
+            bytes: self.tokenizer.token_bytes(id),
+            logprob: logprobs[id as usize],
         };
         let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
         let k = top.min(idx.len());

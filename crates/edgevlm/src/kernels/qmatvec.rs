@@ -127,7 +127,7 @@ mod tests {
                 let mut y = vec![0f32; n];
                 affine_matvec(&q, &x, &mut y);
                 let mut row = vec![0f32; k];
-                for r in 0..n {
+                for (r, &yr) in y.iter().enumerate() {
                     q.dequantize_row(r, &mut row);
                     let want: f64 = row
                         .iter()
@@ -135,9 +135,8 @@ mod tests {
                         .map(|(a, b)| f64::from(*a) * f64::from(*b))
                         .sum();
                     assert!(
-                        (f64::from(y[r]) - want).abs() < 1e-4,
-                        "bits {bits} gs {gs} row {r}: {} vs {want}",
-                        y[r]
+                        (f64::from(yr) - want).abs() < 1e-4,
+                        "bits {bits} gs {gs} row {r}: {yr} vs {want}"
                     );
                 }
             }

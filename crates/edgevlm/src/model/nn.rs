@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::quant::{AffineWeight, QuantSpec, ScaleType};
+use crate::quant::{AffineParts, AffineWeight, QuantSpec, ScaleType};
 use crate::weights::WeightStore;
 
 /// How a model's weights are materialised.
@@ -411,7 +411,13 @@ fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeigh
     };
     let (scales, st) = read_float("scales")?;
     let (biases, _) = read_float("biases")?;
-    AffineWeight::from_parts(spec, out_dim, in_dim, packed, scales, biases, st, &module)
+    let parts = AffineParts {
+        packed,
+        scales,
+        biases,
+        scale_type: st,
+    };
+    AffineWeight::from_parts(spec, out_dim, in_dim, parts, &module)
 }
 
 /// `x (..., in)` times an affine-quantized weight, on the CPU in f32.

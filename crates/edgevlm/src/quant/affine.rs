@@ -59,6 +59,15 @@ impl QuantSpec {
     }
 }
 
+/// The stored tensors of a quantized layer, before their shapes are checked.
+#[derive(Clone, Debug)]
+pub struct AffineParts {
+    pub packed: Vec<u32>,
+    pub scales: Vec<f32>,
+    pub biases: Vec<f32>,
+    pub scale_type: ScaleType,
+}
+
 /// A quantized `(out, in)` weight.
 #[derive(Clone, Debug)]
 pub struct AffineWeight {
@@ -81,14 +90,17 @@ impl AffineWeight {
         spec: QuantSpec,
         out_dim: usize,
         in_dim: usize,
-        packed: Vec<u32>,
-        scales: Vec<f32>,
-        biases: Vec<f32>,
-        scale_type: ScaleType,
+        parts: AffineParts,
         what: &str,
     ) -> Result<Self> {
+        let AffineParts {
+            packed,
+            scales,
+            biases,
+            scale_type,
+        } = parts;
         let bad = |m: String| Error::Weights(format!("{what}: {m}"));
-        if in_dim % spec.group_size != 0 {
+        if !in_dim.is_multiple_of(spec.group_size) {
             return Err(bad(format!(
                 "input size {in_dim} is not a multiple of the group size {}",
                 spec.group_size
@@ -121,8 +133,8 @@ impl AffineWeight {
         })
     }
 
-    /// Quantize a row-major `(out, in)` f32 weight: per group, the min–max range split into
-    /// `2^bits - 1` steps, codes rounded to nearest. Scales and biases are kept in f32.
+    /// Quantize a row-major `(out, in)` f32 weight group by group (see [`fit_group`]). Scales and
+    /// biases are kept in f32.
     pub fn quantize(
         w: &[f32],
         out_dim: usize,
@@ -130,7 +142,7 @@ impl AffineWeight {
         spec: QuantSpec,
         what: &str,
     ) -> Result<Self> {
-        if in_dim % spec.group_size != 0 {
+        if !in_dim.is_multiple_of(spec.group_size) {
             return Err(Error::Weights(format!(
                 "{what}: input size {in_dim} is not a multiple of the group size {} (choose 32 or 64)",
                 spec.group_size
@@ -148,18 +160,13 @@ impl AffineWeight {
         let mut packed = vec![0u32; out_dim * in_dim / per_word];
         let mut scales = Vec::with_capacity(out_dim * in_dim / gs);
         let mut biases = Vec::with_capacity(out_dim * in_dim / gs);
+        let mut codes = vec![0u32; gs];
         for (g, group) in w.chunks_exact(gs).enumerate() {
-            let (lo, hi) = group
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
-                    (a.min(x), b.max(x))
-                });
-            let scale = if hi > lo { (hi - lo) / max_q } else { 1.0 };
+            let (scale, bias) = fit_group(group, max_q, spec.bits == 4, &mut codes);
             scales.push(scale);
-            biases.push(lo);
+            biases.push(bias);
             let words = &mut packed[g * gs / per_word..(g + 1) * gs / per_word];
-            for (i, &x) in group.iter().enumerate() {
-                let q = ((x - lo) / scale).round().clamp(0.0, max_q) as u32;
+            for (i, &q) in codes.iter().enumerate() {
                 words[i / per_word] |= q << (spec.bits as usize * (i % per_word));
             }
         }
@@ -224,9 +231,118 @@ impl AffineWeight {
     }
 }
 
+/// Codes for `w` under scale `s` and bias `b`; returns the squared error.
+fn round_codes(w: &[f32], s: f32, b: f32, max_q: f32, codes: &mut [u32]) -> f32 {
+    let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
+    let mut err = 0.0;
+    for (c, &x) in codes.iter_mut().zip(w) {
+        let q = ((x - b) * inv).round().clamp(0.0, max_q);
+        *c = q as u32;
+        let d = x - (s * q + b);
+        err += d * d;
+    }
+    err
+}
+
+/// The least-squares scale and bias for fixed codes (`w ≈ s·q + b`); None when all codes are equal.
+fn refit(w: &[f32], codes: &[u32]) -> Option<(f32, f32)> {
+    let n = w.len() as f64;
+    let (mut sq, mut sw, mut sqq, mut sqw) = (0f64, 0f64, 0f64, 0f64);
+    for (&q, &x) in codes.iter().zip(w) {
+        let (q, x) = (f64::from(q), f64::from(x));
+        sq += q;
+        sw += x;
+        sqq += q * q;
+        sqw += q * x;
+    }
+    let det = n * sqq - sq * sq;
+    if det <= 0.0 {
+        return None;
+    }
+    let s = (n * sqw - sq * sw) / det;
+    Some((s as f32, ((sw - s * sq) / n) as f32))
+}
+
+/// Scale and bias for one group, codes written to `codes`. Starts from the min–max range; for 4-bit it
+/// also tries slightly clipped ranges and, for each, alternates rounding with a least-squares refit of
+/// scale and bias, keeping whichever gives the smallest squared error (a few % of the min–max error
+/// at 8 bits, ~20-30% less at 4 bits on Gaussian-like weights).
+pub fn fit_group(w: &[f32], max_q: f32, search: bool, codes: &mut [u32]) -> (f32, f32) {
+    let (lo, hi) = w
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+    if hi <= lo {
+        codes.fill(0);
+        return (1.0, lo);
+    }
+    let range = hi - lo;
+    let shrinks: &[(f32, f32)] = if search {
+        &[
+            (0.0, 0.0),
+            (0.04, 0.0),
+            (0.0, 0.04),
+            (0.04, 0.04),
+            (0.08, 0.08),
+            (0.12, 0.12),
+        ]
+    } else {
+        &[(0.0, 0.0)]
+    };
+    let mut best = (f32::INFINITY, 1.0, lo);
+    let mut trial = vec![0u32; w.len()];
+    for &(a, b) in shrinks {
+        let (mut l, h) = (lo + a * range, hi - b * range);
+        let mut s = (h - l) / max_q;
+        for _ in 0..3 {
+            let err = round_codes(w, s, l, max_q, &mut trial);
+            if err < best.0 {
+                best = (err, s, l);
+                codes.copy_from_slice(&trial);
+            }
+            match refit(w, &trial) {
+                Some((s2, l2)) if s2 > 0.0 => (s, l) = (s2, l2),
+                _ => break,
+            }
+        }
+    }
+    (best.1, best.2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fitted_groups_beat_min_max_rounding() {
+        // Gaussian-like values (sum of uniforms).
+        let w: Vec<f32> = (0..4096)
+            .map(|i| {
+                (0..4)
+                    .map(|j| ((i * 7919 + j * 104729) % 1000) as f32 / 1000.0)
+                    .sum::<f32>()
+                    - 2.0
+            })
+            .collect();
+        let mut codes = vec![0u32; 32];
+        let (mut fit_err, mut mm_err) = (0f32, 0f32);
+        for g in w.chunks_exact(32) {
+            let (s, b) = fit_group(g, 15.0, true, &mut codes);
+            fit_err += g
+                .iter()
+                .zip(&codes)
+                .map(|(x, &q)| (x - (s * q as f32 + b)).powi(2))
+                .sum::<f32>();
+            let (lo, hi) = g
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                    (a.min(x), b.max(x))
+                });
+            mm_err += round_codes(g, (hi - lo) / 15.0, lo, 15.0, &mut codes);
+        }
+        assert!(fit_err < 0.9 * mm_err, "fit {fit_err} vs min-max {mm_err}");
+    }
 
     #[test]
     fn quantize_roundtrip_error_is_bounded() {
@@ -238,11 +354,25 @@ mod tests {
             let spec = QuantSpec::new(bits, 32).unwrap();
             let q = AffineWeight::quantize(&w, out, inp, spec, "t").unwrap();
             let d = q.dequantize_like_mlx();
+            // RMS error within half a min-max step (uniform rounding alone gives ~0.29 step).
             for (g, chunk) in w.chunks_exact(32).enumerate() {
-                let half_step = q.scales[g] / 2.0 + 1e-7;
-                for (i, &x) in chunk.iter().enumerate() {
-                    assert!((d[g * 32 + i] - x).abs() <= half_step, "bits {bits}");
-                }
+                let (lo, hi) = chunk
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                        (a.min(x), b.max(x))
+                    });
+                let step = (hi - lo) / spec.max_q() as f32;
+                let mse = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| (d[g * 32 + i] - x).powi(2))
+                    .sum::<f32>()
+                    / 32.0;
+                assert!(
+                    mse.sqrt() <= 0.5 * step,
+                    "bits {bits} group {g}: rms {} step {step}",
+                    mse.sqrt()
+                );
             }
         }
     }
@@ -255,16 +385,12 @@ mod tests {
         let e = AffineWeight::quantize(&vec![0.0; 576], 1, 576, spec, "layer.q_proj").unwrap_err();
         assert!(e.to_string().contains("layer.q_proj") && e.to_string().contains("576"));
         let spec = QuantSpec::new(4, 32).unwrap();
-        assert!(AffineWeight::from_parts(
-            spec,
-            2,
-            64,
-            vec![0; 15],
-            vec![0.0; 4],
-            vec![0.0; 4],
-            ScaleType::F32,
-            "x"
-        )
-        .is_err());
+        let parts = AffineParts {
+            packed: vec![0; 15],
+            scales: vec![0.0; 4],
+            biases: vec![0.0; 4],
+            scale_type: ScaleType::F32,
+        };
+        assert!(AffineWeight::from_parts(spec, 2, 64, parts, "x").is_err());
     }
 }

@@ -2,4 +2,4 @@
 
 pub mod affine;
 
-pub use affine::{AffineWeight, QuantSpec, ScaleType};
+pub use affine::{AffineParts, AffineWeight, QuantSpec, ScaleType};
