@@ -81,33 +81,16 @@ fn reduced_precision_runs_close_to_f32() {
     };
     let engine = edgevlm::Engine::load_dir(&dir, "tiny", opts).unwrap();
     let prepared = engine.prepare(&request(1)).unwrap();
-    let e = engine
-        .model()
-        .merge_embeddings(&prepared.ids, None)
-        .unwrap();
-    let mut cache = engine.model().text.new_cache(prepared.ids.len());
-    let bf16: Vec<f32> = engine
-        .model()
-        .forward_embeds(&e, &mut cache, false)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let f32_engine = tiny_engine("bf16-ref").unwrap();
-    let e = f32_engine
-        .model()
-        .merge_embeddings(&prepared.ids, None)
-        .unwrap();
-    let mut cache = f32_engine.model().text.new_cache(prepared.ids.len());
-    let f32: Vec<f32> = f32_engine
-        .model()
-        .forward_embeds(&e, &mut cache, false)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let last = |e: &edgevlm::Engine| -> Vec<f32> {
+        e.logits(&prepared, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let bf16 = last(&engine);
+    let f32 = last(&tiny_engine("bf16-ref").unwrap());
     let scale = f32.iter().fold(0f32, |m, x| m.max(x.abs()));
     let d = bf16
         .iter()

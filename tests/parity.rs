@@ -256,21 +256,11 @@ fn teacher_forced_logits_match_transformers() {
     };
     let g = golden_tensors();
     for case in logit_cases() {
-        let prepared = engine.prepare(&case.request).unwrap();
-        assert_eq!(prepared.ids, case.prompt_ids, "{}: prompt ids", case.name);
-        let feats = engine.encode_images(&prepared.images).unwrap();
-        let mut ids = prepared.ids.clone();
-        ids.extend(&case.continuation);
-        let embeds = engine
-            .model()
-            .merge_embeddings(&ids, feats.as_ref())
-            .unwrap();
-        let mut cache = engine.model().text.new_cache(ids.len());
-        let logits = engine
-            .model()
-            .forward_embeds(&embeds, &mut cache, true)
-            .unwrap();
-        let n = prepared.ids.len();
+        let mut forced = engine.prepare(&case.request).unwrap();
+        assert_eq!(forced.ids, case.prompt_ids, "{}: prompt ids", case.name);
+        let n = forced.ids.len();
+        forced.ids.extend(&case.continuation);
+        let logits = engine.logits(&forced, true).unwrap();
 
         let last: Vec<f32> = logits.get(n - 1).unwrap().to_vec1().unwrap();
         let want: Vec<f32> = g[&format!("{}.last_prompt_logits", case.name)]

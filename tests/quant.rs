@@ -184,15 +184,8 @@ fn quantize_on_load_stays_close_to_full_precision() {
         };
         let engine = edgevlm::Engine::load_dir(&dir, "tiny-q", opts).unwrap();
         let p = engine.prepare(&req).unwrap();
-        let feats = engine.encode_images(&p.images).unwrap();
-        let e = engine
-            .model()
-            .merge_embeddings(&p.ids, feats.as_ref())
-            .unwrap();
-        let mut cache = engine.model().text.new_cache(p.ids.len());
         let got: Vec<f32> = engine
-            .model()
-            .forward_embeds(&e, &mut cache, false)
+            .logits(&p, false)
             .unwrap()
             .flatten_all()
             .unwrap()

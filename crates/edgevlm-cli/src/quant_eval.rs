@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use edgevlm::engine::PreparedPrompt;
 use edgevlm::quant::QuantSpec;
 use edgevlm::sampling::log_softmax;
 use edgevlm::{Engine, EngineOptions};
@@ -53,11 +54,13 @@ struct Score {
 
 /// Logits `(t, vocab)` of every position of `ids` (teacher-forced).
 fn all_logits(engine: &Engine, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-    let model = engine.model();
-    let mut cache = model.text.new_cache(ids.len());
-    let e = model.merge_embeddings(ids, None)?;
-    let logits = model.forward_embeds(&e, &mut cache, true)?;
-    Ok(logits.to_vec2::<f32>()?)
+    let prompt = PreparedPrompt {
+        text: String::new(),
+        ids: ids.to_vec(),
+        images: Vec::new(),
+        preprocess_ms: 0.0,
+    };
+    Ok(engine.logits(&prompt, true)?.to_vec2::<f32>()?)
 }
 
 pub fn run(a: QuantEvalArgs) -> Result<()> {

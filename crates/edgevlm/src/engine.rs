@@ -473,6 +473,16 @@ impl Engine {
         Ok(Some(feats))
     }
 
+    /// Logits `(positions, vocab)` of a prepared prompt in one teacher-forced pass: every position when
+    /// `all_positions`, else the last one only.
+    pub fn logits(&self, prepared: &PreparedPrompt, all_positions: bool) -> Result<Tensor> {
+        let feats = self.encode_images(&prepared.images)?;
+        let embeds = self.model.merge_embeddings(&prepared.ids, feats.as_ref())?;
+        let mut cache = self.model.text.new_cache(prepared.ids.len());
+        self.model
+            .forward_embeds(&embeds, &mut cache, all_positions)
+    }
+
     /// Resolve a request's generation settings against the model's defaults.
     pub fn settings(&self, req: &ChatRequest) -> Result<GenerationSettings> {
         if req.n.unwrap_or(1) != 1 {
