@@ -215,3 +215,77 @@ fn quantize_on_load_stays_close_to_full_precision() {
         "8-bit is closer than 4-bit: {errors:?}"
     );
 }
+
+#[test]
+fn written_checkpoint_reloads_as_quantized() {
+    let Some(src) = tiny_model_dir("quantize-src") else {
+        return;
+    };
+    let out = scratch_dir("quantize-out").join("q4");
+    let spec = edgevlm::quant::QuantSpec::new(4, 32).unwrap();
+    let report = edgevlm::quant::quantize_checkpoint(&src, &out, spec, false).unwrap();
+    // 2 vision layers x 6 linears, the connector, 2 text layers x 7 linears, lm_head
+    assert_eq!(report.quantized_layers, 12 + 1 + 14 + 1);
+    // The tiny model is mostly its (dense) embedding table: 6.5 MB -> 4.3 MB.
+    assert!(
+        report.output_bytes < report.input_bytes * 7 / 10,
+        "{report:?}"
+    );
+    let cfg = read_json(&out.join("config.json"));
+    assert_eq!(cfg["quantization"]["bits"], 4);
+    assert!(out.join("tokenizer.json").is_file());
+    // Writing again over an existing folder is refused.
+    assert!(edgevlm::quant::quantize_checkpoint(&src, &out, spec, false).is_err());
+
+    let store = WeightStore::open_dir(&out).unwrap();
+    let (dt, shape, _) = store
+        .raw("model.text_model.layers.0.mlp.down_proj.weight")
+        .unwrap();
+    assert_eq!((dt, shape.to_vec()), (DType::U32, vec![32, 64 / 8]));
+
+    // Reloading the written checkpoint answers like quantize-on-load (scales rounded to bf16 aside).
+    let written = edgevlm::Engine::load_dir(&out, "q4", edgevlm::EngineOptions::default()).unwrap();
+    let on_load = edgevlm::Engine::load_dir(
+        &src,
+        "q4-on-load",
+        edgevlm::EngineOptions {
+            quantize: Some(spec),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let req = edgevlm::ChatRequest::simple(None, "What is 2+2?", &[]);
+    let p = written.prepare(&req).unwrap();
+    let a: Vec<f32> = written
+        .logits(&p, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = on_load
+        .logits(&p, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    println!("written q4 vs quantize-on-load q4: max |Δ logit| = {d:.4} (max |logit| {scale:.2})");
+    assert!(d < 0.05 * scale, "{d}");
+
+    // --skip-vision keeps the vision tower dense.
+    let out2 = scratch_dir("quantize-out").join("q8-text");
+    let r2 = edgevlm::quant::quantize_checkpoint(
+        &src,
+        &out2,
+        edgevlm::quant::QuantSpec::new(8, 32).unwrap(),
+        true,
+    )
+    .unwrap();
+    assert_eq!(r2.quantized_layers, 1 + 14 + 1);
+}

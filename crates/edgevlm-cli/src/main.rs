@@ -30,6 +30,42 @@ enum Command {
     Run(Box<RunArgs>),
     /// Accuracy of quantized weights against f32 on the same model (top-1 agreement, KLD, perplexity).
     QuantEval(quant_eval::QuantEvalArgs),
+    /// Write a 4- or 8-bit checkpoint in MLX's affine layout.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// Full-precision model: a local folder or a Hugging Face repo id.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    #[arg(long, value_parser = ["4", "8"])]
+    bits: String,
+    #[arg(long, default_value_t = 64)]
+    group_size: usize,
+    /// Keep the vision encoder in full precision.
+    #[arg(long)]
+    skip_vision: bool,
+    /// Output folder (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let spec = QuantSpec::new(a.bits.parse()?, a.group_size)?;
+    let src = edgevlm::source::resolve(&a.model)?;
+    let r = edgevlm::quant::quantize_checkpoint(&src, &a.out, spec, a.skip_vision)?;
+    eprintln!(
+        "wrote {}: {} layers quantized to {}-bit (group {}), {} tensors kept, {:.1} MB -> {:.1} MB",
+        a.out.display(),
+        r.quantized_layers,
+        spec.bits,
+        spec.group_size,
+        r.dense_tensors,
+        r.input_bytes as f64 / 1e6,
+        r.output_bytes as f64 / 1e6
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -236,6 +272,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run(*a),
         Command::QuantEval(a) => quant_eval::run(a),
+        Command::Quantize(a) => quantize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

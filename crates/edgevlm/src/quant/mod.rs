@@ -1,5 +1,7 @@
 //! Quantized weights: MLX-style affine groups (4/8-bit), read from checkpoints or made while loading.
 
 pub mod affine;
+pub mod writer;
 
 pub use affine::{AffineParts, AffineWeight, QuantSpec, ScaleType};
+pub use writer::{quantize_checkpoint, QuantizeReport};
