@@ -100,6 +100,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     scratch: Vec<(u32, f32)>,
+    /// Tokens already penalised this step (reused across steps).
+    seen: Vec<bool>,
 }
 
 impl Sampler {
@@ -110,6 +112,7 @@ impl Sampler {
             params,
             rng,
             scratch: Vec::new(),
+            seen: Vec::new(),
         })
     }
 
@@ -119,16 +122,17 @@ impl Sampler {
 
     /// HF's `RepetitionPenaltyLogitsProcessor`: every token already in `context` has its logit divided by
     /// the penalty when positive, multiplied when negative.
-    pub fn apply_repetition_penalty(&self, logits: &mut [f32], context: &[u32]) {
+    pub fn apply_repetition_penalty(&mut self, logits: &mut [f32], context: &[u32]) {
         let p = self.params.repetition_penalty;
         if p == 1.0 {
             return;
         }
-        let mut seen = vec![false; logits.len()];
+        self.seen.clear();
+        self.seen.resize(logits.len(), false);
         for &t in context {
             let t = t as usize;
-            if t < logits.len() && !seen[t] {
-                seen[t] = true;
+            if t < logits.len() && !self.seen[t] {
+                self.seen[t] = true;
                 let l = &mut logits[t];
                 *l = if *l > 0.0 { *l / p } else { *l * p };
             }
@@ -324,7 +328,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_like_hf() {
-        let s = Sampler::new(SamplingParams {
+        let mut s = Sampler::new(SamplingParams {
             repetition_penalty: 2.0,
             ..Default::default()
         })
