@@ -2,7 +2,10 @@
 //! vision, prefill and decode passes. Speed targets live here and in the CLI, never in unit tests.
 //! Set `EDGEVLM_BENCH_MODEL=DIR` to time a full-size model folder instead of the tiny one.
 
-use std::path::{Path, PathBuf};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
 use std::time::Instant;
 
 use edgevlm::image::{load_image_path, process_image};
@@ -20,37 +23,18 @@ fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
     t[t.len() / 2]
 }
 
-fn model_dir(root: &Path) -> Option<PathBuf> {
-    if let Ok(d) = std::env::var("EDGEVLM_BENCH_MODEL") {
-        return Some(PathBuf::from(d));
+fn model_dir() -> Option<PathBuf> {
+    match std::env::var("EDGEVLM_BENCH_MODEL") {
+        Ok(d) => Some(PathBuf::from(d)),
+        Err(_) => common::tiny_model_dir("bench"),
     }
-    let shared = root.join("../shared/models/smolvlm-256m-instruct");
-    if !shared.join("tokenizer.json").is_file() {
-        return None;
-    }
-    let dir = root.join("target/bench-model");
-    std::fs::create_dir_all(&dir).ok()?;
-    let tiny = root.join("models/tiny-idefics3");
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(tiny.join(f), dir.join(f)).ok()?;
-    }
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.json",
-        "preprocessor_config.json",
-        "processor_config.json",
-    ] {
-        std::fs::copy(shared.join(f), dir.join(f)).ok()?;
-    }
-    Some(dir)
 }
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let img =
         load_image_path(&root.join("tests/fixtures/images/large.png")).expect("fixture image");
-    let Some(dir) = model_dir(&root) else {
+    let Some(dir) = model_dir() else {
         eprintln!("SKIPPED: no model folder (../shared is absent and EDGEVLM_BENCH_MODEL unset)");
         return;
     };

@@ -81,21 +81,10 @@ fn reduced_precision_runs_close_to_f32() {
     };
     let engine = edgevlm::Engine::load_dir(&dir, "tiny", opts).unwrap();
     let prepared = engine.prepare(&request(1)).unwrap();
-    let last = |e: &edgevlm::Engine| -> Vec<f32> {
-        e.logits(&prepared, false)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let bf16 = last(&engine);
-    let f32 = last(&tiny_engine("bf16-ref").unwrap());
-    let scale = f32.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let d = bf16
-        .iter()
-        .zip(&f32)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let bf16 = last_logits(&engine, &prepared);
+    let f32 = last_logits(&tiny_engine("bf16-ref").unwrap(), &prepared);
+    let scale = max_abs(&f32);
+    let d = max_abs_diff(&bf16, &f32);
     println!("bf16 vs f32 last-position logits: max |d| = {d:.4} (max |logit| {scale:.2})");
     assert!(
         d < 0.1 * scale,

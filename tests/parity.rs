@@ -242,13 +242,6 @@ fn logit_cases() -> Vec<Case> {
         .collect()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn teacher_forced_logits_match_transformers() {
     let Some(engine) = tiny_engine("logits") else {

@@ -119,10 +119,7 @@ fn quantized_products_match_the_dequantized_weight() {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let d = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let d = max_abs_diff(&a, &b);
             assert!(d < 1e-4, "{} rows={rows}: |Δ| = {d}", f.display());
         }
     }
@@ -184,18 +181,9 @@ fn quantize_on_load_stays_close_to_full_precision() {
         };
         let engine = edgevlm::Engine::load_dir(&dir, "tiny-q", opts).unwrap();
         let p = engine.prepare(&req).unwrap();
-        let got: Vec<f32> = engine
-            .logits(&p, false)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let d = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let got = last_logits(&engine, &p);
+        let d = max_abs_diff(&got, &want);
+        let scale = max_abs(&want);
         println!("q{bits} g32 on the tiny model: max |Δ last-prompt logit| = {d:.4} (max |logit| {scale:.2})");
         assert!(d < bound * scale, "q{bits}: {d}");
         let (mut lp, mut lq) = (Vec::new(), Vec::new());
@@ -256,25 +244,10 @@ fn written_checkpoint_reloads_as_quantized() {
     .unwrap();
     let req = edgevlm::ChatRequest::simple(None, "What is 2+2?", &[]);
     let p = written.prepare(&req).unwrap();
-    let a: Vec<f32> = written
-        .logits(&p, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = on_load
-        .logits(&p, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let d = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let a = last_logits(&written, &p);
+    let b = last_logits(&on_load, &p);
+    let d = max_abs_diff(&a, &b);
+    let scale = max_abs(&b);
     println!("written q4 vs quantize-on-load q4: max |Δ logit| = {d:.4} (max |logit| {scale:.2})");
     assert!(d < 0.05 * scale, "{d}");
 

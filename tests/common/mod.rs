@@ -82,3 +82,25 @@ pub fn tiny_engine(name: &str) -> Option<Engine> {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("read golden")).expect("golden JSON")
 }
+
+/// Largest absolute difference between two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Largest absolute value.
+pub fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+/// Last-position logits of a prepared prompt.
+pub fn last_logits(engine: &Engine, prepared: &edgevlm::engine::PreparedPrompt) -> Vec<f32> {
+    engine
+        .logits(prepared, false)
+        .expect("forward pass")
+        .flatten_all()
+        .expect("flatten")
+        .to_vec1()
+        .expect("logits to vec")
+}

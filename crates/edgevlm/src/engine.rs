@@ -298,12 +298,11 @@ impl Engine {
         eos_ids.sort_unstable();
         eos_ids.dedup();
 
-        for (tok, id) in [("<image>", cfg.image_token_id)] {
-            if tokenizer.token_to_id(tok) != Some(id) {
-                return Err(Error::Tokenizer(format!(
-                    "{tok} is not token {id} in tokenizer.json, as config.json's image_token_id says"
-                )));
-            }
+        if tokenizer.token_to_id("<image>") != Some(cfg.image_token_id) {
+            return Err(Error::Tokenizer(format!(
+                "<image> is not token {} in tokenizer.json, as config.json's image_token_id says",
+                cfg.image_token_id
+            )));
         }
         Ok(Self {
             model,

@@ -115,11 +115,6 @@ impl WeightStore {
         self.entries.keys().map(String::as_str)
     }
 
-    /// The stored shape of a tensor, if present.
-    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
-        self.entries.get(name).map(|e| e.shape.as_slice())
-    }
-
     fn file_name(&self, e: &Entry) -> String {
         self.files[e.file].0.display().to_string()
     }

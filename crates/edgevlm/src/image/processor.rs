@@ -193,15 +193,18 @@ pub fn process_image(
         )));
     }
     let filter = cfg.resample;
-    let mut img = img.clone();
-    if cfg.do_resize {
+    let resized;
+    let img = if cfg.do_resize {
         let (h, w) = longest_edge_size(img.height, img.width, cfg.longest_edge);
-        img = resize(&img, w, h, filter);
-    }
+        resized = resize(img, w, h, filter);
+        &resized
+    } else {
+        img
+    };
     let t = cfg.tile_size;
     let (tiles, rows, cols) = if split {
         let (h, w) = tile_multiple_size(img.height, img.width, t);
-        let img = resize(&img, w, h, filter);
+        let img = resize(img, w, h, filter);
         if h > t || w > t {
             let rows = (h - t) / t + 1;
             let cols = (w - t) / t + 1;
@@ -217,7 +220,7 @@ pub fn process_image(
             (vec![img], 0, 0)
         }
     } else {
-        (vec![resize(&img, t, t, filter)], 0, 0)
+        (vec![resize(img, t, t, filter)], 0, 0)
     };
     // All tiles are t×t here (a split image is a multiple of t; an unsplit one is squashed to t).
     let (height, width) = (tiles[0].height, tiles[0].width);

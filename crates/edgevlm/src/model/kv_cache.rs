@@ -29,15 +29,6 @@ impl KvCache {
         self.len == 0
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Forget everything (keeps the buffers).
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
     /// Write `k`, `v` `(b, kv_heads, t, d)` of `layer` after the cached positions and return the keys and
     /// values of all positions so far. The caller moves the length forward with [`KvCache::advance`] once
     /// every layer has appended.

@@ -3,8 +3,7 @@
 //! [`Linear`] holds its weight as a `QMatMul`, so a quantized weight can stand in for a dense one
 //! without touching the model code: only the loader decides which kind it builds.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -151,12 +150,6 @@ impl<'a> Weights<'a> {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
-
-    /// A tensor kept in f32 whatever the model dtype (position tables, norms that HF runs in f32).
-    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.store
-            .get(&self.path(name), shape, DType::F32, &self.opts.device)
-    }
 }
 
 /// The weight of a linear layer.
@@ -165,8 +158,6 @@ pub enum LinearWeight {
     /// Dense `(out, in)`, contiguous, as checkpoints store it: one token runs the row-wise mat-vec
     /// kernel, several tokens the GEMM on the transposed view.
     Dense { w: Tensor },
-    /// Quantized (candle's `QMatMul`: k-quants, Q4/Q8 blocks).
-    Quantized(QMatMul),
     /// MLX-style affine groups, run by edgevlm's CPU kernels.
     Affine(Arc<AffineWeight>),
 }
@@ -225,13 +216,6 @@ impl Linear {
         })
     }
 
-    pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Self {
-            weight: LinearWeight::Quantized(weight),
-            bias,
-        }
-    }
-
     /// `x`: `(..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -254,7 +238,6 @@ impl Linear {
                 }
                 y.reshape(out_dims)?
             }
-            LinearWeight::Quantized(q) => q.forward(x)?,
             LinearWeight::Affine(q) => affine_forward(q, x)?,
         };
         Ok(match &self.bias {

@@ -234,11 +234,6 @@ impl AffineWeight {
         }
         out
     }
-
-    /// Bytes the quantized weight occupies in memory.
-    pub fn nbytes(&self) -> usize {
-        self.packed.len() * 4 + (self.scales.len() + self.biases.len()) * 4
-    }
 }
 
 /// Codes for `w` under scale `s` and bias `b`; returns the squared error.
