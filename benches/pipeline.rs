@@ -39,7 +39,7 @@ fn main() {
         return;
     };
     let engine = Engine::load_dir(&dir, "bench", EngineOptions::default()).expect("load model");
-    let cfg = engine.image_config().clone();
+    let cfg = engine.image_config().expect("a vision model").clone();
     let ms = median_ms(|| drop(process_image(&img, &cfg, true).unwrap()), 5);
     println!("image processor, 2300x1500 PNG -> 13 tiles: {ms:.1} ms");
 
@@ -62,9 +62,9 @@ fn main() {
     let model = engine.model();
     let ms = median_ms(
         || {
-            let mut cache = model.text.new_cache(ids.len());
-            let e = model.merge_embeddings(ids, None).unwrap();
-            drop(model.forward_embeds(&e, &mut cache, false).unwrap());
+            let mut cache = model.text().new_cache(ids.len());
+            let e = model.embed_prompt(ids, None).unwrap();
+            drop(model.text().forward(&e, &mut cache, false).unwrap());
         },
         3,
     );
@@ -75,13 +75,13 @@ fn main() {
     );
 
     let steps = 64;
-    let mut cache = model.text.new_cache(ids.len() + steps);
-    let e = model.merge_embeddings(ids, None).unwrap();
-    model.forward_embeds(&e, &mut cache, false).unwrap();
+    let mut cache = model.text().new_cache(ids.len() + steps);
+    let e = model.embed_prompt(ids, None).unwrap();
+    model.text().forward(&e, &mut cache, false).unwrap();
     let t = Instant::now();
     for i in 0..steps {
-        let e = model.merge_embeddings(&[ids[i % ids.len()]], None).unwrap();
-        model.forward_embeds(&e, &mut cache, false).unwrap();
+        let e = model.embed_prompt(&[ids[i % ids.len()]], None).unwrap();
+        model.text().forward(&e, &mut cache, false).unwrap();
     }
     let ms = t.elapsed().as_secs_f64() * 1e3;
     println!(

@@ -98,7 +98,7 @@ fn image_processor_and_input_ids_match_transformers() {
         let name = case["image"].as_str().unwrap();
         let split = case["split"].as_bool().unwrap();
         let img = load_image_path(&fixtures().join("images").join(name)).unwrap();
-        let p = process_image(&img, engine.image_config(), split).unwrap();
+        let p = process_image(&img, engine.image_config().unwrap(), split).unwrap();
         let shape: Vec<usize> = serde_json::from_value(case["pixel_values_shape"].clone()).unwrap();
         assert_eq!(
             vec![p.num_tiles, 3, p.height, p.width],
@@ -126,7 +126,8 @@ fn image_processor_and_input_ids_match_transformers() {
         );
         let prompt = case["prompt"].as_str().unwrap();
         let text =
-            image::expand_image_tokens(prompt, &[p], engine.image_config().image_seq_len).unwrap();
+            image::expand_image_tokens(prompt, &[p], engine.image_config().unwrap().image_seq_len)
+                .unwrap();
         let ids = engine.tokenizer().encode(&text).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         assert_eq!(ids, want, "{name} split={split}: input ids differ");
@@ -336,7 +337,7 @@ fn masked_tile_vision_features_match_transformers() {
     );
     let img =
         load_image_path(&fixtures().join("images").join(m["image"].as_str().unwrap())).unwrap();
-    let p = process_image(&img, engine.image_config(), false).unwrap();
+    let p = process_image(&img, engine.image_config().unwrap(), false).unwrap();
     let (h, w) = (p.height, p.width);
     let mut mask = vec![0u8; h * w];
     let mut px = p.pixel_values.clone();
@@ -354,7 +355,12 @@ fn masked_tile_vision_features_match_transformers() {
     let pm = patch_mask_from_pixels(&mask, h, w, 16);
     assert_eq!(pm.iter().filter(|&&b| b).count(), 19 * 13);
     let t = Tensor::from_vec(px, (1, 3, h, w), &Device::Cpu).unwrap();
-    let feats = engine.model().encode_images(&t, Some(&[pm]), 1).unwrap();
+    let feats = engine
+        .model()
+        .idefics3()
+        .unwrap()
+        .encode_images(&t, Some(&[pm]), 1)
+        .unwrap();
     let ours: Vec<f32> = feats.flatten_all().unwrap().to_vec1().unwrap();
     let want: Vec<f32> = golden_tensors()["masked_tile.features"]
         .flatten_all()

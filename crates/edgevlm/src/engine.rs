@@ -11,6 +11,7 @@ use crate::config::{eos_token_ids, Idefics3Config};
 use crate::error::{Error, Result};
 use crate::image::{self, ImageProcessorConfig, ProcessedImage};
 use crate::model::nn::{CheckpointQuant, LoadOptions, Weights};
+use crate::model::text::TextModel;
 use crate::model::vision::patch_mask_from_pixels;
 use crate::model::{Idefics3, KvCache};
 use crate::openai::*;
@@ -156,11 +157,44 @@ pub struct GenerationSettings {
     pub stop_at_eos: bool,
 }
 
+/// The loaded network: a vision-language model, or a text-only chat model (GGUF).
+pub enum Model {
+    Idefics3(Box<Idefics3>),
+    Llama(Box<TextModel>),
+}
+
+impl Model {
+    /// The text decoder.
+    pub fn text(&self) -> &TextModel {
+        match self {
+            Model::Idefics3(m) => &m.text,
+            Model::Llama(m) => m,
+        }
+    }
+
+    /// The vision-language model, where this is one.
+    pub fn idefics3(&self) -> Option<&Idefics3> {
+        match self {
+            Model::Idefics3(m) => Some(m),
+            Model::Llama(_) => None,
+        }
+    }
+
+    /// Input embeddings `(1, n, hidden)` of a prompt, with image features in place of `<image>` tokens.
+    pub fn embed_prompt(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Model::Idefics3(m) => m.merge_embeddings(ids, image_features),
+            Model::Llama(m) => Ok(m.embed(ids)?.unsqueeze(0)?),
+        }
+    }
+}
+
 pub struct Engine {
-    model: Idefics3,
+    model: Model,
     tokenizer: Tokenizer,
     template: ChatTemplate,
-    image_cfg: ImageProcessorConfig,
+    /// Image processor settings; None for a text-only model.
+    image_cfg: Option<ImageProcessorConfig>,
     eos_ids: Vec<u32>,
     name: String,
     opts: EngineOptions,
@@ -228,8 +262,53 @@ fn find_chat_template(dir: &Path, tok_cfg: &Value) -> Result<String> {
 impl Engine {
     /// Load `model`: a local folder or a Hugging Face repo id.
     pub fn load(model: &str, opts: EngineOptions) -> Result<Self> {
+        let path = Path::new(model);
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Self::load_gguf(path, opts);
+        }
         let dir = crate::source::resolve(model)?;
         Self::load_dir(&dir, model, opts)
+    }
+
+    /// Load a llama-architecture GGUF file as a text chat model, with the tokenizer and chat template
+    /// its metadata holds.
+    pub fn load_gguf(path: &Path, opts: EngineOptions) -> Result<Self> {
+        let file = crate::gguf::GgufFile::open(path)?;
+        let cfg = crate::gguf::llama_config(&file)?;
+        let device = opts.device.open()?;
+        let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
+        load_opts.quantize = opts.quantize;
+        let model = crate::gguf::load_llama(&file, &cfg, &load_opts)?;
+        let (tokenizer, bos, eos) = crate::gguf::tokenizer_from_gguf(&file)?;
+        let source = file
+            .get_str("tokenizer.chat_template")?
+            .ok_or_else(|| Error::file(path, "no tokenizer.chat_template in the GGUF metadata"))?;
+        let template = ChatTemplate::new(source, &bos, &eos)?.with_string_content();
+        let mut eos_ids = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Some(id) = file.get_usize(key)? {
+                eos_ids.push(id as u32);
+            }
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        Ok(Self {
+            model: Model::Llama(Box::new(model)),
+            tokenizer,
+            template,
+            image_cfg: None,
+            eos_ids,
+            name,
+            opts,
+            gen_defaults: Value::Null,
+        })
     }
 
     /// Load a model folder in the HF layout; `name` is echoed in responses.
@@ -305,10 +384,10 @@ impl Engine {
             )));
         }
         Ok(Self {
-            model,
+            model: Model::Idefics3(Box::new(model)),
             tokenizer,
             template,
-            image_cfg,
+            image_cfg: Some(image_cfg),
             eos_ids,
             name: name.to_string(),
             opts,
@@ -316,7 +395,7 @@ impl Engine {
         })
     }
 
-    pub fn model(&self) -> &Idefics3 {
+    pub fn model(&self) -> &Model {
         &self.model
     }
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -325,20 +404,29 @@ impl Engine {
     pub fn template(&self) -> &ChatTemplate {
         &self.template
     }
-    pub fn image_config(&self) -> &ImageProcessorConfig {
-        &self.image_cfg
+    /// The image processor settings; None for a text-only model.
+    pub fn image_config(&self) -> Option<&ImageProcessorConfig> {
+        self.image_cfg.as_ref()
     }
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
     }
     pub fn context_length(&self) -> usize {
-        self.model.cfg.text.max_position_embeddings
+        self.model.text().config().max_position_embeddings
     }
 
-    fn splitting(&self) -> bool {
-        self.opts
-            .image_splitting
-            .unwrap_or(self.image_cfg.do_image_splitting)
+    fn splitting(&self, cfg: &ImageProcessorConfig) -> bool {
+        self.opts.image_splitting.unwrap_or(cfg.do_image_splitting)
+    }
+
+    fn vision(&self) -> Result<(&Idefics3, &ImageProcessorConfig)> {
+        match (self.model.idefics3(), &self.image_cfg) {
+            (Some(m), Some(c)) => Ok((m, c)),
+            _ => Err(Error::Request(format!(
+                "model `{}` is text-only and takes no images",
+                self.name
+            ))),
+        }
     }
 
     /// Messages in the template's shape, plus the image references in prompt order.
@@ -394,13 +482,23 @@ impl Engine {
         images: &[image::Image8],
     ) -> Result<PreparedPrompt> {
         let t0 = Instant::now();
-        let split = self.splitting();
+        if images.is_empty() && self.image_cfg.is_none() {
+            let ids = self.tokenizer.encode(prompt)?;
+            return Ok(PreparedPrompt {
+                text: prompt.to_string(),
+                ids,
+                images: Vec::new(),
+                preprocess_ms: 0.0,
+            });
+        }
+        let (_, cfg) = self.vision()?;
+        let split = self.splitting(cfg);
         let processed = images
             .iter()
-            .map(|img| image::process_image(img, &self.image_cfg, split))
+            .map(|img| image::process_image(img, cfg, split))
             .collect::<Result<Vec<_>>>()?;
         let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let text = image::expand_image_tokens(prompt, &processed, self.image_cfg.image_seq_len)?;
+        let text = image::expand_image_tokens(prompt, &processed, cfg.image_seq_len)?;
         let ids = self.tokenizer.encode(&text)?;
         Ok(PreparedPrompt {
             text,
@@ -413,6 +511,9 @@ impl Engine {
     /// Render, load images and tokenize a request.
     pub fn prepare(&self, req: &ChatRequest) -> Result<PreparedPrompt> {
         let (messages, refs) = Self::template_messages(req)?;
+        if !refs.is_empty() {
+            self.vision()?;
+        }
         let prompt = self.template.render(&messages, true)?;
         let t0 = Instant::now();
         let decoded = refs
@@ -430,7 +531,8 @@ impl Engine {
         if images.is_empty() {
             return Ok(None);
         }
-        let device = self.model.device();
+        let (model, _) = self.vision()?;
+        let device = model.device();
         let mut tiles = Vec::with_capacity(images.len());
         for img in images {
             let t = Tensor::from_slice(
@@ -461,14 +563,12 @@ impl Engine {
                 for y in 0..img.height {
                     m[y * max_w..y * max_w + img.width].fill(1);
                 }
-                let pm = patch_mask_from_pixels(&m, max_h, max_w, self.model.cfg.vision.patch_size);
+                let pm = patch_mask_from_pixels(&m, max_h, max_w, model.cfg.vision.patch_size);
                 masks.extend(std::iter::repeat_n(pm, img.num_tiles));
             }
             (Tensor::cat(&padded, 0)?, Some(masks))
         };
-        let feats = self
-            .model
-            .encode_images(&pixels, masks.as_deref(), self.opts.vision_batch)?;
+        let feats = model.encode_images(&pixels, masks.as_deref(), self.opts.vision_batch)?;
         Ok(Some(feats))
     }
 
@@ -476,10 +576,10 @@ impl Engine {
     /// `all_positions`, else the last one only.
     pub fn logits(&self, prepared: &PreparedPrompt, all_positions: bool) -> Result<Tensor> {
         let feats = self.encode_images(&prepared.images)?;
-        let embeds = self.model.merge_embeddings(&prepared.ids, feats.as_ref())?;
-        let mut cache = self.model.text.new_cache(prepared.ids.len());
-        self.model
-            .forward_embeds(&embeds, &mut cache, all_positions)
+        let embeds = self.model.embed_prompt(&prepared.ids, feats.as_ref())?;
+        let text = self.model.text();
+        let mut cache = text.new_cache(prepared.ids.len());
+        text.forward(&embeds, &mut cache, all_positions)
     }
 
     /// Resolve a request's generation settings against the model's defaults.
@@ -688,9 +788,10 @@ impl Engine {
         timings.image_encode_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         let t1 = Instant::now();
-        let embeds = self.model.merge_embeddings(&prepared.ids, feats.as_ref())?;
-        let mut cache: KvCache = self.model.text.new_cache(n_prompt + max_tokens);
-        let mut logits = self.model.forward_embeds(&embeds, &mut cache, false)?;
+        let embeds = self.model.embed_prompt(&prepared.ids, feats.as_ref())?;
+        let decoder = self.model.text();
+        let mut cache: KvCache = decoder.new_cache(n_prompt + max_tokens);
+        let mut logits = decoder.forward(&embeds, &mut cache, false)?;
         timings.prompt_ms = t1.elapsed().as_secs_f64() * 1e3;
 
         let t2 = Instant::now();
@@ -733,8 +834,8 @@ impl Engine {
             if tokens.len() >= max_tokens {
                 break;
             }
-            let emb = self.model.text.embed(&[next])?.unsqueeze(0)?;
-            logits = self.model.forward_embeds(&emb, &mut cache, false)?;
+            let emb = decoder.embed(&[next])?.unsqueeze(0)?;
+            logits = decoder.forward(&emb, &mut cache, false)?;
         }
         let rest = text.finish();
         if !rest.is_empty() {

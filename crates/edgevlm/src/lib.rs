@@ -13,6 +13,7 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod image;
 pub mod kernels;
 pub mod model;

@@ -26,6 +26,16 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Text-only models' templates concatenate `message['content']` as a string: render each message's
+    /// text parts joined, as transformers passes a plain-string content.
+    string_content: bool,
+}
+
+/// A message whose content is one string.
+#[derive(Serialize)]
+struct StringMessage<'a> {
+    role: &'a str,
+    content: String,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error> {
@@ -44,7 +54,14 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            string_content: false,
         })
+    }
+
+    /// Render message content as one string (text-only chat models).
+    pub fn with_string_content(mut self) -> Self {
+        self.string_content = true;
+        self
     }
 
     /// Render `messages`, ending with the assistant prompt when `add_generation_prompt`.
@@ -57,8 +74,27 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
+        let messages = if self.string_content {
+            let flat: Vec<StringMessage> = messages
+                .iter()
+                .map(|m| StringMessage {
+                    role: &m.role,
+                    content: m
+                        .content
+                        .iter()
+                        .filter_map(|p| match p {
+                            TemplatePart::Text { text } => Some(text.as_str()),
+                            TemplatePart::Image => None,
+                        })
+                        .collect(),
+                })
+                .collect();
+            Value::from_serialize(&flat)
+        } else {
+            Value::from_serialize(messages)
+        };
         tmpl.render(minijinja::context! {
-            messages => Value::from_serialize(messages),
+            messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

@@ -15,6 +15,14 @@ impl Tokenizer {
         Ok(Self { inner })
     }
 
+    /// From the text of a `tokenizer.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e: tokenizers::Error| Error::Tokenizer(e.to_string()))?;
+        Ok(Self { inner })
+    }
+
     /// Encode as HF's `tokenizer(text)` does (`add_special_tokens=True`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

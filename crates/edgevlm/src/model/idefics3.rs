@@ -3,7 +3,6 @@
 
 use candle_core::{Device, Tensor};
 
-use super::kv_cache::KvCache;
 use super::nn::Weights;
 use super::text::TextModel;
 use super::vision::{Connector, VisionTransformer};
@@ -112,15 +111,5 @@ impl Idefics3 {
         let all = Tensor::cat(&[&text, &feats.to_dtype(text.dtype())?], 0)?;
         let index = Tensor::new(index.as_slice(), text.device())?;
         Ok(all.index_select(&index, 0)?.unsqueeze(0)?)
-    }
-
-    /// Run the decoder over `embeds` (see [`TextModel::forward`]).
-    pub fn forward_embeds(
-        &self,
-        embeds: &Tensor,
-        cache: &mut KvCache,
-        all_logits: bool,
-    ) -> Result<Tensor> {
-        self.text.forward(embeds, cache, all_logits)
     }
 }

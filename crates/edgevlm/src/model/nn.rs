@@ -160,6 +160,8 @@ pub enum LinearWeight {
     Dense { w: Tensor },
     /// MLX-style affine groups, run by edgevlm's CPU kernels.
     Affine(Arc<AffineWeight>),
+    /// A GGUF block type with no exact affine form (k-quants, Q5), run by candle's quantized kernels.
+    Ggml(candle_core::quantized::QMatMul),
 }
 
 /// `y = x Wᵀ + b`, with `W` dense or quantized.
@@ -196,8 +198,20 @@ impl Linear {
     }
 
     pub fn affine(q: AffineWeight, bias: Option<Tensor>) -> Self {
+        Self::affine_shared(Arc::new(q), bias)
+    }
+
+    /// An affine weight shared with another user (a tied embedding table).
+    pub fn affine_shared(q: Arc<AffineWeight>, bias: Option<Tensor>) -> Self {
         Self {
-            weight: LinearWeight::Affine(Arc::new(q)),
+            weight: LinearWeight::Affine(q),
+            bias,
+        }
+    }
+
+    pub fn ggml(q: candle_core::quantized::QMatMul, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: LinearWeight::Ggml(q),
             bias,
         }
     }
@@ -239,11 +253,56 @@ impl Linear {
                 y.reshape(out_dims)?
             }
             LinearWeight::Affine(q) => affine_forward(q, x)?,
+            LinearWeight::Ggml(q) => {
+                use candle_core::Module;
+                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// A token embedding table, dense or quantized (quantized rows are expanded only when looked up, and
+/// a tied LM head shares the same codes).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Affine(Arc<AffineWeight>),
+}
+
+impl Embedding {
+    /// Rows `ids` as `(n, hidden)` in `dtype`.
+    pub fn lookup(
+        &self,
+        ids: &[u32],
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => {
+                let idx = Tensor::new(ids, t.device())?;
+                Ok(t.index_select(&idx, 0)?)
+            }
+            Embedding::Affine(q) => {
+                let k = q.in_dim;
+                let mut rows = vec![0f32; ids.len() * k];
+                for (dst, &id) in rows.chunks_exact_mut(k).zip(ids) {
+                    q.dequantize_row(id as usize, dst);
+                }
+                Ok(Tensor::from_vec(rows, (ids.len(), k), device)?.to_dtype(dtype)?)
+            }
+        }
+    }
+
+    /// The LM head tied to this table.
+    pub fn tied_head(&self) -> Result<Linear> {
+        match self {
+            Embedding::Dense(t) => Linear::dense(t, None),
+            Embedding::Affine(q) => Ok(Linear::affine_shared(q.clone(), None)),
+        }
     }
 }
 
@@ -282,6 +341,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: w.get("weight", &[dim])?,
@@ -403,9 +469,8 @@ fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeigh
     AffineWeight::from_parts(spec, out_dim, in_dim, parts, &module)
 }
 
-/// `x (..., in)` times an affine-quantized weight, on the CPU in f32.
+/// `x (..., in)` times an affine-quantized weight, on the CPU in f32 (see [`crate::kernels::qmatvec`]).
 fn affine_forward(q: &AffineWeight, x: &Tensor) -> Result<Tensor> {
-    use crate::kernels::qmatvec::{affine_matvec, dequantize_block, BLOCK_ROWS};
     if !x.device().is_cpu() {
         return Err(Error::Device(
             "quantized weights run on the CPU in this build".into(),
@@ -413,26 +478,20 @@ fn affine_forward(q: &AffineWeight, x: &Tensor) -> Result<Tensor> {
     }
     let k = q.in_dim;
     let rows = x.elem_count() / k.max(1);
-    let x2 = x.reshape((rows, k))?.to_dtype(DType::F32)?;
-    let y = if rows == 1 {
-        let xv = x2.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; q.out_dim];
-        affine_matvec(q, &xv, &mut y);
-        Tensor::from_vec(y, (1, q.out_dim), x.device())?
-    } else {
-        let mut parts = Vec::with_capacity(q.out_dim.div_ceil(BLOCK_ROWS));
-        let mut buf = vec![0f32; BLOCK_ROWS.min(q.out_dim) * k];
-        for start in (0..q.out_dim).step_by(BLOCK_ROWS) {
-            let n = BLOCK_ROWS.min(q.out_dim - start);
-            dequantize_block(q, start, n, &mut buf[..n * k]);
-            let block = Tensor::from_slice(&buf[..n * k], (n, k), x.device())?;
-            parts.push(x2.matmul(&block.t()?)?);
-        }
-        Tensor::cat(&parts, 1)?
-    };
+    let x2 = x.reshape((rows, k))?.to_dtype(DType::F32)?.contiguous()?;
+    let mut y = vec![0f32; rows * q.out_dim];
+    {
+        let (storage, layout) = x2.storage_and_layout();
+        let xs = match &*storage {
+            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
+            _ => return Err(Error::Device("quantized weights run on the CPU".into())),
+        };
+        let xs = &xs[layout.start_offset()..layout.start_offset() + rows * k];
+        crate::kernels::qmatvec::affine_matmul(q, xs, &mut y);
+    }
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = q.out_dim;
     }
-    Ok(y.reshape(dims)?.to_dtype(x.dtype())?)
+    Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
 }

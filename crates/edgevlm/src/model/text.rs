@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::kv_cache::KvCache;
-use super::nn::{attention, Linear, RmsNorm, Weights};
+use super::nn::{attention, Embedding, Linear, RmsNorm, Weights};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 
@@ -53,19 +53,20 @@ impl Rope {
     }
 }
 
-struct DecoderLayer {
-    input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+/// One decoder block. The fields are open to loaders of other file formats (GGUF).
+pub struct DecoderLayer {
+    pub input_norm: RmsNorm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_norm: RmsNorm,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
 }
 
 impl DecoderLayer {
@@ -146,11 +147,13 @@ impl DecoderLayer {
 
 /// Llama decoder with its embedding table and LM head.
 pub struct TextModel {
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    dtype: DType,
+    device: Device,
     cfg: TextConfig,
 }
 
@@ -162,35 +165,59 @@ impl TextModel {
         cfg: &TextConfig,
         tie_word_embeddings: bool,
     ) -> Result<Self> {
-        let embed_tokens = w
-            .pp("embed_tokens")
-            .get("weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let embed_tokens = Embedding::Dense(
+            w.pp("embed_tokens")
+                .get("weight", &[cfg.vocab_size, cfg.hidden_size])?,
+        );
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if tie_word_embeddings && !head.contains("weight") {
-            Linear::dense(&embed_tokens, None)?
+            embed_tokens.tied_head()?
         } else {
             Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
         };
-        let rope = Rope::new(
+        let norm = RmsNorm::load(&w.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        Self::from_parts(
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
             cfg,
-            cfg.max_position_embeddings,
             w.opts.dtype,
             &w.opts.device,
-        )?;
+        )
+    }
+
+    /// Assemble a decoder from loaded parts (the RoPE tables are built here).
+    pub fn from_parts(
+        embed_tokens: Embedding,
+        layers: Vec<DecoderLayer>,
+        norm: RmsNorm,
+        lm_head: Linear,
+        cfg: &TextConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let rope = Rope::new(cfg, cfg.max_position_embeddings, dtype, device)?;
         Ok(Self {
             embed_tokens,
             layers,
-            norm: RmsNorm::load(&w.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            norm,
             lm_head,
             rope,
+            dtype,
+            device: device.clone(),
             cfg: cfg.clone(),
         })
     }
 
     pub fn config(&self) -> &TextConfig {
         &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// A KV cache for this model holding up to `capacity` positions.
@@ -206,8 +233,7 @@ impl TextModel {
                 self.cfg.vocab_size
             )));
         }
-        let idx = Tensor::new(ids, self.embed_tokens.device())?;
-        Ok(self.embed_tokens.index_select(&idx, 0)?)
+        self.embed_tokens.lookup(ids, self.dtype, &self.device)
     }
 
     /// Run `embeds` `(1, t, hidden)` at positions `cache.len()..` and return logits `(t, vocab)` for
