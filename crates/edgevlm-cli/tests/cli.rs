@@ -294,3 +294,68 @@ fn offline_without_a_cached_copy_says_how_to_pass_a_folder() {
         "{err}"
     );
 }
+
+/// The real SmolLM2-135M-Instruct GGUF, fetched by `scripts/fetch-smollm2.sh` (or `$EDGEVLM_SMOLLM2_GGUF`).
+fn smollm2_gguf() -> String {
+    if let Ok(p) = std::env::var("EDGEVLM_SMOLLM2_GGUF") {
+        return p;
+    }
+    let out = Command::new("bash")
+        .arg(root().join("scripts/fetch-smollm2.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/fetch-smollm2.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn gguf_text_model_answers_from_the_command_line() {
+    let gguf = smollm2_gguf();
+    let out = edgevlm(
+        &[
+            "run",
+            "--model",
+            &gguf,
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "16",
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "The capital of France is Paris."
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 37);
+    assert_eq!(v["model"], "SmolLM2-135M-Instruct.Q4_1");
+
+    let img = image("wide.png");
+    let out = edgevlm(
+        &[
+            "run",
+            "--model",
+            &gguf,
+            "--image",
+            &img,
+            "--prompt",
+            "What is this?",
+        ],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "text-only");
+}
