@@ -1,5 +1,6 @@
 //! `edgevlm`: ask a local vision-language model about images from the command line.
 
+mod bench;
 mod quant_eval;
 
 use std::io::{Read, Write};
@@ -32,6 +33,32 @@ enum Command {
     QuantEval(quant_eval::QuantEvalArgs),
     /// Write a 4- or 8-bit checkpoint in MLX's affine layout.
     Quantize(QuantizeArgs),
+    /// Time image preprocessing, vision encoding, prompt processing, generation and time to first
+    /// token (median/min/max over repetitions), with peak memory.
+    Bench(Box<bench::BenchArgs>),
+}
+
+/// `--quant q8|q4` with `--group-size`.
+pub(crate) fn parse_quant(quant: Option<&str>, group_size: usize) -> Result<Option<QuantSpec>> {
+    Ok(match quant {
+        Some("q8") => Some(QuantSpec::new(8, group_size)?),
+        Some("q4") => Some(QuantSpec::new(4, group_size)?),
+        Some(other) => bail!("--quant `{other}` (q8 or q4)"),
+        None => None,
+    })
+}
+
+/// Size the CPU thread pool (before any kernel runs); returns the thread count in effect.
+pub(crate) fn set_threads(threads: Option<usize>) -> Result<usize> {
+    match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) => {
+            // candle's CPU kernels and edgevlm's own size their pools from this, read on first use.
+            std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+            Ok(t)
+        }
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
 }
 
 #[derive(Args)]
@@ -192,23 +219,13 @@ fn build_request(a: &RunArgs) -> Result<ChatRequest> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    if let Some(t) = a.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle's CPU kernels size their pool from this, read on first use.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    set_threads(a.threads)?;
     let req = build_request(&a)?;
     let opts = EngineOptions {
         precision: a.dtype.parse::<Precision>()?,
         device: a.device.parse::<DeviceKind>()?,
         image_splitting: a.no_image_splitting.then_some(false),
-        quantize: match a.quant.as_deref() {
-            Some("q8") => Some(QuantSpec::new(8, a.group_size)?),
-            Some("q4") => Some(QuantSpec::new(4, a.group_size)?),
-            _ => None,
-        },
+        quantize: parse_quant(a.quant.as_deref(), a.group_size)?,
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -273,6 +290,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(*a),
         Command::QuantEval(a) => quant_eval::run(a),
         Command::Quantize(a) => quantize(a),
+        Command::Bench(a) => bench::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

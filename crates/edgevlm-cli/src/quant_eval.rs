@@ -14,7 +14,7 @@ use edgevlm::{Engine, EngineOptions};
 
 #[derive(Args)]
 pub struct QuantEvalArgs {
-    /// Model folder (or repo id).
+    /// Model folder, repo id or GGUF file.
     #[arg(long, default_value = edgevlm::DEFAULT_MODEL)]
     model: String,
     /// Plain-text file to score (scripts/fetch-eval-text.sh fetches a public-domain one).
@@ -26,7 +26,11 @@ pub struct QuantEvalArgs {
     /// Window length: the text is scored in independent windows of this many tokens.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    /// Quantizations to compare, as BITSgGROUP (e.g. 8g32, 4g64).
+    /// Positions at the start of each window left unscored (they still condition the rest):
+    /// `llama-perplexity` scores only the second half of each window, i.e. `--skip 256` at `--ctx 512`.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Quantizations to compare, as BITSgGROUP (e.g. 8g32, 4g64); `file` is a GGUF file's own blocks.
     #[arg(long, value_delimiter = ',', default_value = "8g32,8g64,4g32,4g64")]
     configs: Vec<String>,
     /// Print JSON instead of a table.
@@ -34,11 +38,14 @@ pub struct QuantEvalArgs {
     json: bool,
 }
 
-fn parse_config(s: &str) -> Result<QuantSpec> {
+fn parse_config(s: &str) -> Result<Option<QuantSpec>> {
+    if s == "file" {
+        return Ok(None);
+    }
     let (b, g) = s
         .split_once('g')
         .with_context(|| format!("`{s}` is not BITSgGROUP (e.g. 4g32)"))?;
-    Ok(QuantSpec::new(b.parse()?, g.parse()?)?)
+    Ok(Some(QuantSpec::new(b.parse()?, g.parse()?)?))
 }
 
 #[derive(Default, serde::Serialize)]
@@ -64,8 +71,8 @@ fn all_logits(engine: &Engine, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
 }
 
 pub fn run(a: QuantEvalArgs) -> Result<()> {
-    if a.ctx < 2 {
-        bail!("--ctx must be at least 2");
+    if a.ctx < 2 || a.skip + 1 >= a.ctx {
+        bail!("--ctx must be at least 2 and more than --skip + 1");
     }
     let specs = a
         .configs
@@ -75,7 +82,15 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
     let t0 = Instant::now();
-    let reference = Engine::load(&a.model, EngineOptions::default())?;
+    // A GGUF file's reference is its own blocks dequantized to f32 (as transformers loads it).
+    let is_gguf = a.model.to_ascii_lowercase().ends_with(".gguf");
+    let reference = Engine::load(
+        &a.model,
+        EngineOptions {
+            dequantize: is_gguf,
+            ..Default::default()
+        },
+    )?;
     let ref_load = t0.elapsed().as_secs_f64() * 1e3;
     let ids = reference.tokenizer().encode(&text)?;
     if ids.len() < a.tokens {
@@ -87,7 +102,10 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
         );
     }
     let ids = &ids[..a.tokens];
-    let windows: Vec<&[u32]> = ids.chunks(a.ctx).filter(|w| w.len() >= 2).collect();
+    let windows: Vec<&[u32]> = ids
+        .chunks(a.ctx)
+        .filter(|w| w.len() >= a.skip + 2)
+        .collect();
 
     // Reference log-probabilities, kept per window.
     let t0 = Instant::now();
@@ -102,12 +120,12 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
     for w in &windows {
         let logits = all_logits(&reference, w)?;
         let mut lps = Vec::with_capacity(w.len() - 1);
-        for (pos, row) in logits.iter().take(w.len() - 1).enumerate() {
+        for (pos, row) in logits.iter().enumerate().take(w.len() - 1).skip(a.skip) {
             log_softmax(row, &mut scratch);
             nll -= f64::from(scratch[w[pos + 1] as usize]);
             lps.push(scratch.clone());
         }
-        ref_score.tokens += w.len() - 1;
+        ref_score.tokens += lps.len();
         ref_lp.push(lps);
     }
     ref_score.eval_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -121,7 +139,7 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
         let engine = Engine::load(
             &a.model,
             EngineOptions {
-                quantize: Some(spec),
+                quantize: spec,
                 ..Default::default()
             },
         )?;
@@ -130,7 +148,8 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
         let (mut agree, mut kld, mut nll, mut n) = (0usize, 0f64, 0f64, 0usize);
         for (w, refs) in windows.iter().zip(&ref_lp) {
             let logits = all_logits(&engine, w)?;
-            for (pos, (row, p)) in logits.iter().zip(refs).enumerate() {
+            let scored = logits.iter().enumerate().skip(a.skip).zip(refs);
+            for ((pos, row), p) in scored {
                 log_softmax(row, &mut scratch);
                 let q = &scratch;
                 if edgevlm::sampling::argmax(q) == edgevlm::sampling::argmax(p) {
@@ -146,7 +165,11 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
             }
         }
         scores.push(Score {
-            name: format!("q{name}"),
+            name: if spec.is_some() {
+                format!("q{name}")
+            } else {
+                "file blocks".into()
+            },
             tokens: n,
             top1_agreement: agree as f64 / n as f64,
             mean_kld: kld / n as f64,
@@ -159,8 +182,8 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&scores)?);
     } else {
         println!(
-            "model {} | {} tokens in windows of {} | reference f32",
-            a.model, scores[0].tokens, a.ctx
+            "model {} | {} tokens scored in windows of {} (first {} unscored) | reference f32",
+            a.model, scores[0].tokens, a.ctx, a.skip
         );
         println!("| weights | top-1 agreement | mean KLD | perplexity | load ms | eval ms |");
         println!("| --- | --- | --- | --- | --- | --- |");

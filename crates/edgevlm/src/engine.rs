@@ -102,6 +102,9 @@ pub struct EngineOptions {
     pub vision_batch: usize,
     /// Quantize full-precision linear weights while loading.
     pub quantize: Option<QuantSpec>,
+    /// Expand a GGUF file's quantized blocks to dense weights while loading: the full-precision
+    /// reference of those weights (for accuracy measurements).
+    pub dequantize: bool,
 }
 
 impl Default for EngineOptions {
@@ -112,6 +115,7 @@ impl Default for EngineOptions {
             image_splitting: None,
             vision_batch: 2,
             quantize: None,
+            dequantize: false,
         }
     }
 }
@@ -281,6 +285,7 @@ impl Engine {
         let device = opts.device.open()?;
         let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
         load_opts.quantize = opts.quantize;
+        load_opts.dequantize = opts.dequantize;
         let model = crate::gguf::load_llama(&file, &cfg, &load_opts)?;
         let (tokenizer, bos, eos) = crate::gguf::tokenizer_from_gguf(&file)?;
         let source = file
@@ -313,6 +318,11 @@ impl Engine {
 
     /// Load a model folder in the HF layout; `name` is echoed in responses.
     pub fn load_dir(dir: &Path, name: &str, opts: EngineOptions) -> Result<Self> {
+        if opts.dequantize {
+            return Err(Error::Unsupported(
+                "dequantizing while loading applies to GGUF files".into(),
+            ));
+        }
         let config_path = dir.join("config.json");
         let cfg_text =
             std::fs::read_to_string(&config_path).map_err(|e| Error::file(&config_path, e))?;
@@ -395,6 +405,10 @@ impl Engine {
         })
     }
 
+    /// The name echoed in responses (repo id, folder or GGUF file stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
     pub fn model(&self) -> &Model {
         &self.model
     }

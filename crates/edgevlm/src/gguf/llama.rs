@@ -209,6 +209,32 @@ fn is_affine(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
 }
 
+/// A `(rows, cols)` tensor's values in f32: floats as stored, blocks dequantized exactly.
+fn dense_values(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    name: &str,
+) -> Result<Vec<f32>> {
+    Ok(if is_float(dtype) {
+        floats(dtype, bytes)
+    } else if is_affine(dtype) {
+        let q = blocks_to_affine(dtype, bytes, rows, cols, name)?;
+        let mut v = vec![0f32; rows * cols];
+        for (r, row) in v.chunks_exact_mut(cols).enumerate() {
+            q.dequantize_row(r, row);
+        }
+        v
+    } else {
+        let storage = QStorage::from_data(Cow::Borrowed(bytes), &candle_core::Device::Cpu, dtype)?;
+        QTensor::new(storage, (rows, cols))?
+            .dequantize(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+    })
+}
+
 /// The loaded form of a 2-D weight.
 enum Matrix {
     Dense(Tensor),
@@ -246,28 +272,14 @@ impl Loader<'_> {
         if let Some(spec) = spec {
             // Quantize on load: from the stored floats, or requantize the file's blocks from their
             // exact f32 values (as llama-quantize --allow-requantize does).
-            let values = if is_float(dtype) {
-                floats(dtype, &bytes)
-            } else if is_affine(dtype) {
-                let q = blocks_to_affine(dtype, &bytes, rows, cols, name)?;
-                let mut v = vec![0f32; rows * cols];
-                for (r, row) in v.chunks_exact_mut(cols).enumerate() {
-                    q.dequantize_row(r, row);
-                }
-                v
-            } else {
-                let storage = QStorage::from_data(bytes, &candle_core::Device::Cpu, dtype)?;
-                QTensor::new(storage, (rows, cols))?
-                    .dequantize(&candle_core::Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-            };
+            let values = dense_values(dtype, &bytes, rows, cols, name)?;
             return Ok(Matrix::Affine(AffineWeight::quantize(
                 &values, rows, cols, spec, name,
             )?));
         }
-        Ok(if is_float(dtype) {
-            let t = Tensor::from_vec(floats(dtype, &bytes), (rows, cols), &self.opts.device)?;
+        Ok(if is_float(dtype) || self.opts.dequantize {
+            let values = dense_values(dtype, &bytes, rows, cols, name)?;
+            let t = Tensor::from_vec(values, (rows, cols), &self.opts.device)?;
             Matrix::Dense(t.to_dtype(self.opts.dtype)?)
         } else if is_affine(dtype) && self.opts.device.is_cpu() {
             Matrix::Affine(blocks_to_affine(dtype, &bytes, rows, cols, name)?)
@@ -335,7 +347,10 @@ pub fn load_llama(f: &GgufFile, cfg: &TextConfig, opts: &LoadOptions) -> Result<
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     // Quantizing on load keeps the embedding table (and so a tied LM head) at 8 bits, as llama.cpp's
     // Q4 files keep their output table at 8 bits or more: the head is the most sensitive layer.
-    let embed_spec = opts.quantize.map(|s| QuantSpec { bits: 8, ..s });
+    let embed_spec = opts.quantize.map(|_| QuantSpec {
+        bits: 8,
+        group_size: 32,
+    });
     let embed = match l.matrix("token_embd.weight", cfg.vocab_size, h, None, embed_spec)? {
         Matrix::Dense(t) => Embedding::Dense(t),
         Matrix::Affine(q) => Embedding::Affine(Arc::new(q)),

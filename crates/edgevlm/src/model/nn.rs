@@ -21,6 +21,8 @@ pub struct LoadOptions {
     pub quantize: Option<QuantSpec>,
     /// The checkpoint's own quantization (config.json `quantization`), for pre-quantized weights.
     pub checkpoint_quant: Option<CheckpointQuant>,
+    /// Expand block-quantized GGUF weights to dense `dtype` (a full-precision reference of them).
+    pub dequantize: bool,
 }
 
 impl LoadOptions {
@@ -30,6 +32,7 @@ impl LoadOptions {
             device,
             quantize: None,
             checkpoint_quant: None,
+            dequantize: false,
         }
     }
 }
