@@ -257,6 +257,19 @@ impl Loader<'_> {
         unpermute: Option<usize>,
         spec: Option<QuantSpec>,
     ) -> Result<Matrix> {
+        let m = self.matrix_inner(name, rows, cols, unpermute, spec);
+        self.f.release(name);
+        m
+    }
+
+    fn matrix_inner(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        unpermute: Option<usize>,
+        spec: Option<QuantSpec>,
+    ) -> Result<Matrix> {
         let (e, bytes) = self.f.tensor(name)?;
         if e.shape != [rows, cols] {
             return Err(self.f.tensor_error(
@@ -330,6 +343,7 @@ impl Loader<'_> {
             ));
         }
         let t = Tensor::from_vec(floats(e.dtype, bytes), len, &self.opts.device)?;
+        self.f.release(name);
         Ok(t.to_dtype(self.opts.dtype)?)
     }
 

@@ -119,6 +119,25 @@ impl GgufFile {
         Ok((e, &self.mmap[e.start..e.end]))
     }
 
+    /// Let the OS drop tensor `name`'s pages from this process once its bytes have been converted, so
+    /// that loading never holds the whole file and the converted weights in memory at once.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.tensors.get(name) {
+            // SAFETY: the map is a read-only, private mapping of a file: dropped pages are read back
+            // from the file, unchanged, if anything touches them again. A failure only costs memory.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// An error about tensor `name` in this file.
     pub fn tensor_error(&self, name: &str, message: impl Into<String>) -> Error {
         Error::Tensor {
