@@ -191,6 +191,6 @@ fn other_architectures_are_refused_by_name() {
 fn a_text_model_refuses_images() {
     let img = fixtures().join("images/wide.png");
     let req = ChatRequest::simple(None, "What is this?", &[img.to_str().unwrap().to_string()]);
-    let err = engine().chat(&req).err().expect("no images").to_string();
+    let err = engine().chat(&req).expect_err("no images").to_string();
     assert!(err.contains("text-only"), "{err}");
 }
