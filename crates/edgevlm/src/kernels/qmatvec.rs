@@ -253,9 +253,15 @@ fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
     let panels = n.div_ceil(PANEL_ROWS);
     // Each task writes a disjoint set of output columns of `ys`, passed as an address.
     let ys_addr = ys.as_mut_ptr() as usize;
-    (0..panels).into_par_iter().for_each_init(
-        || vec![0f32; PANEL_ROWS * k],
-        |panel, p| {
+    thread_local! {
+        // One panel buffer per worker thread, reused by every product (no allocation per call).
+        static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    (0..panels).into_par_iter().for_each(|p| {
+        PANEL.with_borrow_mut(|panel| {
+            if panel.len() < PANEL_ROWS * k {
+                panel.resize(PANEL_ROWS * k, 0.0);
+            }
             let r0 = p * PANEL_ROWS;
             let rows = PANEL_ROWS.min(n - r0);
             for (i, row) in panel.chunks_exact_mut(k).take(rows).enumerate() {
@@ -287,8 +293,8 @@ fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
                     gemm::Parallelism::None,
                 );
             }
-        },
-    );
+        })
+    });
 }
 
 /// `y = W x` for one input vector.
