@@ -47,17 +47,21 @@ fn quantize_inputs(w: &AffineWeight, xs: &[f32]) -> QuantizedInputs {
         }
         *s = amax / 32767.0;
         let inv = 32767.0 / amax;
-        for (i, &v) in x.iter().enumerate() {
-            let slot = if four {
-                if i % 2 == 0 {
-                    i / 2
-                } else {
-                    16 + i / 2
-                }
-            } else {
-                i
-            };
-            c[slot] = (v * inv).round() as i16;
+        // Round to nearest (ties to even) without a libm call: for |y| ≤ 32767, adding 1.5 · 2^23
+        // leaves a float whose unit in the last place is 1, so the sum is y rounded.
+        const MAGIC: f32 = 12_582_912.0;
+        let code = |v: f32| ((v * inv + MAGIC) - MAGIC) as i16;
+        if four {
+            // The packed bytes hold elements 2i and 2i + 1: the codes go even elements first.
+            let (even, odd) = c.split_at_mut(BLOCK / 2);
+            for ((pair, e), o) in x.chunks_exact(2).zip(even).zip(odd) {
+                *e = code(pair[0]);
+                *o = code(pair[1]);
+            }
+        } else {
+            for (c, &v) in c.iter_mut().zip(x) {
+                *c = code(v);
+            }
         }
     }
     debug_assert_eq!(xs.len() % k, 0);
@@ -95,7 +99,7 @@ fn dot_row_f32(w: &AffineWeight, r: usize, x: &[f32], xsum: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{AffineWeight, QuantizedInputs, BLOCK, INPUT_TILE};
+    use super::{AffineWeight, QuantizedInputs, BLOCK, INPUT_TILE, ROW_TILE};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -106,9 +110,29 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// The 32 codes of block `b` of a packed row, widened to 16 bits: for 4-bit codes the 16 even
+    /// elements then the 16 odd ones, for 8-bit codes in order.
+    #[inline(always)]
+    unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
+        if BITS == 4 {
+            // Each byte holds element 2i (low nibble) and 2i + 1 (high nibble); widened to 16 bits
+            // the high nibble is a plain shift away.
+            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(16 * b) as *const __m128i));
+            (
+                _mm256_and_si256(q, _mm256_set1_epi16(0x0F)),
+                _mm256_srli_epi16(q, 4),
+            )
+        } else {
+            (
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b) as *const __m128i)),
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b + 16) as *const __m128i)),
+            )
+        }
+    }
+
     /// Output row `r` for `n ≤ INPUT_TILE` inputs starting at input `i0`; results go to `out[j]`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(
+    pub unsafe fn dot_rows<const BITS: u32>(
         w: &AffineWeight,
         r: usize,
         qi: &QuantizedInputs,
@@ -121,37 +145,26 @@ mod avx2 {
         let groups = k / gs;
         let blocks = k / BLOCK;
         let blocks_per_group = gs / BLOCK;
-        let row_bytes = k * w.spec.bits as usize / 8;
+        let row_bytes = k * BITS as usize / 8;
         // SAFETY (all loads below): the packed row holds `row_bytes` bytes, the codes `k` per input,
         // and every offset stays inside them because `k` is a multiple of the group size ≥ 32.
         let row = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
         let scales = &w.scales[r * groups..(r + 1) * groups];
         let biases = &w.biases[r * groups..(r + 1) * groups];
         let mut acc = [_mm256_setzero_ps(); INPUT_TILE];
-        let m0f = _mm_set1_epi8(0x0F);
-        for b in 0..blocks {
-            let (lo, hi) = if w.spec.bits == 4 {
-                let q = _mm_loadu_si128(row.add(16 * b) as *const __m128i);
-                (
-                    _mm256_cvtepu8_epi16(_mm_and_si128(q, m0f)),
-                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), m0f)),
-                )
-            } else {
-                let q = _mm256_loadu_si256(row.add(32 * b) as *const __m256i);
-                (
-                    _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)),
-                )
-            };
-            let s = scales[b / blocks_per_group];
-            for (j, a) in acc.iter_mut().enumerate().take(n) {
-                let i = i0 + j;
-                let x = qi.codes.as_ptr().add(i * k + b * BLOCK);
-                let x0 = _mm256_loadu_si256(x as *const __m256i);
-                let x1 = _mm256_loadu_si256(x.add(16) as *const __m256i);
-                let dot = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
-                let f = _mm256_set1_ps(s * qi.scales[i * blocks + b]);
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, *a);
+        for (g, &s) in scales.iter().enumerate() {
+            for b in g * blocks_per_group..(g + 1) * blocks_per_group {
+                let (lo, hi) = unpack::<BITS>(row, b);
+                for (j, a) in acc.iter_mut().enumerate().take(n) {
+                    let i = i0 + j;
+                    let x = qi.codes.as_ptr().add(i * k + b * BLOCK);
+                    let x0 = _mm256_loadu_si256(x as *const __m256i);
+                    let x1 = _mm256_loadu_si256(x.add(16) as *const __m256i);
+                    let dot =
+                        _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+                    let f = _mm256_set1_ps(s * qi.scales[i * blocks + b]);
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, *a);
+                }
             }
         }
         for j in 0..n {
@@ -160,7 +173,114 @@ mod avx2 {
             out[j] = hsum(acc[j]) + bias;
         }
     }
+
+    /// The 32 codes of block `b` of a packed row as four vectors of eight 16-bit values: for 4-bit
+    /// codes the 16 even elements then the 16 odd ones, for 8-bit codes in order.
+    #[inline(always)]
+    unsafe fn unpack_128<const BITS: u32>(row: *const u8, b: usize) -> [__m128i; 4] {
+        let zero = _mm_setzero_si128();
+        if BITS == 4 {
+            let q = _mm_loadu_si128(row.add(16 * b) as *const __m128i);
+            let m = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(q, m);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
+            [
+                _mm_unpacklo_epi8(lo, zero),
+                _mm_unpackhi_epi8(lo, zero),
+                _mm_unpacklo_epi8(hi, zero),
+                _mm_unpackhi_epi8(hi, zero),
+            ]
+        } else {
+            let q0 = _mm_loadu_si128(row.add(32 * b) as *const __m128i);
+            let q1 = _mm_loadu_si128(row.add(32 * b + 16) as *const __m128i);
+            [
+                _mm_unpacklo_epi8(q0, zero),
+                _mm_unpackhi_epi8(q0, zero),
+                _mm_unpacklo_epi8(q1, zero),
+                _mm_unpackhi_epi8(q1, zero),
+            ]
+        }
+    }
+
+    /// Rows `r .. r + ROWS` for input 0 (one token): each block of activations is loaded once and
+    /// serves all `ROWS` weight rows, whose sums stay in registers. 128-bit vectors: on cores that
+    /// split 256-bit integer operations in two (AMD Zen 1) they are as fast, and they need fewer
+    /// widening shuffles.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_row_tile<const BITS: u32>(
+        w: &AffineWeight,
+        r: usize,
+        qi: &QuantizedInputs,
+        out: &mut [f32],
+    ) {
+        const ROWS: usize = ROW_TILE;
+        let k = w.in_dim;
+        let groups = k / w.spec.group_size;
+        let blocks_per_group = w.spec.group_size / BLOCK;
+        let row_bytes = k * BITS as usize / 8;
+        // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds
+        // `row_bytes` packed bytes, `groups` scales and biases, and the input `k` codes, `k / 32`
+        // block scales and `groups` sums.
+        let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
+        let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
+        let scales = w.scales.as_ptr().add(r * groups);
+        let biases = w.biases.as_ptr().add(r * groups);
+        let codes = qi.codes.as_ptr();
+        let xscales = qi.scales.as_ptr();
+        // The next tile's rows, scales and biases follow this tile's in memory: fetch them a line per
+        // block while this one computes, so that the loads below rarely wait on memory (single-thread
+        // speed on out-of-cache weights 4.2 -> 2.9 ns per row and block on Zen 1). Addresses only, so
+        // `wrapping_add`: past the last tile they point nowhere and prefetching them is harmless.
+        let tile_bytes = ROWS * row_bytes;
+        let line_per_block = tile_bytes / (k / BLOCK);
+        let next = base.wrapping_add(tile_bytes);
+        let next_scales = scales.wrapping_add(ROWS * groups) as *const i8;
+        let next_biases = biases.wrapping_add(ROWS * groups) as *const i8;
+        let mut acc = [_mm_setzero_ps(); ROWS];
+        let mut bias = [0f32; ROWS];
+        for g in 0..groups {
+            _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * 4));
+            _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * 4));
+            let sw: [f32; ROWS] = std::array::from_fn(|j| *scales.add(j * groups + g));
+            for b in g * blocks_per_group..(g + 1) * blocks_per_group {
+                let ahead = next.wrapping_add(b * line_per_block) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                if BITS == 8 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                }
+                let x = codes.add(b * BLOCK) as *const __m128i;
+                let xs = [
+                    _mm_loadu_si128(x),
+                    _mm_loadu_si128(x.add(1)),
+                    _mm_loadu_si128(x.add(2)),
+                    _mm_loadu_si128(x.add(3)),
+                ];
+                let sx = *xscales.add(b);
+                for j in 0..ROWS {
+                    let q = unpack_128::<BITS>(rows[j], b);
+                    let dot = _mm_add_epi32(
+                        _mm_add_epi32(_mm_madd_epi16(q[0], xs[0]), _mm_madd_epi16(q[1], xs[1])),
+                        _mm_add_epi32(_mm_madd_epi16(q[2], xs[2]), _mm_madd_epi16(q[3], xs[3])),
+                    );
+                    acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_set1_ps(sw[j] * sx), acc[j]);
+                }
+            }
+            let xsum = *qi.sums.as_ptr().add(g);
+            for j in 0..ROWS {
+                bias[j] = (*biases.add(j * groups + g)).mul_add(xsum, bias[j]);
+            }
+        }
+        for j in 0..ROWS {
+            let v = acc[j];
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+            out[j] = _mm_cvtss_f32(v) + bias[j];
+        }
+    }
 }
+
+/// Weight rows that one pass of the single-input kernel computes together.
+const ROW_TILE: usize = 4;
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -173,10 +293,10 @@ fn has_avx2() -> bool {
     }
 }
 
-/// Rows per parallel task: a few tasks per thread, never tiny ones.
+/// Rows per parallel task: a few tasks per thread, never tiny ones, a whole number of row tiles.
 fn rows_per_task(out_dim: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    (out_dim / (threads * 4)).clamp(16, 256)
+    (out_dim / (threads * 4)).clamp(16, 256) / ROW_TILE * ROW_TILE
 }
 
 /// `ys (t × out) = xs (t × in) · Wᵀ`: one pass over each weight row serves up to four inputs.
@@ -193,8 +313,40 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
         return;
     }
     let chunk = rows_per_task(n);
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         let qi = quantize_inputs(w, xs);
+        let four = w.spec.bits == 4;
+        if t == 1 {
+            // One token: tiles of ROW_TILE rows share each activation load.
+            ys.par_chunks_mut(chunk).enumerate().for_each(|(c, y)| {
+                let r0 = c * chunk;
+                let tiles = y.len() / ROW_TILE;
+                for (ti, yt) in y.chunks_exact_mut(ROW_TILE).enumerate() {
+                    // SAFETY: AVX2 and FMA were detected above; rows r0 + 4ti .. + 4 exist.
+                    unsafe {
+                        if four {
+                            avx2::dot_row_tile::<4>(w, r0 + ti * ROW_TILE, &qi, yt)
+                        } else {
+                            avx2::dot_row_tile::<8>(w, r0 + ti * ROW_TILE, &qi, yt)
+                        }
+                    }
+                }
+                let mut out = [0f32; INPUT_TILE];
+                for r in tiles * ROW_TILE..y.len() {
+                    // SAFETY: as above.
+                    unsafe {
+                        if four {
+                            avx2::dot_rows::<4>(w, r0 + r, &qi, 0, 1, &mut out)
+                        } else {
+                            avx2::dot_rows::<8>(w, r0 + r, &qi, 0, 1, &mut out)
+                        }
+                    }
+                    y[r] = out[0];
+                }
+            });
+            return;
+        }
         // Outputs are computed weight-row-major into a transposed buffer, then laid out `(t, out)`.
         let mut yt = vec![0f32; n * t];
         yt.par_chunks_mut(chunk * t)
@@ -205,22 +357,21 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
                     let r = c * chunk + ri;
                     for i0 in (0..t).step_by(INPUT_TILE) {
                         let m = INPUT_TILE.min(t - i0);
-                        #[cfg(target_arch = "x86_64")]
                         // SAFETY: AVX2 and FMA were detected above.
                         unsafe {
-                            avx2::dot_rows(w, r, &qi, i0, m, &mut out)
-                        };
+                            if four {
+                                avx2::dot_rows::<4>(w, r, &qi, i0, m, &mut out)
+                            } else {
+                                avx2::dot_rows::<8>(w, r, &qi, i0, m, &mut out)
+                            }
+                        }
                         yrow[i0..i0 + m].copy_from_slice(&out[..m]);
                     }
                 }
             });
-        if t == 1 {
-            ys.copy_from_slice(&yt);
-        } else {
-            for (r, col) in yt.chunks_exact(t).enumerate() {
-                for (i, &v) in col.iter().enumerate() {
-                    ys[i * n + r] = v;
-                }
+        for (r, col) in yt.chunks_exact(t).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                ys[i * n + r] = v;
             }
         }
         return;

@@ -244,6 +244,18 @@ impl TextModel {
         cache: &mut KvCache,
         all_logits: bool,
     ) -> Result<Tensor> {
+        // Run the whole pass on a worker of the thread pool: its products then split work with the
+        // other workers directly, instead of each of the ~200 products per token being handed over
+        // from (and back to) a thread outside the pool.
+        rayon::scope(|_| self.forward_in_pool(embeds, cache, all_logits))
+    }
+
+    fn forward_in_pool(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
         let (_, t, _) = embeds.dims3()?;
         let offset = cache.len();
         let mask = if t > 1 {
