@@ -266,8 +266,8 @@ mod avx2 {
                 }
             }
             let xsum = *qi.sums.as_ptr().add(g);
-            for j in 0..ROWS {
-                bias[j] = (*biases.add(j * groups + g)).mul_add(xsum, bias[j]);
+            for (j, bj) in bias.iter_mut().enumerate() {
+                *bj = (*biases.add(j * groups + g)).mul_add(xsum, *bj);
             }
         }
         for j in 0..ROWS {
@@ -333,7 +333,7 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
                     }
                 }
                 let mut out = [0f32; INPUT_TILE];
-                for r in tiles * ROW_TILE..y.len() {
+                for (r, yr) in y.iter_mut().enumerate().skip(tiles * ROW_TILE) {
                     // SAFETY: as above.
                     unsafe {
                         if four {
@@ -342,7 +342,7 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
                             avx2::dot_rows::<8>(w, r0 + r, &qi, 0, 1, &mut out)
                         }
                     }
-                    y[r] = out[0];
+                    *yr = out[0];
                 }
             });
             return;

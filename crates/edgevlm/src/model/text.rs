@@ -110,6 +110,12 @@ impl DecoderLayer {
         let k = rope.apply(&heads(self.k.forward(&y)?, self.kv_heads)?, offset)?;
         let v = heads(self.v.forward(&y)?, self.kv_heads)?;
         let (k, v) = cache.append(layer, &k, &v)?;
+        if t == 1 && b == 1 && mask.is_none() {
+            if let Some(o) = decode_attention(&q, &k, &v, self.kv_heads, d)? {
+                let x = (x + self.o.forward(&o)?)?;
+                return self.mlp(x);
+            }
+        }
         // Grouped-query attention without copying K/V per query head: fold the `rep` query heads that
         // share a KV head into the sequence axis.
         let rep = self.heads / self.kv_heads;
@@ -138,11 +144,86 @@ impl DecoderLayer {
             .transpose(1, 2)?
             .reshape((b, t, self.heads * d))?;
         let x = (x + self.o.forward(&o)?)?;
+        self.mlp(x)
+    }
+
+    /// The residual MLP half of the block.
+    fn mlp(&self, x: Tensor) -> Result<Tensor> {
         let y = self.post_norm.forward(&x)?;
         let g = candle_nn::ops::silu(&self.gate.forward(&y)?)?;
         let y = self.down.forward(&(g * self.up.forward(&y)?)?)?;
         Ok((x + y)?)
     }
+}
+
+/// One new position (`q` `(1, heads, 1, d)`) over the cached keys and values `(1, kv_heads, len, d)`
+/// with the dedicated decode kernel; `(1, 1, heads·d)`. `None` where it does not apply (not f32 on
+/// the CPU, or a layout it does not read), and the general path runs instead.
+fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv_heads: usize,
+    d: usize,
+) -> Result<Option<Tensor>> {
+    use crate::kernels::attention::{decode_attention as kernel, CacheView, KvView};
+    use candle_core::Storage;
+    if [q.dtype(), k.dtype(), v.dtype()] != [DType::F32; 3] {
+        return Ok(None);
+    }
+    let (len, heads) = (k.dim(2)?, q.dim(1)?);
+    let q = q.contiguous()?;
+    let (qg, ql) = q.storage_and_layout();
+    let (kg, kl) = k.storage_and_layout();
+    let (vg, vl) = v.storage_and_layout();
+    let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else {
+        return Ok(None);
+    };
+    let (ks, vs) = (kl.stride(), vl.stride());
+    if ks.len() != 4 || vs.len() != 4 || ks[2] != d || ks[3] != 1 || vs[2] != d || vs[3] != 1 {
+        return Ok(None);
+    }
+    let qs = &qc.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + heads * d];
+    // The last KV head's `len` positions must lie inside the storage.
+    fn view(
+        data: &[f32],
+        start: usize,
+        head_stride: usize,
+        last_head: usize,
+        end: usize,
+    ) -> Option<CacheView<'_>> {
+        (start + last_head * head_stride + end <= data.len()).then(|| CacheView {
+            data: &data[start..],
+            head_stride,
+        })
+    }
+    let (Some(kview), Some(vview)) = (
+        view(
+            kc.as_slice::<f32>()?,
+            kl.start_offset(),
+            ks[1],
+            kv_heads - 1,
+            len * d,
+        ),
+        view(
+            vc.as_slice::<f32>()?,
+            vl.start_offset(),
+            vs[1],
+            kv_heads - 1,
+            len * d,
+        ),
+    ) else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; heads * d];
+    let kv = KvView {
+        k: kview,
+        v: vview,
+        kv_heads,
+        len,
+    };
+    kernel(qs, kv, d, (d as f32).powf(-0.5), &mut out);
+    Ok(Some(Tensor::from_vec(out, (1, 1, heads * d), q.device())?))
 }
 
 /// Llama decoder with its embedding table and LM head.
