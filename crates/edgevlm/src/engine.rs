@@ -773,6 +773,9 @@ impl Engine {
     ) -> Result<GenerationOutput> {
         let ctx = self.context_length();
         let n_prompt = prepared.ids.len();
+        if n_prompt == 0 {
+            return Err(Error::Request("the prompt has no tokens".into()));
+        }
         if n_prompt >= ctx {
             return Err(Error::ContextOverflow {
                 prompt_tokens: n_prompt,
@@ -805,7 +808,17 @@ impl Engine {
         let embeds = self.model.embed_prompt(&prepared.ids, feats.as_ref())?;
         let decoder = self.model.text();
         let mut cache: KvCache = decoder.new_cache(n_prompt + max_tokens);
-        let mut logits = decoder.forward(&embeds, &mut cache, false)?;
+        // The prompt goes through in chunks: the attention scores of a chunk are `chunk × context`
+        // instead of `prompt × prompt`, which bounds the memory of long (image) prompts.
+        let mut start = 0;
+        let mut logits = loop {
+            let len = PREFILL_CHUNK.min(n_prompt - start);
+            let l = decoder.forward(&embeds.narrow(1, start, len)?, &mut cache, false)?;
+            start += len;
+            if start >= n_prompt {
+                break l;
+            }
+        };
         timings.prompt_ms = t1.elapsed().as_secs_f64() * 1e3;
 
         let t2 = Instant::now();
@@ -894,6 +907,9 @@ impl Engine {
         }
     }
 }
+
+/// Prompt positions per forward pass during prefill.
+const PREFILL_CHUNK: usize = 256;
 
 /// What [`Engine::generate`] produced.
 pub struct GenerationOutput {
