@@ -76,6 +76,37 @@ fn greedy_answers_follow_transformers() {
     assert!(floats(&france["top2_margins"])[0] < 0.1);
 }
 
+/// A prompt longer than one prefill chunk (256 positions) goes through in pieces; the first answer
+/// token's log-probability must equal the one of a single forward pass over the whole prompt.
+#[test]
+fn chunked_prefill_equals_one_pass() {
+    let e = engine();
+    let q = "Repeat after me: the quick brown fox jumps over the lazy dog. ".repeat(40);
+    let mut req = ChatRequest::simple(None, &q, &[]);
+    req.max_tokens = Some(2);
+    req.temperature = Some(0.0);
+    req.logprobs = Some(true);
+    req.top_logprobs = Some(2);
+    let p = e.prepare(&req).unwrap();
+    assert!(p.ids.len() > 2 * 256, "{} prompt tokens", p.ids.len());
+    let out = e
+        .generate(&p, &e.settings(&req).unwrap(), |_, _| {})
+        .unwrap();
+    let logits = last_logits(e, &p);
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let first = out.tokens[0] as usize;
+    let argmax = (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap();
+    assert_eq!(first, argmax);
+    let (got, want) = (out.logprobs[0].logprob, logits[first] - lse);
+    assert!(
+        (got - want).abs() < 2e-3,
+        "chunked {got} vs one pass {want}"
+    );
+}
+
 #[test]
 fn first_step_logits_match_transformers() {
     let g = golden();
