@@ -3,9 +3,11 @@
 //! `y_r = Σ_g s_rg · Σ_{i∈g} q_ri x_i + b_rg · Σ_{i∈g} x_i`. On AVX2 the inner sums are integer dot
 //! products: the activations are rounded to **16-bit** integers per block of 32 (relative error below
 //! 1e-5 of the block's largest value, about 250× finer than the 8-bit activations llama.cpp and
-//! mistral.rs use), the codes are widened to 16 bits in registers, and `vpmaddwd` does 16 products per
-//! instruction. The bias term uses the exact f32 sums of `x`. Rows are split across the thread pool;
-//! several inputs (a prompt) share each unpacked weight row, four at a time.
+//! mistral.rs use), the codes are widened to 16 bits in registers, and `vpmaddwd` multiplies and pairs
+//! them. The bias term uses the exact f32 sums of `x`. Rows are split across the thread pool. One token
+//! (decode) runs tiles of four weight rows that share each activation load and prefetch the next tile;
+//! a few inputs share each unpacked weight row, four at a time; 16 or more inputs (a prompt, vision
+//! tiles) run an f32 GEMM on dequantized panels.
 //!
 //! Without AVX2 the same sums run in f32.
 
