@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::has_avx2;
+
 /// Keys or values of one layer: position `j` of KV head `h` starts at `h * head_stride + j * d`.
 #[derive(Clone, Copy)]
 pub struct CacheView<'a> {
@@ -114,17 +116,6 @@ unsafe fn head_avx2(
     out: &mut [f32],
 ) {
     head(q, k, v, len, scale, scores, out)
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// `out (heads × d) = softmax(scale · q Kᵀ) V` for one position; query head `h` reads KV head

@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use super::has_avx2;
+
 use crate::quant::AffineWeight;
 
 /// Values per activation block (one scale each).
@@ -283,17 +285,6 @@ mod avx2 {
 
 /// Weight rows that one pass of the single-input kernel computes together.
 const ROW_TILE: usize = 4;
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// Rows per parallel task: a few tasks per thread, never tiny ones, a whole number of row tiles.
 fn rows_per_task(out_dim: usize) -> usize {
