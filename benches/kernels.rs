@@ -1,14 +1,27 @@
 //! `cargo bench --bench kernels`: criterion timings of the kernels at SmolLM2-135M / SmolVLM-256M
-//! text-decoder shapes (hidden 576, MLP 1536, 9 query and 3 KV heads of 64, vocabulary 49,152).
+//! text-decoder shapes (hidden 576, MLP 1536, 9 query and 3 KV heads of 64, vocabulary 49,152) and
+//! SmolVLM-256M vision-encoder shapes (1,024 patches of a 512x512 tile, hidden 768, 12 heads of 64,
+//! MLP 3,072), plus the image processor on a 13-tile image.
 
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgevlm::image::{load_image_path, process_image, ImageProcessorConfig};
+use edgevlm::kernels::attention::{decode_attention, CacheView, KvView};
 use edgevlm::kernels::qmatvec::affine_matmul;
+use edgevlm::model::nn::{attention, LayerNorm, RmsNorm};
 use edgevlm::quant::{AffineWeight, QuantSpec};
 use std::hint::black_box;
 
 const HIDDEN: usize = 576;
 const MLP: usize = 1536;
 const VOCAB: usize = 49152;
+const HEADS: usize = 9;
+const KV_HEADS: usize = 3;
+const HEAD_DIM: usize = 64;
+const PATCHES: usize = 1024;
+const V_HIDDEN: usize = 768;
+const V_HEADS: usize = 12;
+const V_MLP: usize = 3072;
 
 /// A deterministic pseudo-random `(n, k)` weight, quantized.
 fn weight(n: usize, k: usize, bits: u32) -> AffineWeight {
@@ -69,5 +82,128 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, matmul);
+fn tensor(dims: &[usize]) -> Tensor {
+    let n = dims.iter().product();
+    Tensor::from_vec(inputs(1, n), dims, &Device::Cpu).expect("tensor")
+}
+
+/// RMSNorm (decoder: one token and a 512-token chunk) and LayerNorm (vision: one tile's patches).
+fn norms(c: &mut Criterion) {
+    let mut g = c.benchmark_group("norm");
+    let rms = RmsNorm::new(tensor(&[HIDDEN]), 1e-5);
+    for t in [1usize, 512] {
+        let x = tensor(&[1, t, HIDDEN]);
+        g.bench_function(BenchmarkId::new("rms", format!("{t}x{HIDDEN}")), |b| {
+            b.iter(|| rms.forward(black_box(&x)).expect("rms norm"))
+        });
+    }
+    let ln = LayerNorm::new(tensor(&[V_HIDDEN]), tensor(&[V_HIDDEN]), 1e-6);
+    let x = tensor(&[1, PATCHES, V_HIDDEN]);
+    g.bench_function(
+        BenchmarkId::new("layer", format!("{PATCHES}x{V_HIDDEN}")),
+        |b| b.iter(|| ln.forward(black_box(&x)).expect("layer norm")),
+    );
+    g.finish();
+}
+
+/// Rotary embedding of the query heads: one position (decode) and a 512-position chunk.
+fn rope(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rope");
+    for t in [1usize, 512] {
+        let x = tensor(&[1, HEADS, t, HEAD_DIM]);
+        let cos = tensor(&[t, HEAD_DIM / 2]).cos().expect("cos");
+        let sin = tensor(&[t, HEAD_DIM / 2]).sin().expect("sin");
+        g.bench_function(BenchmarkId::new("q", format!("{HEADS}x{t}x{HEAD_DIM}")), |b| {
+            b.iter(|| candle_nn::rotary_emb::rope(black_box(&x), &cos, &sin).expect("rope"))
+        });
+    }
+    g.finish();
+}
+
+/// Softmax over the last dimension: one decode token's scores over 512 positions, and one vision
+/// tile's scores (12 heads x 1,024 x 1,024).
+fn softmax(c: &mut Criterion) {
+    let mut g = c.benchmark_group("softmax");
+    for (name, dims) in [
+        ("decode_9x512", vec![1, HEADS, 1, 512]),
+        ("vision_12x1024x1024", vec![1, V_HEADS, PATCHES, PATCHES]),
+    ] {
+        let x = tensor(&dims);
+        g.bench_function(name, |b| {
+            b.iter(|| candle_nn::ops::softmax_last_dim(black_box(&x)).expect("softmax"))
+        });
+    }
+    g.finish();
+}
+
+/// Attention: one decode position over a 512-entry cache (the decode kernel), and one vision tile's
+/// full self-attention (`nn::attention`, as the vision encoder runs it).
+fn attention_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("attention");
+    let len = 512;
+    let q = inputs(1, HEADS * HEAD_DIM);
+    let k = inputs(KV_HEADS * len, HEAD_DIM);
+    let v = inputs(KV_HEADS * len, HEAD_DIM);
+    let mut out = vec![0f32; HEADS * HEAD_DIM];
+    let scale = (HEAD_DIM as f32).powf(-0.5);
+    g.bench_function("decode_9q_3kv_over_512", |b| {
+        b.iter(|| {
+            let kv = KvView {
+                k: CacheView {
+                    data: &k,
+                    head_stride: len * HEAD_DIM,
+                },
+                v: CacheView {
+                    data: &v,
+                    head_stride: len * HEAD_DIM,
+                },
+                kv_heads: KV_HEADS,
+                len,
+            };
+            decode_attention(black_box(&q), kv, HEAD_DIM, scale, &mut out)
+        })
+    });
+    let qv = tensor(&[1, V_HEADS, PATCHES, HEAD_DIM]);
+    g.sample_size(10);
+    g.bench_function("vision_12x1024x64", |b| {
+        b.iter(|| attention(black_box(&qv), &qv, &qv, scale as f64, None).expect("attention"))
+    });
+    g.finish();
+}
+
+/// The vision MLP's activation over one tile (1,024 x 3,072), tanh form as SmolVLM uses.
+fn gelu(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gelu");
+    let x = tensor(&[PATCHES, V_MLP]);
+    g.bench_function("tanh_1024x3072", |b| {
+        b.iter(|| black_box(&x).gelu().expect("gelu"))
+    });
+    g.finish();
+}
+
+/// The SmolVLM image processor: a 2300x1500 PNG (decoded once) resized, split into 12 tiles plus the
+/// global view, rescaled and normalized.
+fn image_processor(c: &mut Criterion) {
+    let mut g = c.benchmark_group("image_processor");
+    g.sample_size(10);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/large.png");
+    let img = load_image_path(&path).expect("fixture image");
+    let cfg = ImageProcessorConfig::default();
+    g.bench_function("2300x1500_to_13_tiles", |b| {
+        b.iter(|| process_image(black_box(&img), &cfg, true).expect("process"))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    matvec,
+    matmul,
+    norms,
+    rope,
+    softmax,
+    attention_bench,
+    gelu,
+    image_processor
+);
 criterion_main!(benches);

@@ -1,6 +1,8 @@
 //! Hand-written CPU kernels for the shapes where the general GEMM is slow.
 
 pub mod attention;
+pub mod elementwise;
+pub mod encoder_attention;
 pub mod matvec;
 pub mod qmatvec;
 

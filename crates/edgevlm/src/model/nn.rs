@@ -233,6 +233,43 @@ impl Linear {
         })
     }
 
+    /// Layers that read the same input stacked into one whose output is their outputs side by side
+    /// (`[y₁ | y₂ | …]`): one product instead of several (QKV, gate/up). `None` where the weights
+    /// cannot be stacked (GGML blocks, different formats, biases on some parts only).
+    pub fn fuse(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let bias = if parts.iter().all(|p| p.bias.is_some()) {
+            let b: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&b, 0)?)
+        } else if parts.iter().all(|p| p.bias.is_none()) {
+            None
+        } else {
+            return Ok(None);
+        };
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Dense { w } => Some(w),
+                _ => None,
+            })
+            .collect();
+        if let Some(ws) = dense {
+            if ws.windows(2).any(|w| w[0].dim(1).ok() != w[1].dim(1).ok()) {
+                return Ok(None);
+            }
+            return Ok(Some(Self::dense(&Tensor::cat(&ws, 0)?, bias)?));
+        }
+        let affine: Option<Vec<&AffineWeight>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Affine(q) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        Ok(affine
+            .and_then(|qs| AffineWeight::stack_rows(&qs))
+            .map(|q| Self::affine(q, bias)))
+    }
+
     /// `x`: `(..., in)` → `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -318,6 +355,14 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            bias,
+            eps: eps as f32,
+        }
+    }
+
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: w.get("weight", &[dim])?,
@@ -385,6 +430,35 @@ pub fn attention(
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     Ok(probs.matmul(v)?)
+}
+
+/// Run `f` on the values of a contiguous f32 CPU tensor (`None` for any other tensor, whose callers
+/// take the general path).
+pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let start = layout.start_offset();
+    let values = &cpu.as_slice::<f32>()?[start..start + t.elem_count()];
+    Ok(Some(f(values)))
+}
+
+/// GELU (tanh form, as SmolVLM's SigLIP uses): the vectorised pool kernel for f32 CPU tensors,
+/// candle's op otherwise.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let out = with_cpu_f32(x, |xs| {
+        let mut out = xs.to_vec();
+        crate::kernels::elementwise::gelu_tanh(&mut out);
+        out
+    })?;
+    match out {
+        Some(v) => Ok(Tensor::from_vec(v, x.shape(), x.device())?),
+        None => Ok(x.gelu()?),
+    }
 }
 
 /// Read an MLX-quantized layer: `weight` packed u32, `scales`/`biases` in a float type.

@@ -3,15 +3,27 @@
 
 use candle_core::Tensor;
 
-use super::nn::{attention, LayerNorm, Linear, Weights};
+use super::nn::{attention, gelu_tanh, with_cpu_f32, LayerNorm, Linear, Weights};
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
 
+/// The query, key and value projections: one stacked product where the weights allow it.
+enum QkvProjection {
+    /// `[q | k | v]` side by side in each output row.
+    Fused(Linear),
+    Separate(Linear, Linear, Linear),
+}
+
+/// Padding keys of each tile: `bias[b·n + j]` is 0 for a real patch, -inf for padding.
+struct KeyMask {
+    bias: Vec<f32>,
+    /// The same values as a `(batch, 1, 1, n)` tensor for the general path.
+    tensor: Tensor,
+}
+
 struct EncoderLayer {
     ln1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: QkvProjection,
     out: Linear,
     ln2: LayerNorm,
     fc1: Linear,
@@ -25,11 +37,16 @@ impl EncoderLayer {
     fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
         let h = cfg.hidden_size;
         let a = w.pp("self_attn");
+        let q = Linear::load(&a.pp("q_proj"), h, h, true)?;
+        let k = Linear::load(&a.pp("k_proj"), h, h, true)?;
+        let v = Linear::load(&a.pp("v_proj"), h, h, true)?;
+        let qkv = match Linear::fuse(&[&q, &k, &v])? {
+            Some(f) => QkvProjection::Fused(f),
+            None => QkvProjection::Separate(q, k, v),
+        };
         Ok(Self {
             ln1: LayerNorm::load(&w.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
-            q: Linear::load(&a.pp("q_proj"), h, h, true)?,
-            k: Linear::load(&a.pp("k_proj"), h, h, true)?,
-            v: Linear::load(&a.pp("v_proj"), h, h, true)?,
+            qkv,
             out: Linear::load(&a.pp("out_proj"), h, h, true)?,
             ln2: LayerNorm::load(&w.pp("layer_norm2"), h, cfg.layer_norm_eps)?,
             fc1: Linear::load(&w.pp("mlp").pp("fc1"), h, cfg.intermediate_size, true)?,
@@ -40,27 +57,83 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, h) = x.dims3()?;
-        let y = self.ln1.forward(x)?;
+    /// Self-attention of `y` `(b, n, h)`, before the out-projection: `(b, n, h)`.
+    fn attend(&self, y: &Tensor, mask: Option<&KeyMask>) -> Result<Tensor> {
+        let (b, n, h) = y.dims3()?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let (q, k, v) = match &self.qkv {
+            QkvProjection::Fused(f) => {
+                let qkv = f.forward(y)?;
+                if let Some(o) = self.attend_cpu(&qkv, b, n, scale as f32, mask)? {
+                    return Ok(o);
+                }
+                (
+                    qkv.narrow(2, 0, h)?,
+                    qkv.narrow(2, h, h)?,
+                    qkv.narrow(2, 2 * h, h)?,
+                )
+            }
+            QkvProjection::Separate(q, k, v) => (q.forward(y)?, k.forward(y)?, v.forward(y)?),
+        };
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = split(self.q.forward(&y)?)?;
-        let k = split(self.k.forward(&y)?)?;
-        let v = split(self.v.forward(&y)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let o = attention(&q, &k, &v, scale, mask)?
-            .transpose(1, 2)?
-            .reshape((b, n, h))?;
+        let o = attention(
+            &split(q)?,
+            &split(k)?,
+            &split(v)?,
+            scale,
+            mask.map(|m| &m.tensor),
+        )?;
+        Ok(o.transpose(1, 2)?.reshape((b, n, h))?)
+    }
+
+    /// The fused `[q | k | v]` rows through the encoder attention kernel, for f32 on the CPU.
+    fn attend_cpu(
+        &self,
+        qkv: &Tensor,
+        b: usize,
+        n: usize,
+        scale: f32,
+        mask: Option<&KeyMask>,
+    ) -> Result<Option<Tensor>> {
+        use crate::kernels::encoder_attention::{
+            encoder_attention, EncoderAttentionShape, StridedRows,
+        };
+        let h = self.heads * self.head_dim;
+        let out = with_cpu_f32(qkv, |data| {
+            let rows = |offset| StridedRows {
+                data,
+                offset,
+                stride: 3 * h,
+            };
+            let shape = EncoderAttentionShape {
+                batch: b,
+                seq: n,
+                heads: self.heads,
+                head_dim: self.head_dim,
+            };
+            let mut out = vec![0f32; b * n * h];
+            let bias = mask.map(|m| m.bias.as_slice());
+            encoder_attention(rows(0), rows(h), rows(2 * h), shape, scale, bias, &mut out);
+            out
+        })?;
+        Ok(match out {
+            Some(o) => Some(Tensor::from_vec(o, (b, n, h), qkv.device())?),
+            None => None,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&KeyMask>) -> Result<Tensor> {
+        let o = self.attend(&self.ln1.forward(x)?, mask)?;
         let x = (x + self.out.forward(&o)?)?;
         let y = self.fc1.forward(&self.ln2.forward(&x)?)?;
         let y = if self.exact_gelu {
             y.gelu_erf()?
         } else {
-            y.gelu()?
+            gelu_tanh(&y)?
         };
         Ok((x + self.fc2.forward(&y)?)?)
     }
@@ -156,7 +229,10 @@ impl VisionTransformer {
         let mut x = (x + pos_emb)?;
         // Padding patches are masked out as keys (queries still run, as in HF).
         let mask = if any_masked {
-            Some(Tensor::from_vec(bias, (b, 1, 1, nh * nw), device)?)
+            Some(KeyMask {
+                tensor: Tensor::from_vec(bias.clone(), (b, 1, 1, nh * nw), device)?,
+                bias,
+            })
         } else {
             None
         };

@@ -191,6 +191,26 @@ impl AffineWeight {
         })
     }
 
+    /// Layers of the same input size and format stacked row-wise into one (`None` when they differ):
+    /// the products of a fused projection.
+    pub fn stack_rows(parts: &[&AffineWeight]) -> Option<AffineWeight> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| {
+            p.spec != first.spec || p.in_dim != first.in_dim || p.scale_type != first.scale_type
+        }) {
+            return None;
+        }
+        Some(AffineWeight {
+            spec: first.spec,
+            out_dim: parts.iter().map(|p| p.out_dim).sum(),
+            in_dim: first.in_dim,
+            packed: parts.iter().flat_map(|p| p.packed.iter().copied()).collect(),
+            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
+            biases: parts.iter().flat_map(|p| p.biases.iter().copied()).collect(),
+            scale_type: first.scale_type,
+        })
+    }
+
     /// Row `r` dequantized to f32 (`scale · q + bias`, multiply then add, in f32).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let per_word = self.spec.per_word();
