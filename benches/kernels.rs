@@ -113,9 +113,10 @@ fn rope(c: &mut Criterion) {
         let x = tensor(&[1, HEADS, t, HEAD_DIM]);
         let cos = tensor(&[t, HEAD_DIM / 2]).cos().expect("cos");
         let sin = tensor(&[t, HEAD_DIM / 2]).sin().expect("sin");
-        g.bench_function(BenchmarkId::new("q", format!("{HEADS}x{t}x{HEAD_DIM}")), |b| {
-            b.iter(|| candle_nn::rotary_emb::rope(black_box(&x), &cos, &sin).expect("rope"))
-        });
+        g.bench_function(
+            BenchmarkId::new("q", format!("{HEADS}x{t}x{HEAD_DIM}")),
+            |b| b.iter(|| candle_nn::rotary_emb::rope(black_box(&x), &cos, &sin).expect("rope")),
+        );
     }
     g.finish();
 }
@@ -186,7 +187,8 @@ fn gelu(c: &mut Criterion) {
 fn image_processor(c: &mut Criterion) {
     let mut g = c.benchmark_group("image_processor");
     g.sample_size(10);
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/large.png");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/large.png");
     let img = load_image_path(&path).expect("fixture image");
     let cfg = ImageProcessorConfig::default();
     g.bench_function("2300x1500_to_13_tiles", |b| {

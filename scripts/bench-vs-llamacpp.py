@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""edgevlm against llama.cpp on the same GGUF weights, quantization, prompt/generation lengths and
-thread count, run alternately; prints each metric as edgevlm / llama.cpp with both medians.
+"""edgevlm against llama.cpp on the same weights, quantization, prompt/generation lengths and thread
+count, run alternately; prints each metric as edgevlm / llama.cpp with both medians.
 
     python3 scripts/bench-vs-llamacpp.py [--threads 2] [--repetitions 3] [--quants Q4_1,Q8_0,Q4_0]
+                                         [--models smollm2,smolvlm]
 
 It builds llama.cpp once from the llama-cpp-python sdist (scripts/build-llamacpp.sh), fetches the real
 SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-smollm2.sh), expands it to F32 with
@@ -13,14 +14,28 @@ Peak RSS is each process's maximum resident set (GNU time's %M).
 Decode speed is measured at two depths, the same for both engines: from an empty context (llama-bench's
 plain tg128; edgevlm after a 1-token prompt) and after the prompt (llama-bench `-d <prompt tokens>`;
 edgevlm's decode right after its prompt). Attention over the cache makes the second slower for both.
+
+SmolVLM (`--models smolvlm`): the full-size random-weight SmolVLM-256M (scripts/compare_full_size.py
+builds it) converted by llama.cpp's own `convert_hf_to_gguf.py` into a text GGUF (F16, then
+`llama-quantize` to --vlm-text-quant, Q4_1 by default: 4-bit codes with a scale and a minimum per 32
+weights, the layout of edgevlm's `--quant q4` groups of 32) and an F16 mmproj (the vision encoder and
+connector). llama.cpp runs `llama-mtmd-cli`; edgevlm runs `bench --quant q4 --skip-vision` (text 4-bit,
+vision encoder f32 from the checkpoint's bf16). Both get the same 512x384 image (13 tiles of 512x512
+after SmolVLM's resize to a 2048 longest edge), generate --gen-tokens tokens greedily ignoring EOS, and
+are timed once per round from a cold start: vision ms per tile (llama.cpp: the median of its
+per-tile "batch encoding done" times), time to first token (image encoding plus the prompt pass),
+decode tokens/s after the image prompt, peak RSS.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,13 +46,15 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
 
 
-def timed(cmd):
-    """Run `cmd` under GNU time; return (stdout, that process's peak RSS in MB)."""
+def timed(cmd, with_stderr=False):
+    """Run `cmd` under GNU time; return (stdout, that process's peak RSS in MB) (and its stderr)."""
     proc = subprocess.run(["/usr/bin/time", "-f", "EDGEVLM_MAXRSS_KB=%M", *map(str, cmd)],
                           text=True, capture_output=True)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stderr[-2000:]}")
     kb = [int(l.split("=")[1]) for l in proc.stderr.splitlines() if l.startswith("EDGEVLM_MAXRSS_KB=")]
+    if with_stderr:
+        return proc.stdout, kb[-1] / 1024.0, proc.stderr
     return proc.stdout, kb[-1] / 1024.0
 
 
@@ -88,6 +105,95 @@ def edgevlm_bench(binary, model, a):
     }
 
 
+def venv_python():
+    return Path(os.environ.get("EDGEVLM_VENV", CACHE / "venv")) / "bin" / "python"
+
+
+def write_png(path, width, height):
+    """A deterministic RGB test image (gradients and a texture), written with the standard library."""
+    rows = []
+    for y in range(height):
+        row = bytearray([0])
+        for x in range(width):
+            row += bytes((x * 255 // (width - 1), y * 255 // (height - 1), (x * 7 + y * 13) % 256))
+        rows.append(bytes(row))
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
+    Path(path).write_bytes(png)
+
+
+def ensure_smolvlm(bin_dir, text_quant):
+    """The random full-size SmolVLM-256M folder, and llama.cpp's conversion of it: (folder, text GGUF,
+    mmproj GGUF)."""
+    py = venv_python()
+    model = Path(os.environ.get("EDGEVLM_FULL_MODEL", CACHE / "smolvlm-256m-random"))
+    if not (model / "model.safetensors").exists():
+        sh([py, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import compare_full_size as c; "
+            "c.build_model()", ROOT / "scripts"])
+    out = CACHE / "smolvlm-256m-random-lcpp"
+    out.mkdir(exist_ok=True)
+    convert = CACHE / "llama.cpp-0.3.36" / "src" / "convert_hf_to_gguf.py"
+    text_f16, mmproj = out / "text-f16.gguf", out / "mmproj-f16.gguf"
+    if not text_f16.exists():
+        sh([py, convert, model, "--outtype", "f16", "--outfile", text_f16])
+    if not mmproj.exists():
+        sh([py, convert, model, "--mmproj", "--outtype", "f16", "--outfile", mmproj])
+    text = out / f"text-{text_quant}.gguf"
+    if not text.exists():
+        sh([bin_dir / "llama-quantize", text_f16, text, text_quant])
+    image = out / "image-512x384.png"
+    if not image.exists():
+        write_png(image, 512, 384)
+    return model, text, mmproj, image
+
+
+VLM_PROMPT = "Describe this image."
+
+
+def llama_mtmd(bin_dir, text, mmproj, image, a):
+    _, rss, err = timed([bin_dir / "llama-mtmd-cli", "-m", text, "--mmproj", mmproj, "--image", image,
+                         "-p", VLM_PROMPT, "-n", a.gen_tokens, "-t", a.threads, "--temp", "0",
+                         "--ignore-eos", "--perf"], with_stderr=True)
+    tiles = [float(m) for m in re.findall(r"batch encoding done in (\d+(?:\.\d+)?) ms", err)]
+    pp = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", err)
+    tg = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", err.split("prompt eval time")[-1])
+    if not tiles or not pp or not tg:
+        sys.exit(f"could not read llama-mtmd-cli's timings:\n{err[-3000:]}")
+    prompt_ms = float(pp.group(1))
+    return {
+        "image_tiles": len(tiles),
+        "vision_ms_per_tile": statistics.median(tiles),
+        "prompt_tokens_per_s": int(pp.group(2)) / prompt_ms * 1e3,
+        "ttft_ms": sum(tiles) + prompt_ms,
+        "decode_tokens_per_s": int(tg.group(2)) / float(tg.group(1)) * 1e3,
+        "peak_rss_mb": rss,
+    }
+
+
+def edgevlm_vlm(binary, model, image, a):
+    out, rss = timed([binary, "bench", "--model", model, "--quant", "q4", "--skip-vision",
+                      "--image", image, "--gen-tokens", a.gen_tokens, "--threads", a.threads,
+                      "--repetitions", 1, "--no-warmup", "--json"])
+    r = json.loads(out)
+    return {
+        "image_tiles": r["image_tiles"],
+        "vision_ms_per_tile": r["vision_ms_per_tile"],
+        "prompt_tokens_per_s": r["prompt_tokens_per_s"],
+        "ttft_ms": r["ttft_ms"],
+        "decode_tokens_per_s": r["decode_tokens_per_s"],
+        "peak_rss_mb": rss,
+    }
+
+
+VLM_METRICS = [("vision_ms_per_tile", "vision ms per 512x512 tile"),
+               ("ttft_ms", "time to first token ms (13 tiles + prompt)"),
+               ("prompt_tokens_per_s", "prompt tokens/s (text pass over image tokens)"),
+               ("decode_tokens_per_s", "decode tokens/s after the image prompt"),
+               ("peak_rss_mb", "peak RSS MB")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -96,17 +202,28 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--quants", default="Q4_1,Q8_0,Q4_0")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine")
+    ap.add_argument("--models", default="smollm2,smolvlm")
+    ap.add_argument("--vlm-text-quant", default="Q4_1")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    models = a.models.split(",")
 
     sh(["bash", ROOT / "scripts/build-llamacpp.sh"])
     bin_dir = CACHE / "llama.cpp-0.3.36" / "build" / "bin"
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "edgevlm-cli"], cwd=ROOT,
                    check=True, capture_output=True)
     binary = ROOT / "target" / "release" / "edgevlm"
-    files = ensure_models(bin_dir, a.quants.split(","))
+    files = ensure_models(bin_dir, a.quants.split(",")) if "smollm2" in models else {}
 
     results = {}
+    vlm = None
+    if "smolvlm" in models:
+        folder, text, mmproj, image = ensure_smolvlm(bin_dir, a.vlm_text_quant)
+        runs = {"edgevlm": [], "llama.cpp": []}
+        for _ in range(a.rounds):
+            runs["edgevlm"].append(edgevlm_vlm(binary, folder, image, a))
+            runs["llama.cpp"].append(llama_mtmd(bin_dir, text, mmproj, image, a))
+        vlm = {eng: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for eng, rs in runs.items()}
     for q, model in files.items():
         runs = {"edgevlm": [], "llama.cpp": []}
         for _ in range(a.rounds):
@@ -117,7 +234,20 @@ def main():
         }
 
     if a.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"smollm2": results, "smolvlm": vlm}, indent=2))
+        return
+    if vlm:
+        print(f"SmolVLM-256M (random full-size weights), {a.threads} threads, 512x384 image "
+              f"({vlm['edgevlm']['image_tiles']:.0f} / {vlm['llama.cpp']['image_tiles']:.0f} tiles), "
+              f"tg{a.gen_tokens}; text {a.vlm_text_quant} (llama.cpp) / q4 groups of 32 (edgevlm); "
+              f"vision f16 (llama.cpp) / f32 (edgevlm); {a.rounds} alternating rounds (medians)")
+        print("| metric | edgevlm | llama.cpp | edgevlm / llama.cpp |")
+        print("| --- | --- | --- | --- |")
+        for k, label in VLM_METRICS:
+            e, l = vlm["edgevlm"][k], vlm["llama.cpp"][k]
+            print(f"| {label} | {e:.1f} | {l:.1f} | {e / l:.2f} |")
+        print()
+    if not results:
         return
     print(f"SmolLM2-135M-Instruct, {a.threads} threads, pp{a.prompt_tokens} / tg{a.gen_tokens} "
           f"(tg at depth 0 and {a.prompt_tokens}), "

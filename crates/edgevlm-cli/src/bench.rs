@@ -25,6 +25,9 @@ pub struct BenchArgs {
     quant: Option<String>,
     #[arg(long, default_value_t = 32)]
     group_size: usize,
+    /// With --quant: keep the vision encoder in full precision.
+    #[arg(long, requires = "quant")]
+    skip_vision: bool,
     /// Image file to put in the prompt.
     #[arg(long, conflicts_with = "image_size")]
     image: Option<PathBuf>,
@@ -228,6 +231,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         precision: a.dtype.parse::<Precision>()?,
         device: a.device.parse::<DeviceKind>()?,
         quantize: parse_quant(a.quant.as_deref(), a.group_size)?,
+        skip_vision: a.skip_vision,
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -143,6 +143,9 @@ struct RunArgs {
     /// Group size for --quant (32, 64 or 128).
     #[arg(long, default_value_t = 32)]
     group_size: usize,
+    /// With --quant: keep the vision encoder in full precision.
+    #[arg(long, requires = "quant")]
+    skip_vision: bool,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -226,6 +229,7 @@ fn run(a: RunArgs) -> Result<()> {
         device: a.device.parse::<DeviceKind>()?,
         image_splitting: a.no_image_splitting.then_some(false),
         quantize: parse_quant(a.quant.as_deref(), a.group_size)?,
+        skip_vision: a.skip_vision,
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -102,6 +102,9 @@ pub struct EngineOptions {
     pub vision_batch: usize,
     /// Quantize full-precision linear weights while loading.
     pub quantize: Option<QuantSpec>,
+    /// With `quantize`: keep the vision tower in full precision (the connector and text decoder
+    /// still quantize).
+    pub skip_vision: bool,
     /// Expand a GGUF file's quantized blocks to dense weights while loading: the full-precision
     /// reference of those weights (for accuracy measurements).
     pub dequantize: bool,
@@ -115,6 +118,7 @@ impl Default for EngineOptions {
             image_splitting: None,
             vision_batch: 2,
             quantize: None,
+            skip_vision: false,
             dequantize: false,
         }
     }
@@ -343,6 +347,7 @@ impl Engine {
                 ));
             }
             load_opts.quantize = Some(spec);
+            load_opts.skip_vision = opts.skip_vision;
         }
         let model = Idefics3::load(&Weights::new(&store, &load_opts), &cfg)?;
         drop(store);

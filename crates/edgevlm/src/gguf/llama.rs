@@ -21,7 +21,7 @@ use super::GgufFile;
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::model::nn::{Embedding, Linear, LoadOptions, RmsNorm};
-use crate::model::text::{DecoderLayer, TextModel};
+use crate::model::text::{DecoderLayer, DecoderParts, TextModel};
 use crate::quant::{AffineParts, AffineWeight, QuantSpec, ScaleType};
 
 /// The decoder's hyper-parameters from `llama.*` metadata.
@@ -373,7 +373,7 @@ pub fn load_llama(f: &GgufFile, cfg: &TextConfig, opts: &LoadOptions) -> Result<
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
-        layers.push(DecoderLayer {
+        layers.push(DecoderLayer::new(DecoderParts {
             input_norm: l.norm(&n("attn_norm"), cfg)?,
             q: l.linear(
                 &n("attn_q"),
@@ -396,7 +396,7 @@ pub fn load_llama(f: &GgufFile, cfg: &TextConfig, opts: &LoadOptions) -> Result<
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: d,
-        });
+        })?);
     }
     let lm_head = if f.contains("output.weight") {
         l.linear("output.weight", cfg.vocab_size, h, None)?

@@ -44,10 +44,9 @@ mod avx2 {
         let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.336_54));
         let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
         let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_54));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-        ));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
         let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
         let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
@@ -88,6 +87,27 @@ mod avx2 {
         }
         for x in &mut xs[n8..] {
             *x = super::gelu_tanh_one(*x);
+        }
+    }
+
+    /// `out[i] = silu(g[i]) · u[i]` with `silu(x) = x / (1 + exp(-x))`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        let n = out.len().min(g.len()).min(u.len());
+        let n8 = n / 8 * 8;
+        let one = _mm256_set1_ps(1.0);
+        let zero = _mm256_setzero_ps();
+        let (gp, up, op) = (g.as_ptr(), u.as_ptr(), out.as_mut_ptr());
+        let mut i = 0;
+        while i < n8 {
+            let x = _mm256_loadu_ps(gp.add(i));
+            let e = exp8(_mm256_sub_ps(zero, x));
+            let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(op.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.add(i))));
+            i += 8;
+        }
+        for j in n8..n {
+            out[j] = super::silu_one(g[j]) * u[j];
         }
     }
 
@@ -165,6 +185,35 @@ mod avx2 {
 fn gelu_tanh_one(x: f32) -> f32 {
     let u = 0.797_884_6 * 0.044_715f32.mul_add(x * x * x, x);
     x / (1.0 + (-2.0 * u).exp())
+}
+
+#[inline(always)]
+fn silu_one(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Rows of a stacked `[gate | up]` output (`2·width` values each) to rows of `silu(gate) · up`
+/// (`width` values each) in `out`.
+pub fn silu_mul_rows(gate_up: &[f32], width: usize, out: &mut [f32]) {
+    let avx2 = has_avx2();
+    let rows_per_task = (CHUNK / width.max(1)).max(1);
+    out.par_chunks_mut(rows_per_task * width.max(1))
+        .zip(gate_up.par_chunks(rows_per_task * 2 * width.max(1)))
+        .for_each(|(o, gu)| {
+            for (o, gu) in o.chunks_exact_mut(width).zip(gu.chunks_exact(2 * width)) {
+                let (g, u) = gu.split_at(width);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { avx2::silu_mul(g, u, o) };
+                    continue;
+                }
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = silu_one(g) * u;
+                }
+            }
+        });
+    let _ = avx2;
 }
 
 fn gelu_tanh_chunk(xs: &mut [f32], avx2: bool) {
@@ -263,7 +312,9 @@ mod tests {
             let mut out = [1f32; 8];
             let inf = [f32::NEG_INFINITY, -90.0, -1e30, 0.0, 1.0, -87.0, 2.0, 3.0];
             // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp8(_mm256_loadu_ps(inf.as_ptr()))) };
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp8(_mm256_loadu_ps(inf.as_ptr())))
+            };
             assert_eq!(&out[..3], &[0.0, 0.0, 0.0]);
             assert_eq!(out[3], 1.0);
         }
@@ -272,14 +323,45 @@ mod tests {
     /// GELU against the f64 tanh formula, with lengths that leave vector remainders.
     #[test]
     fn gelu_matches_tanh_formula() {
-        let xs: Vec<f32> = (0..20_011).map(|i| (i as f32 - 10_000.0) * 1.3e-3).collect();
+        let xs: Vec<f32> = (0..20_011)
+            .map(|i| (i as f32 - 10_000.0) * 1.3e-3)
+            .collect();
         let mut ys = xs.clone();
         gelu_tanh(&mut ys);
         for (&x, &y) in xs.iter().zip(&ys) {
             let x64 = x as f64;
-            let want =
-                0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
-            assert!((y as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3), "gelu({x}) = {y}, want {want}");
+            let want = 0.5
+                * x64
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3)))
+                        .tanh());
+            assert!(
+                (y as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "gelu({x}) = {y}, want {want}"
+            );
+        }
+    }
+
+    /// `silu(gate) · up` over stacked rows against f64, with a width that leaves vector remainders.
+    #[test]
+    fn silu_mul_matches_formula() {
+        let (rows, width) = (5, 37);
+        let gu: Vec<f32> = (0..rows * 2 * width)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 11.0)
+            .collect();
+        let mut out = vec![0f32; rows * width];
+        silu_mul_rows(&gu, width, &mut out);
+        for r in 0..rows {
+            for j in 0..width {
+                let g = f64::from(gu[r * 2 * width + j]);
+                let u = f64::from(gu[r * 2 * width + width + j]);
+                let want = g / (1.0 + (-g).exp()) * u;
+                let got = f64::from(out[r * width + j]);
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{got} vs {want}"
+                );
+            }
         }
     }
 
@@ -290,7 +372,9 @@ mod tests {
         let mut bias = vec![0f32; n];
         bias[3] = f32::NEG_INFINITY;
         bias[30] = f32::NEG_INFINITY;
-        let mut xs: Vec<f32> = (0..3 * n).map(|i| ((i * 7919 % 97) as f32 - 48.0) * 0.37).collect();
+        let mut xs: Vec<f32> = (0..3 * n)
+            .map(|i| ((i * 7919 % 97) as f32 - 48.0) * 0.37)
+            .collect();
         let orig = xs.clone();
         softmax_rows(&mut xs, n, Some(&bias));
         for r in 0..3 {
@@ -300,11 +384,19 @@ mod tests {
                 .zip(&bias)
                 .map(|(&x, &b)| (x + b) as f64)
                 .fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = row.iter().zip(&bias).map(|(&x, &b)| ((x + b) as f64 - m).exp()).collect();
+            let e: Vec<f64> = row
+                .iter()
+                .zip(&bias)
+                .map(|(&x, &b)| ((x + b) as f64 - m).exp())
+                .collect();
             let s: f64 = e.iter().sum();
             for j in 0..n {
                 let got = xs[r * n + j] as f64;
-                assert!((got - e[j] / s).abs() < 1e-6, "row {r} col {j}: {got} vs {}", e[j] / s);
+                assert!(
+                    (got - e[j] / s).abs() < 1e-6,
+                    "row {r} col {j}: {got} vs {}",
+                    e[j] / s
+                );
             }
             assert_eq!(xs[r * n + 3], 0.0);
         }

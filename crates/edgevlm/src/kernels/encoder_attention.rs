@@ -74,74 +74,76 @@ pub fn encoder_attention(
     thread_local! {
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    (0..batch * heads * blocks).into_par_iter().for_each(|task| {
-        let b = task / (heads * blocks);
-        let h = task / blocks % heads;
-        let q0 = task % blocks * QUERY_BLOCK;
-        let qn = QUERY_BLOCK.min(seq - q0);
-        let row0 = b * seq;
-        let col = h * d;
-        SCORES.with_borrow_mut(|scores| {
-            if scores.len() < qn * seq {
-                scores.resize(qn * seq, 0.0);
-            }
-            // SAFETY: every pointer and stride stays inside its slice, as asserted above: rows
-            // row0+q0 .. row0+q0+qn of q and row0 .. row0+seq of k/v, columns col..col+d; the scores
-            // buffer holds qn × seq values. The output block (rows row0+q0.., columns col..col+d) is
-            // written by this task only (tasks differ in batch, head or query block).
-            unsafe {
-                // scores (qn × seq) = scale · Q_blk (qn × d) · Kᵀ (d × seq)
-                gemm::gemm(
-                    qn,
-                    seq,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    seq as isize,
-                    false,
-                    q.data.as_ptr().add(q.offset + (row0 + q0) * q.stride + col),
-                    1,
-                    q.stride as isize,
-                    k.data.as_ptr().add(k.offset + row0 * k.stride + col),
-                    k.stride as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            let bias = key_bias.map(|kb| &kb[row0..row0 + seq]);
-            softmax_rows(&mut scores[..qn * seq], seq, bias);
-            // SAFETY: as above.
-            unsafe {
-                // out block (qn × d) = P (qn × seq) · V (seq × d)
-                gemm::gemm(
-                    qn,
-                    d,
-                    seq,
-                    (out_addr as *mut f32).add((row0 + q0) * hd + col),
-                    1,
-                    hd as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    seq as isize,
-                    v.data.as_ptr().add(v.offset + row0 * v.stride + col),
-                    1,
-                    v.stride as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        })
-    });
+    (0..batch * heads * blocks)
+        .into_par_iter()
+        .for_each(|task| {
+            let b = task / (heads * blocks);
+            let h = task / blocks % heads;
+            let q0 = task % blocks * QUERY_BLOCK;
+            let qn = QUERY_BLOCK.min(seq - q0);
+            let row0 = b * seq;
+            let col = h * d;
+            SCORES.with_borrow_mut(|scores| {
+                if scores.len() < qn * seq {
+                    scores.resize(qn * seq, 0.0);
+                }
+                // SAFETY: every pointer and stride stays inside its slice, as asserted above: rows
+                // row0+q0 .. row0+q0+qn of q and row0 .. row0+seq of k/v, columns col..col+d; the scores
+                // buffer holds qn × seq values. The output block (rows row0+q0.., columns col..col+d) is
+                // written by this task only (tasks differ in batch, head or query block).
+                unsafe {
+                    // scores (qn × seq) = scale · Q_blk (qn × d) · Kᵀ (d × seq)
+                    gemm::gemm(
+                        qn,
+                        seq,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        seq as isize,
+                        false,
+                        q.data.as_ptr().add(q.offset + (row0 + q0) * q.stride + col),
+                        1,
+                        q.stride as isize,
+                        k.data.as_ptr().add(k.offset + row0 * k.stride + col),
+                        k.stride as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let bias = key_bias.map(|kb| &kb[row0..row0 + seq]);
+                softmax_rows(&mut scores[..qn * seq], seq, bias);
+                // SAFETY: as above.
+                unsafe {
+                    // out block (qn × d) = P (qn × seq) · V (seq × d)
+                    gemm::gemm(
+                        qn,
+                        d,
+                        seq,
+                        (out_addr as *mut f32).add((row0 + q0) * hd + col),
+                        1,
+                        hd as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        seq as isize,
+                        v.data.as_ptr().add(v.offset + row0 * v.stride + col),
+                        1,
+                        v.stride as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            })
+        });
 }
 
 #[cfg(test)]
@@ -176,7 +178,15 @@ mod tests {
             heads,
             head_dim: d,
         };
-        encoder_attention(view(0), view(hd), view(2 * hd), shape, scale, Some(&bias), &mut out);
+        encoder_attention(
+            view(0),
+            view(hd),
+            view(2 * hd),
+            shape,
+            scale,
+            Some(&bias),
+            &mut out,
+        );
         let at = |r: usize, c: usize| f64::from(fused[r * stride + c]);
         let mut worst = 0f64;
         for b in 0..batch {

@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::nn::Weights;
+use super::nn::{LoadOptions, Weights};
 use super::text::TextModel;
 use super::vision::{Connector, VisionTransformer};
 use crate::config::Idefics3Config;
@@ -22,8 +22,18 @@ impl Idefics3 {
     /// `lm_head`).
     pub fn load(w: &Weights, cfg: &Idefics3Config) -> Result<Self> {
         let m = w.pp("model");
+        // `skip_vision` keeps the vision tower dense while the rest quantizes on load.
+        let dense = LoadOptions {
+            quantize: None,
+            ..w.opts.clone()
+        };
+        let vision_w = if w.opts.skip_vision {
+            m.with_opts(&dense)
+        } else {
+            m.clone()
+        };
         Ok(Self {
-            vision: VisionTransformer::load(&m.pp("vision_model"), &cfg.vision)?,
+            vision: VisionTransformer::load(&vision_w.pp("vision_model"), &cfg.vision)?,
             connector: Connector::load(
                 &m.pp("connector"),
                 cfg.vision.hidden_size,

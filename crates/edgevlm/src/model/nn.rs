@@ -23,6 +23,8 @@ pub struct LoadOptions {
     pub checkpoint_quant: Option<CheckpointQuant>,
     /// Expand block-quantized GGUF weights to dense `dtype` (a full-precision reference of them).
     pub dequantize: bool,
+    /// Leave the vision tower in full precision when `quantize` is set.
+    pub skip_vision: bool,
 }
 
 impl LoadOptions {
@@ -33,6 +35,7 @@ impl LoadOptions {
             quantize: None,
             checkpoint_quant: None,
             dequantize: false,
+            skip_vision: false,
         }
     }
 }
@@ -128,6 +131,18 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// The same view loading with other options.
+    pub fn with_opts<'b>(&self, opts: &'b LoadOptions) -> Weights<'b>
+    where
+        'a: 'b,
+    {
+        Weights {
+            store: self.store,
+            prefix: self.prefix.clone(),
+            opts,
+        }
+    }
+
     pub fn path(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_string()
@@ -219,6 +234,17 @@ impl Linear {
         }
     }
 
+    /// The output width.
+    pub fn out_features(&self) -> usize {
+        use candle_core::quantized::QMatMul;
+        match &self.weight {
+            LinearWeight::Dense { w } => w.dims()[0],
+            LinearWeight::Affine(q) => q.out_dim,
+            LinearWeight::Ggml(QMatMul::QTensor(q)) => q.shape().dims()[0],
+            LinearWeight::Ggml(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
+        }
+    }
+
     pub fn weight(&self) -> &LinearWeight {
         &self.weight
     }
@@ -302,6 +328,54 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// Projections that read the same input (Q/K/V, gate/up): one stacked product `[y₁ | y₂ | …]` where
+/// the weights can be stacked, separate products otherwise (GGML block types).
+#[derive(Debug, Clone)]
+pub enum ProjectionGroup {
+    Fused { linear: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl ProjectionGroup {
+    /// `parts` with their output widths.
+    pub fn new(parts: Vec<(Linear, usize)>) -> Result<Self> {
+        let refs: Vec<&Linear> = parts.iter().map(|(l, _)| l).collect();
+        Ok(match Linear::fuse(&refs)? {
+            Some(linear) => Self::Fused {
+                linear,
+                widths: parts.iter().map(|(_, w)| *w).collect(),
+            },
+            None => Self::Separate(parts.into_iter().map(|(l, _)| l).collect()),
+        })
+    }
+
+    /// The stacked layer, when there is one.
+    pub fn fused(&self) -> Option<&Linear> {
+        match self {
+            Self::Fused { linear, .. } => Some(linear),
+            Self::Separate(_) => None,
+        }
+    }
+
+    /// Each projection's output `(..., width)` (views into the stacked output when fused).
+    pub fn forward_each(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Fused { linear, widths } => {
+                let y = linear.forward(x)?;
+                let last = y.rank() - 1;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(widths.len());
+                for &w in widths {
+                    out.push(y.narrow(last, start, w)?);
+                    start += w;
+                }
+                Ok(out)
+            }
+            Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
     }
 }
 
@@ -461,6 +535,28 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `silu(gate) · up` from a stacked `[gate | up]` output `(..., 2·width)`: the vectorised kernel for f32
+/// CPU tensors, candle's ops otherwise.
+pub fn silu_mul_stacked(gate_up: &Tensor, width: usize) -> Result<Tensor> {
+    let out = with_cpu_f32(gate_up, |xs| {
+        let mut out = vec![0f32; xs.len() / 2];
+        crate::kernels::elementwise::silu_mul_rows(xs, width, &mut out);
+        out
+    })?;
+    let mut dims = gate_up.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = width;
+    }
+    match out {
+        Some(v) => Ok(Tensor::from_vec(v, dims, gate_up.device())?),
+        None => {
+            let last = gate_up.rank() - 1;
+            let g = candle_nn::ops::silu(&gate_up.narrow(last, 0, width)?)?;
+            Ok((g * gate_up.narrow(last, width, width)?)?)
+        }
+    }
+}
+
 /// Read an MLX-quantized layer: `weight` packed u32, `scales`/`biases` in a float type.
 fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeight> {
     let module = w.prefix().to_string();
@@ -571,4 +667,73 @@ fn affine_forward(q: &AffineWeight, x: &Tensor) -> Result<Tensor> {
         *last = q.out_dim;
     }
     Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104729) % 211) as f32 / 105.0 - 1.0)
+            .collect()
+    }
+
+    /// A stacked layer gives each part's output side by side, bit for bit, dense and quantized.
+    #[test]
+    fn fused_projections_equal_separate_ones() {
+        let dev = Device::Cpu;
+        let (k, widths) = (64, [48usize, 16, 16]);
+        let x = Tensor::from_vec(values(3 * k, 9), (1, 3, k), &dev).unwrap();
+        for quantized in [false, true] {
+            let parts: Vec<(Linear, usize)> = widths
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let w = values(n * k, i);
+                    let bias = Some(Tensor::from_vec(values(n, 50 + i), n, &dev).unwrap());
+                    let l = if quantized {
+                        let spec = QuantSpec::new(4, 32).unwrap();
+                        Linear::affine(AffineWeight::quantize(&w, n, k, spec, "t").unwrap(), bias)
+                    } else {
+                        Linear::dense(&Tensor::from_vec(w, (n, k), &dev).unwrap(), bias).unwrap()
+                    };
+                    (l, n)
+                })
+                .collect();
+            let separate: Vec<Vec<f32>> = parts
+                .iter()
+                .map(|(l, _)| {
+                    l.forward(&x)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            let group = ProjectionGroup::new(parts).unwrap();
+            assert!(group.fused().is_some(), "quantized={quantized}: not fused");
+            for (got, want) in group.forward_each(&x).unwrap().iter().zip(&separate) {
+                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(&got, want, "quantized={quantized}");
+            }
+        }
+    }
+
+    /// Parts that cannot be stacked (different input sizes, or biases on some parts only) stay apart.
+    #[test]
+    fn unstackable_parts_stay_separate() {
+        let dev = Device::Cpu;
+        let a = Linear::dense(&Tensor::zeros((4, 8), DType::F32, &dev).unwrap(), None).unwrap();
+        let b = Linear::dense(&Tensor::zeros((4, 16), DType::F32, &dev).unwrap(), None).unwrap();
+        let c = Linear::dense(
+            &Tensor::zeros((4, 8), DType::F32, &dev).unwrap(),
+            Some(Tensor::zeros(4, DType::F32, &dev).unwrap()),
+        )
+        .unwrap();
+        assert!(Linear::fuse(&[&a, &b]).unwrap().is_none());
+        assert!(Linear::fuse(&[&a, &c]).unwrap().is_none());
+        assert!(Linear::fuse(&[&a, &a]).unwrap().is_some());
+    }
 }

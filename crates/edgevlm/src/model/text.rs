@@ -3,7 +3,9 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::kv_cache::KvCache;
-use super::nn::{attention, Embedding, Linear, RmsNorm, Weights};
+use super::nn::{
+    attention, silu_mul_stacked, Embedding, Linear, ProjectionGroup, RmsNorm, Weights,
+};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 
@@ -53,8 +55,9 @@ impl Rope {
     }
 }
 
-/// One decoder block. The fields are open to loaders of other file formats (GGUF).
-pub struct DecoderLayer {
+/// The weights of one decoder block as a checkpoint holds them, open to loaders of other file formats
+/// (GGUF); [`DecoderLayer::new`] stacks the projections that share an input.
+pub struct DecoderParts {
     pub input_norm: RmsNorm,
     pub q: Linear,
     pub k: Linear,
@@ -69,13 +72,46 @@ pub struct DecoderLayer {
     pub head_dim: usize,
 }
 
+/// One decoder block: Q/K/V and gate/up each run as one stacked product where the weights allow.
+pub struct DecoderLayer {
+    input_norm: RmsNorm,
+    /// `[q | k | v]`.
+    qkv: ProjectionGroup,
+    o: Linear,
+    post_norm: RmsNorm,
+    /// `[gate | up]`.
+    gate_up: ProjectionGroup,
+    intermediate: usize,
+    down: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
 impl DecoderLayer {
+    pub fn new(p: DecoderParts) -> Result<Self> {
+        let (q_w, kv_w) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
+        let intermediate = p.gate.out_features();
+        Ok(Self {
+            input_norm: p.input_norm,
+            qkv: ProjectionGroup::new(vec![(p.q, q_w), (p.k, kv_w), (p.v, kv_w)])?,
+            o: p.o,
+            post_norm: p.post_norm,
+            gate_up: ProjectionGroup::new(vec![(p.gate, intermediate), (p.up, intermediate)])?,
+            intermediate,
+            down: p.down,
+            heads: p.heads,
+            kv_heads: p.kv_heads,
+            head_dim: p.head_dim,
+        })
+    }
+
     fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let a = w.pp("self_attn");
         let m = w.pp("mlp");
         let ab = cfg.attention_bias;
-        Ok(Self {
+        Self::new(DecoderParts {
             input_norm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
             q: Linear::load(&a.pp("q_proj"), h, cfg.num_attention_heads * d, ab)?,
             k: Linear::load(&a.pp("k_proj"), h, cfg.num_key_value_heads * d, ab)?,
@@ -106,9 +142,13 @@ impl DecoderLayer {
         let heads = |t_: Tensor, n: usize| -> Result<Tensor> {
             Ok(t_.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&heads(self.q.forward(&y)?, self.heads)?, offset)?;
-        let k = rope.apply(&heads(self.k.forward(&y)?, self.kv_heads)?, offset)?;
-        let v = heads(self.v.forward(&y)?, self.kv_heads)?;
+        let mut qkv = self.qkv.forward_each(&y)?.into_iter();
+        let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            return Err(Error::Request("attention projections missing".into()));
+        };
+        let q = rope.apply(&heads(q, self.heads)?, offset)?;
+        let k = rope.apply(&heads(k, self.kv_heads)?, offset)?;
+        let v = heads(v, self.kv_heads)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         if t == 1 && b == 1 && mask.is_none() {
             if let Some(o) = decode_attention(&q, &k, &v, self.kv_heads, d)? {
@@ -150,8 +190,18 @@ impl DecoderLayer {
     /// The residual MLP half of the block.
     fn mlp(&self, x: Tensor) -> Result<Tensor> {
         let y = self.post_norm.forward(&x)?;
-        let g = candle_nn::ops::silu(&self.gate.forward(&y)?)?;
-        let y = self.down.forward(&(g * self.up.forward(&y)?)?)?;
+        let act = match &self.gate_up {
+            ProjectionGroup::Fused { linear, .. } => {
+                silu_mul_stacked(&linear.forward(&y)?, self.intermediate)?
+            }
+            ProjectionGroup::Separate(ls) => {
+                let (Some(g), Some(u)) = (ls.first(), ls.get(1)) else {
+                    return Err(Error::Request("MLP projections missing".into()));
+                };
+                (candle_nn::ops::silu(&g.forward(&y)?)? * u.forward(&y)?)?
+            }
+        };
+        let y = self.down.forward(&act)?;
         Ok((x + y)?)
     }
 }

@@ -3,16 +3,9 @@
 
 use candle_core::Tensor;
 
-use super::nn::{attention, gelu_tanh, with_cpu_f32, LayerNorm, Linear, Weights};
+use super::nn::{attention, gelu_tanh, with_cpu_f32, LayerNorm, Linear, ProjectionGroup, Weights};
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
-
-/// The query, key and value projections: one stacked product where the weights allow it.
-enum QkvProjection {
-    /// `[q | k | v]` side by side in each output row.
-    Fused(Linear),
-    Separate(Linear, Linear, Linear),
-}
 
 /// Padding keys of each tile: `bias[b·n + j]` is 0 for a real patch, -inf for padding.
 struct KeyMask {
@@ -23,7 +16,8 @@ struct KeyMask {
 
 struct EncoderLayer {
     ln1: LayerNorm,
-    qkv: QkvProjection,
+    /// `[q | k | v]`.
+    qkv: ProjectionGroup,
     out: Linear,
     ln2: LayerNorm,
     fc1: Linear,
@@ -40,10 +34,7 @@ impl EncoderLayer {
         let q = Linear::load(&a.pp("q_proj"), h, h, true)?;
         let k = Linear::load(&a.pp("k_proj"), h, h, true)?;
         let v = Linear::load(&a.pp("v_proj"), h, h, true)?;
-        let qkv = match Linear::fuse(&[&q, &k, &v])? {
-            Some(f) => QkvProjection::Fused(f),
-            None => QkvProjection::Separate(q, k, v),
-        };
+        let qkv = ProjectionGroup::new(vec![(q, h), (k, h), (v, h)])?;
         Ok(Self {
             ln1: LayerNorm::load(&w.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
             qkv,
@@ -61,19 +52,23 @@ impl EncoderLayer {
     fn attend(&self, y: &Tensor, mask: Option<&KeyMask>) -> Result<Tensor> {
         let (b, n, h) = y.dims3()?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let (q, k, v) = match &self.qkv {
-            QkvProjection::Fused(f) => {
+        let mut parts = match self.qkv.fused() {
+            Some(f) => {
                 let qkv = f.forward(y)?;
                 if let Some(o) = self.attend_cpu(&qkv, b, n, scale as f32, mask)? {
                     return Ok(o);
                 }
-                (
+                vec![
                     qkv.narrow(2, 0, h)?,
                     qkv.narrow(2, h, h)?,
                     qkv.narrow(2, 2 * h, h)?,
-                )
+                ]
             }
-            QkvProjection::Separate(q, k, v) => (q.forward(y)?, k.forward(y)?, v.forward(y)?),
+            None => self.qkv.forward_each(y)?,
+        }
+        .into_iter();
+        let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::Request("attention projections missing".into()));
         };
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n, self.heads, self.head_dim))?

@@ -204,9 +204,18 @@ impl AffineWeight {
             spec: first.spec,
             out_dim: parts.iter().map(|p| p.out_dim).sum(),
             in_dim: first.in_dim,
-            packed: parts.iter().flat_map(|p| p.packed.iter().copied()).collect(),
-            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
-            biases: parts.iter().flat_map(|p| p.biases.iter().copied()).collect(),
+            packed: parts
+                .iter()
+                .flat_map(|p| p.packed.iter().copied())
+                .collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+            biases: parts
+                .iter()
+                .flat_map(|p| p.biases.iter().copied())
+                .collect(),
             scale_type: first.scale_type,
         })
     }
