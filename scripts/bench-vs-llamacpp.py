@@ -24,7 +24,8 @@ vision encoder f32 from the checkpoint's bf16). Both get the same 512x384 image 
 after SmolVLM's resize to a 2048 longest edge), generate --gen-tokens tokens greedily ignoring EOS, and
 are timed once per round from a cold start: vision ms per tile (llama.cpp: the median of its
 per-tile "batch encoding done" times), time to first token (image encoding plus the prompt pass),
-decode tokens/s after the image prompt, peak RSS.
+decode tokens/s after the image prompt, peak RSS. llama.cpp's last two are timed on its streamed
+output (see `llama_mtmd`).
 """
 
 import argparse
@@ -48,8 +49,9 @@ def sh(cmd, **kw):
 
 def timed(cmd, with_stderr=False):
     """Run `cmd` under GNU time; return (stdout, that process's peak RSS in MB) (and its stderr)."""
+    # errors="replace": a random-weight model's answer need not be valid UTF-8.
     proc = subprocess.run(["/usr/bin/time", "-f", "EDGEVLM_MAXRSS_KB=%M", *map(str, cmd)],
-                          text=True, capture_output=True)
+                          text=True, errors="replace", capture_output=True)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stderr[-2000:]}")
     kb = [int(l.split("=")[1]) for l in proc.stderr.splitlines() if l.startswith("EDGEVLM_MAXRSS_KB=")]
@@ -153,22 +155,48 @@ VLM_PROMPT = "Describe this image."
 
 
 def llama_mtmd(bin_dir, text, mmproj, image, a):
-    _, rss, err = timed([bin_dir / "llama-mtmd-cli", "-m", text, "--mmproj", mmproj, "--image", image,
-                         "-p", VLM_PROMPT, "-n", a.gen_tokens, "-t", a.threads, "--temp", "0",
-                         "--ignore-eos", "--perf"], with_stderr=True)
+    """One cold `llama-mtmd-cli` run. Its per-tile encode times come from its log; this build prints no
+    llama_perf summary, so the first generated token and decode speed are timed on its streamed
+    stdout: time to first token = first output byte - the log time of its first image encoding
+    (its image preprocessing, before that line, is left out), decode tokens/s = (n - 1) / (last
+    output byte - first output byte)."""
+    import tempfile
+    import time
+    cmd = ["/usr/bin/time", "-f", "EDGEVLM_MAXRSS_KB=%M", *map(str, [
+        bin_dir / "llama-mtmd-cli", "-m", text, "--mmproj", mmproj, "--image", image, "-p", VLM_PROMPT,
+        "-n", a.gen_tokens, "-t", a.threads, "--temp", "0", "--ignore-eos"])]
+    with tempfile.TemporaryFile() as errf:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf)
+        first = last = None
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            now = time.monotonic() - t0
+            if first is None and chunk.strip():
+                first = now
+            if first is not None:
+                last = now
+        proc.wait()
+        errf.seek(0)
+        err = errf.read().decode("utf-8", "replace")
+    if proc.returncode != 0:
+        sys.exit(f"llama-mtmd-cli failed:\n{err[-3000:]}")
+    kb = [int(l.split("=")[1]) for l in err.splitlines() if l.startswith("EDGEVLM_MAXRSS_KB=")]
     tiles = [float(m) for m in re.findall(r"batch encoding done in (\d+(?:\.\d+)?) ms", err)]
-    pp = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", err)
-    tg = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", err.split("prompt eval time")[-1])
-    if not tiles or not pp or not tg:
+    start = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) I encoding mtmd batch", err, re.M)
+    if not tiles or not start or first is None or last is None or last <= first:
         sys.exit(f"could not read llama-mtmd-cli's timings:\n{err[-3000:]}")
-    prompt_ms = float(pp.group(1))
+    # The log's time stamps are minutes.seconds.milliseconds.microseconds since the process started.
+    m, sec, ms, us = (int(g) for g in start.groups())
+    encode_start = m * 60 + sec + ms / 1e3 + us / 1e6
     return {
         "image_tiles": len(tiles),
         "vision_ms_per_tile": statistics.median(tiles),
-        "prompt_tokens_per_s": int(pp.group(2)) / prompt_ms * 1e3,
-        "ttft_ms": sum(tiles) + prompt_ms,
-        "decode_tokens_per_s": int(tg.group(2)) / float(tg.group(1)) * 1e3,
-        "peak_rss_mb": rss,
+        "ttft_ms": (first - encode_start) * 1e3,
+        "decode_tokens_per_s": (a.gen_tokens - 1) / (last - first),
+        "peak_rss_mb": kb[-1] / 1024.0,
     }
 
 
@@ -180,7 +208,6 @@ def edgevlm_vlm(binary, model, image, a):
     return {
         "image_tiles": r["image_tiles"],
         "vision_ms_per_tile": r["vision_ms_per_tile"],
-        "prompt_tokens_per_s": r["prompt_tokens_per_s"],
         "ttft_ms": r["ttft_ms"],
         "decode_tokens_per_s": r["decode_tokens_per_s"],
         "peak_rss_mb": rss,
@@ -189,7 +216,6 @@ def edgevlm_vlm(binary, model, image, a):
 
 VLM_METRICS = [("vision_ms_per_tile", "vision ms per 512x512 tile"),
                ("ttft_ms", "time to first token ms (13 tiles + prompt)"),
-               ("prompt_tokens_per_s", "prompt tokens/s (text pass over image tokens)"),
                ("decode_tokens_per_s", "decode tokens/s after the image prompt"),
                ("peak_rss_mb", "peak RSS MB")]
 

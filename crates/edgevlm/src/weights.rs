@@ -134,6 +134,26 @@ impl WeightStore {
         Ok((e.dtype, &e.shape, &self.files[e.file].1[e.start..e.end]))
     }
 
+    /// Drop the mapped pages of `name` from this process's memory once its values have been copied
+    /// out: a model loaded tensor by tensor then never holds the whole mapped file resident beside
+    /// its converted weights.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            // SAFETY: the map is a read-only, private mapping of a file: dropped pages are read back
+            // from the file, unchanged, if anything touches them again. A failure only costs memory.
+            let _ = unsafe {
+                self.files[e.file].1.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// The file that holds `name`, for error messages.
     pub fn file_of(&self, name: &str) -> String {
         self.entries
@@ -178,6 +198,7 @@ impl WeightStore {
         }
         let bytes = &self.files[e.file].1[e.start..e.end];
         let t = Tensor::from_raw_buffer(bytes, e.dtype, shape, &Device::Cpu)?;
+        self.release(name);
         let t = if t.dtype() == dtype {
             t
         } else {

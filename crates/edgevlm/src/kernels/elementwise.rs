@@ -28,7 +28,7 @@ fn exp_poly(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 0.166_666_65);
-    p = p.mul_add(r, 0.500_000_01);
+    p = p.mul_add(r, 0.5);
     let y = p.mul_add(r * r, r) + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -54,7 +54,7 @@ mod avx2 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166_666_65));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.500_000_01));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
         let y = _mm256_add_ps(
             _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
             _mm256_set1_ps(1.0),

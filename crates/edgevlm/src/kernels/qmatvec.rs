@@ -392,8 +392,29 @@ const PANEL_ROWS: usize = 64;
 /// `ys = xs · Wᵀ` for many inputs, panel by panel in parallel; only one panel per task is ever
 /// dequantized, exactly as `dequantize_row` does, so the product is an exact f32 GEMM.
 fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
-    let (k, n) = (w.in_dim, w.out_dim);
-    let t = xs.len() / k;
+    panel_matmul_rows(w.out_dim, w.in_dim, xs, ys, |r, row| {
+        w.dequantize_row(r, row)
+    });
+}
+
+/// `ys (t × n) = xs (t × k) · Wᵀ` for a weight `W (n × k)` stored in a compact form that `expand_row(r,
+/// out)` writes row `r` of in f32: panels of `PANEL_ROWS` rows are expanded one at a time per worker
+/// (a buffer reused across calls) and multiplied by the f32 GEMM, so the product is the exact f32
+/// product of the expanded weight while only a panel of it ever exists in f32.
+pub fn panel_matmul_rows(
+    n: usize,
+    k: usize,
+    xs: &[f32],
+    ys: &mut [f32],
+    expand_row: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let t = xs.len() / k.max(1);
+    assert!(
+        ys.len() >= t * n && xs.len() == t * k,
+        "panel product: {} inputs and {} outputs for {t} x {k} -> {n}",
+        xs.len(),
+        ys.len()
+    );
     let panels = n.div_ceil(PANEL_ROWS);
     // Each task writes a disjoint set of output columns of `ys`, passed as an address.
     let ys_addr = ys.as_mut_ptr() as usize;
@@ -409,7 +430,7 @@ fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
             let r0 = p * PANEL_ROWS;
             let rows = PANEL_ROWS.min(n - r0);
             for (i, row) in panel.chunks_exact_mut(k).take(rows).enumerate() {
-                w.dequantize_row(r0 + i, row);
+                expand_row(r0 + i, row);
             }
             // SAFETY: dst is the (t × rows) block of `ys` at column r0 (row stride n), disjoint between
             // tasks and inside `ys` (r0 + rows ≤ n); lhs is `xs` (t × k, row stride k); rhs is the

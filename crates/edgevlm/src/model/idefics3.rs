@@ -23,15 +23,19 @@ impl Idefics3 {
     pub fn load(w: &Weights, cfg: &Idefics3Config) -> Result<Self> {
         let m = w.pp("model");
         // `skip_vision` keeps the vision tower dense while the rest quantizes on load.
-        let dense = LoadOptions {
-            quantize: None,
+        // The vision tower's dense weights stay in the checkpoint's bf16/f16 and compute in f32 on
+        // the CPU (half the memory of f32 copies; products per tile are large enough that expanding
+        // a panel at a time costs nothing). `skip_vision` keeps them dense while the rest quantizes.
+        let vision_opts = LoadOptions {
+            quantize: if w.opts.skip_vision {
+                None
+            } else {
+                w.opts.quantize
+            },
+            half_weights: w.opts.device.is_cpu(),
             ..w.opts.clone()
         };
-        let vision_w = if w.opts.skip_vision {
-            m.with_opts(&dense)
-        } else {
-            m.clone()
-        };
+        let vision_w = m.with_opts(&vision_opts);
         Ok(Self {
             vision: VisionTransformer::load(&vision_w.pp("vision_model"), &cfg.vision)?,
             connector: Connector::load(

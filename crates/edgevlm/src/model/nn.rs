@@ -25,6 +25,9 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// Leave the vision tower in full precision when `quantize` is set.
     pub skip_vision: bool,
+    /// Keep dense linear weights stored in bf16/f16 in that type and compute in f32 (CPU, f32 models):
+    /// half the memory of expanding them, the same products.
+    pub half_weights: bool,
 }
 
 impl LoadOptions {
@@ -36,6 +39,7 @@ impl LoadOptions {
             checkpoint_quant: None,
             dequantize: false,
             skip_vision: false,
+            half_weights: false,
         }
     }
 }
@@ -176,6 +180,9 @@ pub enum LinearWeight {
     /// Dense `(out, in)`, contiguous, as checkpoints store it: one token runs the row-wise mat-vec
     /// kernel, several tokens the GEMM on the transposed view.
     Dense { w: Tensor },
+    /// Dense `(out, in)` kept in the checkpoint's bf16 or f16 and computed in f32: each product
+    /// expands it one panel at a time (exactly: every 16-bit value is an f32).
+    Half { w: Tensor },
     /// MLX-style affine groups, run by edgevlm's CPU kernels.
     Affine(Arc<AffineWeight>),
     /// A GGUF block type with no exact affine form (k-quants, Q5), run by candle's quantized kernels.
@@ -201,6 +208,16 @@ impl Linear {
         if w.contains("scales") {
             let q = load_affine(w, in_dim, out_dim)?;
             return Ok(Self::affine(q, bias));
+        }
+        if w.opts.half_weights && w.opts.quantize.is_none() && w.opts.dtype == DType::F32 {
+            let name = w.path("weight");
+            if let (dt @ (DType::BF16 | DType::F16), _, _) = w.store().raw(&name)? {
+                let weight = w.store().get(&name, &[out_dim, in_dim], dt, &Device::Cpu)?;
+                return Ok(Self {
+                    weight: LinearWeight::Half { w: weight },
+                    bias,
+                });
+            }
         }
         let weight = w.get("weight", &[out_dim, in_dim])?;
         if let Some(spec) = w.opts.quantize {
@@ -238,7 +255,7 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         use candle_core::quantized::QMatMul;
         match &self.weight {
-            LinearWeight::Dense { w } => w.dims()[0],
+            LinearWeight::Dense { w } | LinearWeight::Half { w } => w.dims()[0],
             LinearWeight::Affine(q) => q.out_dim,
             LinearWeight::Ggml(QMatMul::QTensor(q)) => q.shape().dims()[0],
             LinearWeight::Ggml(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
@@ -284,6 +301,27 @@ impl Linear {
             }
             return Ok(Some(Self::dense(&Tensor::cat(&ws, 0)?, bias)?));
         }
+        let half: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Half { w } => Some(w),
+                _ => None,
+            })
+            .collect();
+        if let Some(ws) = half {
+            if ws
+                .windows(2)
+                .any(|w| w[0].dim(1).ok() != w[1].dim(1).ok() || w[0].dtype() != w[1].dtype())
+            {
+                return Ok(None);
+            }
+            return Ok(Some(Self {
+                weight: LinearWeight::Half {
+                    w: Tensor::cat(&ws, 0)?,
+                },
+                bias,
+            }));
+        }
         let affine: Option<Vec<&AffineWeight>> = parts
             .iter()
             .map(|p| match &p.weight {
@@ -318,6 +356,7 @@ impl Linear {
                 }
                 y.reshape(out_dims)?
             }
+            LinearWeight::Half { w } => half_forward(w, x)?,
             LinearWeight::Affine(q) => affine_forward(q, x)?,
             LinearWeight::Ggml(q) => {
                 use candle_core::Module;
@@ -398,7 +437,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => {
                 let idx = Tensor::new(ids, t.device())?;
-                Ok(t.index_select(&idx, 0)?)
+                Ok(t.index_select(&idx, 0)?.to_dtype(dtype)?)
             }
             Embedding::Affine(q) => {
                 let k = q.in_dim;
@@ -633,6 +672,9 @@ fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeigh
     };
     let (scales, st) = read_float("scales")?;
     let (biases, _) = read_float("biases")?;
+    for name in ["weight", "scales", "biases"] {
+        store.release(&w.path(name));
+    }
     let parts = AffineParts {
         packed,
         scales,
@@ -640,6 +682,55 @@ fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeigh
         scale_type: st,
     };
     AffineWeight::from_parts(spec, out_dim, in_dim, parts, &module)
+}
+
+/// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel; elsewhere the weight is
+/// converted to `x`'s type for the product.
+fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    let x2 = x.reshape((rows, k))?.contiguous()?;
+    let (ws, wl) = w.storage_and_layout();
+    let y = match &*ws {
+        candle_core::Storage::Cpu(cpu) if x.dtype() == DType::F32 && w.is_contiguous() => {
+            let start = wl.start_offset();
+            let mut y = vec![0f32; rows * n];
+            let done = with_cpu_f32(&x2, |xs| match w.dtype() {
+                DType::BF16 => {
+                    let wd = &cpu.as_slice::<half::bf16>()?[start..start + n * k];
+                    crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
+                        for (o, v) in row.iter_mut().zip(&wd[r * k..(r + 1) * k]) {
+                            *o = v.to_f32();
+                        }
+                    });
+                    Ok::<bool, Error>(true)
+                }
+                DType::F16 => {
+                    let wd = &cpu.as_slice::<half::f16>()?[start..start + n * k];
+                    crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
+                        for (o, v) in row.iter_mut().zip(&wd[r * k..(r + 1) * k]) {
+                            *o = v.to_f32();
+                        }
+                    });
+                    Ok(true)
+                }
+                _ => Ok(false),
+            })?
+            .transpose()?
+            .unwrap_or(false);
+            done.then_some(y)
+        }
+        _ => None,
+    };
+    drop(ws);
+    match y {
+        Some(y) => Ok(Tensor::from_vec(y, dims, x.device())?),
+        None => Ok(x2.matmul(&w.to_dtype(x.dtype())?.t()?)?.reshape(dims)?),
+    }
 }
 
 /// `x (..., in)` times an affine-quantized weight, on the CPU in f32 (see [`crate::kernels::qmatvec`]).

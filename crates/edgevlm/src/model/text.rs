@@ -296,14 +296,27 @@ impl TextModel {
         cfg: &TextConfig,
         tie_word_embeddings: bool,
     ) -> Result<Self> {
-        let embed_tokens = Embedding::Dense(
-            w.pp("embed_tokens")
-                .get("weight", &[cfg.vocab_size, cfg.hidden_size])?,
-        );
+        let tied = tie_word_embeddings && !head.contains("weight");
+        let table = w.pp("embed_tokens");
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        // An untied table is only ever looked up row by row: keep it in the checkpoint's bf16/f16
+        // (rows expand exactly to f32 when looked up) instead of an f32 copy twice the size.
+        let stored = table.store().raw(&table.path("weight"))?.0;
+        let keep_half = !tied
+            && w.opts.dtype == DType::F32
+            && w.opts.device.is_cpu()
+            && matches!(stored, DType::BF16 | DType::F16);
+        let embed_tokens = Embedding::Dense(if keep_half {
+            table
+                .store()
+                .get(&table.path("weight"), &shape, stored, &w.opts.device)?
+        } else {
+            table.get("weight", &shape)?
+        });
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if tie_word_embeddings && !head.contains("weight") {
+        let lm_head = if tied {
             embed_tokens.tied_head()?
         } else {
             Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
