@@ -20,7 +20,7 @@ builds it) converted by llama.cpp's own `convert_hf_to_gguf.py` into a text GGUF
 `llama-quantize` to --vlm-text-quant, Q4_1 by default: 4-bit codes with a scale and a minimum per 32
 weights, the layout of edgevlm's `--quant q4` groups of 32) and an F16 mmproj (the vision encoder and
 connector). llama.cpp runs `llama-mtmd-cli`; edgevlm runs `bench --quant q4 --skip-vision` (text 4-bit,
-vision encoder f32 from the checkpoint's bf16). Both get the same 512x384 image (13 tiles of 512x512
+vision encoder in the checkpoint's bf16, computed in f32). Both get the same 512x384 image (13 tiles of 512x512
 after SmolVLM's resize to a 2048 longest edge), generate --gen-tokens tokens greedily ignoring EOS, and
 are timed once per round from a cold start: vision ms per tile (llama.cpp: the median of its
 per-tile "batch encoding done" times), time to first token (image encoding plus the prompt pass),
@@ -266,7 +266,8 @@ def main():
         print(f"SmolVLM-256M (random full-size weights), {a.threads} threads, 512x384 image "
               f"({vlm['edgevlm']['image_tiles']:.0f} / {vlm['llama.cpp']['image_tiles']:.0f} tiles), "
               f"tg{a.gen_tokens}; text {a.vlm_text_quant} (llama.cpp) / q4 groups of 32 (edgevlm); "
-              f"vision f16 (llama.cpp) / f32 (edgevlm); {a.rounds} alternating rounds (medians)")
+              f"vision f16 (llama.cpp) / bf16 weights computed in f32 (edgevlm); "
+              f"{a.rounds} alternating rounds (medians)")
         print("| metric | edgevlm | llama.cpp | edgevlm / llama.cpp |")
         print("| --- | --- | --- | --- |")
         for k, label in VLM_METRICS:
