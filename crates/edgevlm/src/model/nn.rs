@@ -699,22 +699,20 @@ fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
         candle_core::Storage::Cpu(cpu) if x.dtype() == DType::F32 && w.is_contiguous() => {
             let start = wl.start_offset();
             let mut y = vec![0f32; rows * n];
+            // `convert_to_f32_slice` expands a row with F16C / vector shifts where the CPU has them.
+            use half::slice::HalfFloatSliceExt;
             let done = with_cpu_f32(&x2, |xs| match w.dtype() {
                 DType::BF16 => {
                     let wd = &cpu.as_slice::<half::bf16>()?[start..start + n * k];
                     crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
-                        for (o, v) in row.iter_mut().zip(&wd[r * k..(r + 1) * k]) {
-                            *o = v.to_f32();
-                        }
+                        wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
                     });
                     Ok::<bool, Error>(true)
                 }
                 DType::F16 => {
                     let wd = &cpu.as_slice::<half::f16>()?[start..start + n * k];
                     crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
-                        for (o, v) in row.iter_mut().zip(&wd[r * k..(r + 1) * k]) {
-                            *o = v.to_f32();
-                        }
+                        wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
                     });
                     Ok(true)
                 }
