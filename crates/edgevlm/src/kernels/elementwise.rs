@@ -70,23 +70,24 @@ mod avx2 {
     /// `x / (1 + exp(-2u))` with `u = √(2/π)(x + 0.044715 x³)`: the tanh-form GELU
     /// `0.5 x (1 + tanh u)` rewritten without cancellation.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gelu_tanh(xs: &mut [f32]) {
-        let n8 = xs.len() / 8 * 8;
+    pub unsafe fn gelu_tanh(xs: &[f32], out: &mut [f32]) {
+        let n = xs.len().min(out.len());
+        let n8 = n / 8 * 8;
         let c = _mm256_set1_ps(-2.0 * 0.797_884_6);
         let a = _mm256_set1_ps(0.044_715);
         let one = _mm256_set1_ps(1.0);
-        let p = xs.as_mut_ptr();
+        let (src, dst) = (xs.as_ptr(), out.as_mut_ptr());
         let mut i = 0;
         while i < n8 {
-            let x = _mm256_loadu_ps(p.add(i));
+            let x = _mm256_loadu_ps(src.add(i));
             let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
             let t = _mm256_mul_ps(c, _mm256_fmadd_ps(a, x3, x));
             let e = exp8(t);
-            _mm256_storeu_ps(p.add(i), _mm256_div_ps(x, _mm256_add_ps(one, e)));
+            _mm256_storeu_ps(dst.add(i), _mm256_div_ps(x, _mm256_add_ps(one, e)));
             i += 8;
         }
-        for x in &mut xs[n8..] {
-            *x = super::gelu_tanh_one(*x);
+        for j in n8..n {
+            out[j] = super::gelu_tanh_one(xs[j]);
         }
     }
 
@@ -216,24 +217,26 @@ pub fn silu_mul_rows(gate_up: &[f32], width: usize, out: &mut [f32]) {
     let _ = avx2;
 }
 
-fn gelu_tanh_chunk(xs: &mut [f32], avx2: bool) {
+fn gelu_tanh_chunk(xs: &[f32], out: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: the CPU has AVX2 and FMA (checked by the caller).
-        unsafe { avx2::gelu_tanh(xs) };
+        unsafe { avx2::gelu_tanh(xs, out) };
         return;
     }
     let _ = avx2;
-    for x in xs {
-        *x = gelu_tanh_one(*x);
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = gelu_tanh_one(x);
     }
 }
 
-/// In place, `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))` (PyTorch's `gelu(approximate="tanh")`).
-pub fn gelu_tanh(xs: &mut [f32]) {
+/// `out = 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))` (PyTorch's `gelu(approximate="tanh")`), one
+/// parallel pass from `xs` into `out`.
+pub fn gelu_tanh(xs: &[f32], out: &mut [f32]) {
     let avx2 = has_avx2();
-    xs.par_chunks_mut(CHUNK)
-        .for_each(|c| gelu_tanh_chunk(c, avx2));
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .for_each(|(o, x)| gelu_tanh_chunk(x, o, avx2));
 }
 
 /// In place, each row (`row_len` values) becomes `softmax(row + bias)`; `bias` (`row_len` values, 0
@@ -326,8 +329,8 @@ mod tests {
         let xs: Vec<f32> = (0..20_011)
             .map(|i| (i as f32 - 10_000.0) * 1.3e-3)
             .collect();
-        let mut ys = xs.clone();
-        gelu_tanh(&mut ys);
+        let mut ys = vec![0f32; xs.len()];
+        gelu_tanh(&xs, &mut ys);
         for (&x, &y) in xs.iter().zip(&ys) {
             let x64 = x as f64;
             let want = 0.5

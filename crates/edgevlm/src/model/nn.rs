@@ -280,6 +280,9 @@ impl Linear {
     /// (`[y₁ | y₂ | …]`): one product instead of several (QKV, gate/up). `None` where the weights
     /// cannot be stacked (GGML blocks, different formats, biases on some parts only).
     pub fn fuse(parts: &[&Linear]) -> Result<Option<Linear>> {
+        if parts.is_empty() {
+            return Ok(None);
+        }
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
             let b: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
             Some(Tensor::cat(&b, 0)?)
@@ -288,38 +291,31 @@ impl Linear {
         } else {
             return Ok(None);
         };
-        let dense: Option<Vec<&Tensor>> = parts
+        // Dense weights stack with dense ones, 16-bit with 16-bit of the same type: one `cat`.
+        let plain: Option<Vec<(&Tensor, bool)>> = parts
             .iter()
             .map(|p| match &p.weight {
-                LinearWeight::Dense { w } => Some(w),
+                LinearWeight::Dense { w } => Some((w, false)),
+                LinearWeight::Half { w } => Some((w, true)),
                 _ => None,
             })
             .collect();
-        if let Some(ws) = dense {
-            if ws.windows(2).any(|w| w[0].dim(1).ok() != w[1].dim(1).ok()) {
+        if let Some(ws) = plain {
+            let (first, half) = ws[0];
+            if ws.iter().any(|&(w, h)| {
+                h != half || w.dtype() != first.dtype() || w.dim(1).ok() != first.dim(1).ok()
+            }) {
                 return Ok(None);
             }
-            return Ok(Some(Self::dense(&Tensor::cat(&ws, 0)?, bias)?));
-        }
-        let half: Option<Vec<&Tensor>> = parts
-            .iter()
-            .map(|p| match &p.weight {
-                LinearWeight::Half { w } => Some(w),
-                _ => None,
-            })
-            .collect();
-        if let Some(ws) = half {
-            if ws
-                .windows(2)
-                .any(|w| w[0].dim(1).ok() != w[1].dim(1).ok() || w[0].dtype() != w[1].dtype())
-            {
-                return Ok(None);
-            }
-            return Ok(Some(Self {
-                weight: LinearWeight::Half {
-                    w: Tensor::cat(&ws, 0)?,
-                },
-                bias,
+            let ts: Vec<&Tensor> = ws.iter().map(|&(w, _)| w).collect();
+            let w = Tensor::cat(&ts, 0)?;
+            return Ok(Some(if half {
+                Self {
+                    weight: LinearWeight::Half { w },
+                    bias,
+                }
+            } else {
+                Self::dense(&w, bias)?
             }));
         }
         let affine: Option<Vec<&AffineWeight>> = parts
@@ -564,8 +560,8 @@ pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option
 /// candle's op otherwise.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     let out = with_cpu_f32(x, |xs| {
-        let mut out = xs.to_vec();
-        crate::kernels::elementwise::gelu_tanh(&mut out);
+        let mut out = vec![0f32; xs.len()];
+        crate::kernels::elementwise::gelu_tanh(xs, &mut out);
         out
     })?;
     match out {
