@@ -9,7 +9,7 @@ use edgevlm::image::{load_image_path, process_image, ImageProcessorConfig};
 use edgevlm::kernels::attention::{decode_attention, CacheView, KvView};
 use edgevlm::kernels::qmatvec::affine_matmul;
 use edgevlm::model::nn::{attention, LayerNorm, RmsNorm};
-use edgevlm::quant::{AffineWeight, QuantSpec};
+use edgevlm::quant::{AffineWeight, QuantSpec, ScaleType};
 use std::hint::black_box;
 
 const HIDDEN: usize = 576;
@@ -23,13 +23,13 @@ const V_HIDDEN: usize = 768;
 const V_HEADS: usize = 12;
 const V_MLP: usize = 3072;
 
-/// A deterministic pseudo-random `(n, k)` weight, quantized.
-fn weight(n: usize, k: usize, bits: u32) -> AffineWeight {
+/// A deterministic pseudo-random `(n, k)` weight, quantized with scales and biases held in `store`.
+fn weight(n: usize, k: usize, bits: u32, store: ScaleType) -> AffineWeight {
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i.wrapping_mul(2654435761) % 1000) as f32 / 500.0 - 1.0) * 0.05)
         .collect();
     let spec = QuantSpec::new(bits, 32).expect("valid spec");
-    AffineWeight::quantize(&w, n, k, spec, "bench").expect("quantize")
+    AffineWeight::quantize(&w, n, k, spec, store, "bench").expect("quantize")
 }
 
 fn inputs(t: usize, k: usize) -> Vec<f32> {
@@ -38,10 +38,16 @@ fn inputs(t: usize, k: usize) -> Vec<f32> {
         .collect()
 }
 
-/// One token through each projection shape (decode), 4- and 8-bit.
+/// One token through each projection shape (decode), 4- and 8-bit, scales and biases in f16 (as GGUF
+/// blocks load) and f32.
 fn matvec(c: &mut Criterion) {
     let mut g = c.benchmark_group("qmatvec");
-    for bits in [4u32, 8] {
+    for (bits, store, kind) in [
+        (4u32, ScaleType::F16, ""),
+        (8, ScaleType::F16, ""),
+        (4, ScaleType::F32, "_f32scales"),
+        (8, ScaleType::F32, "_f32scales"),
+    ] {
         for (name, n, k) in [
             ("q_o_576x576", HIDDEN, HIDDEN),
             ("kv_192x576", 192, HIDDEN),
@@ -49,11 +55,11 @@ fn matvec(c: &mut Criterion) {
             ("down_576x1536", HIDDEN, MLP),
             ("head_49152x576", VOCAB, HIDDEN),
         ] {
-            let w = weight(n, k, bits);
+            let w = weight(n, k, bits, store);
             let x = inputs(1, k);
             let mut y = vec![0f32; n];
             g.throughput(Throughput::Bytes((n * k * bits as usize / 8) as u64));
-            g.bench_function(BenchmarkId::new(format!("q{bits}"), name), |b| {
+            g.bench_function(BenchmarkId::new(format!("q{bits}{kind}"), name), |b| {
                 b.iter(|| affine_matmul(black_box(&w), black_box(&x), &mut y))
             });
         }
@@ -70,7 +76,7 @@ fn matmul(c: &mut Criterion) {
             ("gate_1536x576", MLP, HIDDEN),
             ("down_576x1536", HIDDEN, MLP),
         ] {
-            let w = weight(n, k, bits);
+            let w = weight(n, k, bits, ScaleType::F16);
             let x = inputs(512, k);
             let mut y = vec![0f32; 512 * n];
             g.throughput(Throughput::Elements((512 * n * k) as u64));

@@ -287,7 +287,12 @@ impl Loader<'_> {
             // exact f32 values (as llama-quantize --allow-requantize does).
             let values = dense_values(dtype, &bytes, rows, cols, name)?;
             return Ok(Matrix::Affine(AffineWeight::quantize(
-                &values, rows, cols, spec, name,
+                &values,
+                rows,
+                cols,
+                spec,
+                ScaleType::F16,
+                name,
             )?));
         }
         Ok(if is_float(dtype) || self.opts.dequantize {

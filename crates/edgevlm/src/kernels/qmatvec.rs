@@ -4,7 +4,9 @@
 //! products: the activations are rounded to **16-bit** integers per block of 32 (relative error below
 //! 1e-5 of the block's largest value, about 250× finer than the 8-bit activations llama.cpp and
 //! mistral.rs use), the codes are widened to 16 bits in registers, and `vpmaddwd` multiplies and pairs
-//! them. The bias term uses the exact f32 sums of `x`. Rows are split across the thread pool. One token
+//! them (on CPUs with AVX-512 VNNI, `vpdpwssd` multiplies and accumulates in one instruction, on 256-bit
+//! vectors). The bias term uses the exact f32 sums of `x`. Scales and biases are read in the f16 or f32
+//! they are held in. Rows are split across the thread pool. One token
 //! (decode) runs tiles of four weight rows that share each activation load and prefetch the next tile;
 //! a few inputs share each unpacked weight row, four at a time; 16 or more inputs (a prompt, vision
 //! tiles) run an f32 GEMM on dequantized panels.
@@ -13,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::has_avx2;
+use super::{has_avx2, has_avx512_vnni};
 
 use crate::quant::AffineWeight;
 
@@ -95,15 +97,115 @@ fn dot_row_f32(w: &AffineWeight, r: usize, x: &[f32], xsum: &[f32]) -> f32 {
                 lanes[j % 8] = q.mul_add(xs[wi * per_word + j], lanes[j % 8]);
             }
         }
-        total += lanes.iter().sum::<f32>() * w.scales[r * groups + g]
-            + w.biases[r * groups + g] * xsum[g];
+        total += lanes.iter().sum::<f32>() * w.scales.get(r * groups + g)
+            + w.biases.get(r * groups + g) * xsum[g];
+    }
+    total
+}
+
+/// Scale or bias `i` of a layer whose group values start at `p`, stored in f16 (`HALF`) or f32.
+///
+/// # Safety
+/// `p` points at the layer's group values of that type and `i` is inside them; where `HALF`, the
+/// caller is compiled with F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn group_value<const HALF: bool>(p: *const u8, i: usize) -> f32 {
+    use std::arch::x86_64::*;
+    if HALF {
+        let bits = *(p as *const u16).add(i);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    } else {
+        *(p as *const f32).add(i)
+    }
+}
+
+/// Groups of a row tile whose f16 scales are converted to f32 at once (rows of up to 8,192 inputs
+/// at groups of 32 in one go, longer ones in parts).
+#[cfg(target_arch = "x86_64")]
+const MAX_STAGED_GROUPS: usize = 256;
+
+/// Stack room for the staged scales of one row tile.
+#[cfg(target_arch = "x86_64")]
+type ScaleStage = [std::mem::MaybeUninit<f32>; ROW_TILE * MAX_STAGED_GROUPS];
+
+/// The scales of groups `g0 .. g0 + n` (n ≤ `MAX_STAGED_GROUPS`) of the row tile starting at `scales`
+/// (`groups` per row) as f32: `(p, stride)` with row j, group g0 + i at `p[j * stride + i]` — in place
+/// for f32, converted into `stage` for f16.
+///
+/// # Safety
+/// `scales` points at `ROW_TILE * groups` values of the type `HALF` says, `g0 + n ≤ groups`; the
+/// caller has F16C and AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn stage_scales<const HALF: bool>(
+    scales: *const u8,
+    groups: usize,
+    g0: usize,
+    n: usize,
+    stage: &mut ScaleStage,
+) -> (*const f32, usize) {
+    use std::arch::x86_64::*;
+    if !HALF {
+        return ((scales as *const f32).add(g0), groups);
+    }
+    let dst = stage.as_mut_ptr() as *mut f32;
+    for j in 0..ROW_TILE {
+        let (src, out) = (
+            scales.add(2 * (j * groups + g0)),
+            dst.add(j * MAX_STAGED_GROUPS),
+        );
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(2 * i) as *const __m128i));
+            _mm256_storeu_ps(out.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            *out.add(i) = group_value::<true>(src, i);
+            i += 1;
+        }
+    }
+    (dst as *const f32, MAX_STAGED_GROUPS)
+}
+
+/// The bias term of one row, `Σ_g b_g · xsum_g`, eight groups at a time.
+///
+/// # Safety
+/// `biases` points at `groups` values of the type `HALF` says, `sums` at `groups` f32; the caller has
+/// AVX, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bias_term<const HALF: bool>(biases: *const u8, sums: *const f32, groups: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    let mut g = 0;
+    while g + 8 <= groups {
+        let b = if HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(biases.add(2 * g) as *const __m128i))
+        } else {
+            _mm256_loadu_ps((biases as *const f32).add(g))
+        };
+        acc = _mm256_fmadd_ps(b, _mm256_loadu_ps(sums.add(g)), acc);
+        g += 8;
+    }
+    let v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    let mut total = _mm_cvtss_f32(v);
+    while g < groups {
+        total = group_value::<HALF>(biases, g).mul_add(*sums.add(g), total);
+        g += 1;
     }
     total
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{AffineWeight, QuantizedInputs, BLOCK, INPUT_TILE, ROW_TILE};
+    use super::{
+        bias_term, stage_scales, AffineWeight, QuantizedInputs, ScaleStage, BLOCK, INPUT_TILE,
+        ROW_TILE,
+    };
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -153,10 +255,9 @@ mod avx2 {
         // SAFETY (all loads below): the packed row holds `row_bytes` bytes, the codes `k` per input,
         // and every offset stays inside them because `k` is a multiple of the group size ≥ 32.
         let row = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
-        let scales = &w.scales[r * groups..(r + 1) * groups];
-        let biases = &w.biases[r * groups..(r + 1) * groups];
         let mut acc = [_mm256_setzero_ps(); INPUT_TILE];
-        for (g, &s) in scales.iter().enumerate() {
+        for g in 0..groups {
+            let s = w.scales.get(r * groups + g);
             for b in g * blocks_per_group..(g + 1) * blocks_per_group {
                 let (lo, hi) = unpack::<BITS>(row, b);
                 for (j, a) in acc.iter_mut().enumerate().take(n) {
@@ -173,7 +274,11 @@ mod avx2 {
         }
         for j in 0..n {
             let sums = &qi.sums[(i0 + j) * groups..(i0 + j + 1) * groups];
-            let bias: f32 = biases.iter().zip(sums).map(|(b, s)| b * s).sum();
+            let bias: f32 = sums
+                .iter()
+                .enumerate()
+                .map(|(g, s)| w.biases.get(r * groups + g) * s)
+                .sum();
             out[j] = hsum(acc[j]) + bias;
         }
     }
@@ -210,8 +315,8 @@ mod avx2 {
     /// serves all `ROWS` weight rows, whose sums stay in registers. 128-bit vectors: on cores that
     /// split 256-bit integer operations in two (AMD Zen 1) they are as fast, and they need fewer
     /// widening shuffles.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_row_tile<const BITS: u32>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool>(
         w: &AffineWeight,
         r: usize,
         qi: &QuantizedInputs,
@@ -227,8 +332,10 @@ mod avx2 {
         // block scales and `groups` sums.
         let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
         let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
-        let scales = w.scales.as_ptr().add(r * groups);
-        let biases = w.biases.as_ptr().add(r * groups);
+        // Group values are 2 (f16) or 4 bytes.
+        let vb = if HALF { 2 } else { 4 };
+        let scales = w.scales.as_ptr().add(r * groups * vb);
+        let biases = w.biases.as_ptr().add(r * groups * vb);
         let codes = qi.codes.as_ptr();
         let xscales = qi.scales.as_ptr();
         // The next tile's rows, scales and biases follow this tile's in memory: fetch them a line per
@@ -238,14 +345,21 @@ mod avx2 {
         let tile_bytes = ROWS * row_bytes;
         let line_per_block = tile_bytes / (k / BLOCK);
         let next = base.wrapping_add(tile_bytes);
-        let next_scales = scales.wrapping_add(ROWS * groups) as *const i8;
-        let next_biases = biases.wrapping_add(ROWS * groups) as *const i8;
+        let next_scales = scales.wrapping_add(ROWS * groups * vb) as *const i8;
+        let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
+        let mut stage: ScaleStage =
+            [std::mem::MaybeUninit::uninit(); ROWS * super::MAX_STAGED_GROUPS];
+        let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
         let mut acc = [_mm_setzero_ps(); ROWS];
-        let mut bias = [0f32; ROWS];
         for g in 0..groups {
-            _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * 4));
-            _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * 4));
-            let sw: [f32; ROWS] = std::array::from_fn(|j| *scales.add(j * groups + g));
+            if g % super::MAX_STAGED_GROUPS == 0 {
+                let n = super::MAX_STAGED_GROUPS.min(groups - g);
+                (staged, stride) = stage_scales::<HALF>(scales, groups, g, n, &mut stage);
+                g0 = g;
+            }
+            _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * vb));
+            _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * vb));
+            let sw: [f32; ROWS] = std::array::from_fn(|j| *staged.add(j * stride + g - g0));
             for b in g * blocks_per_group..(g + 1) * blocks_per_group {
                 let ahead = next.wrapping_add(b * line_per_block) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(ahead);
@@ -269,17 +383,135 @@ mod avx2 {
                     acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_set1_ps(sw[j] * sx), acc[j]);
                 }
             }
-            let xsum = *qi.sums.as_ptr().add(g);
-            for (j, bj) in bias.iter_mut().enumerate() {
-                *bj = (*biases.add(j * groups + g)).mul_add(xsum, *bj);
-            }
         }
         for j in 0..ROWS {
             let v = acc[j];
             let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
             let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-            out[j] = _mm_cvtss_f32(v) + bias[j];
+            out[j] = _mm_cvtss_f32(v)
+                + bias_term::<HALF>(biases.add(j * groups * vb), qi.sums.as_ptr(), groups);
         }
+    }
+}
+
+/// The single-input row-tile kernel for CPUs with AVX-512 VNNI (Intel Ice Lake and later, AMD Zen 4 and
+/// later): the same 16-bit activation codes and scales as the AVX2 kernel, but each block of 32 codes is
+/// two 256-bit `vpdpwssd` (multiply 16-bit pairs and accumulate, one instruction) on codes widened in a
+/// single `vpmovzxbw`, instead of four 128-bit unpacks and four `vpmaddwd` plus adds.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{
+        bias_term, stage_scales, AffineWeight, QuantizedInputs, ScaleStage, BLOCK, ROW_TILE,
+    };
+    use std::arch::x86_64::*;
+
+    /// The 32 codes of block `b` of a packed row as two vectors of sixteen 16-bit values, in the order
+    /// of the activation codes: for 4-bit codes the 16 even elements then the 16 odd ones.
+    #[inline(always)]
+    unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
+        if BITS == 4 {
+            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(16 * b) as *const __m128i));
+            (
+                _mm256_and_si256(q, _mm256_set1_epi16(0x0F)),
+                _mm256_srli_epi16(q, 4),
+            )
+        } else {
+            (
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b) as *const __m128i)),
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b + 16) as *const __m128i)),
+            )
+        }
+    }
+
+    /// Rows `r .. r + ROW_TILE` for input 0, as `avx2::dot_row_tile` computes them.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool>(
+        w: &AffineWeight,
+        r: usize,
+        qi: &QuantizedInputs,
+        out: &mut [f32],
+    ) {
+        const ROWS: usize = ROW_TILE;
+        let k = w.in_dim;
+        let groups = k / w.spec.group_size;
+        let blocks_per_group = w.spec.group_size / BLOCK;
+        let row_bytes = k * BITS as usize / 8;
+        // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds
+        // `row_bytes` packed bytes, `groups` scales and biases, and the input `k` codes, `k / 32`
+        // block scales and `groups` sums.
+        let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
+        let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
+        // Group values are 2 (f16) or 4 bytes.
+        let vb = if HALF { 2 } else { 4 };
+        let scales = w.scales.as_ptr().add(r * groups * vb);
+        let biases = w.biases.as_ptr().add(r * groups * vb);
+        let codes = qi.codes.as_ptr();
+        let xscales = qi.scales.as_ptr();
+        // Prefetch the next tile (contiguous after this one) a line per block, as the AVX2 kernel.
+        let tile_bytes = ROWS * row_bytes;
+        let line_per_block = tile_bytes / (k / BLOCK);
+        let next = base.wrapping_add(tile_bytes);
+        let next_scales = scales.wrapping_add(ROWS * groups * vb) as *const i8;
+        let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
+        let zero = _mm256_setzero_si256();
+        let mut stage: ScaleStage =
+            [std::mem::MaybeUninit::uninit(); ROWS * super::MAX_STAGED_GROUPS];
+        let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        for g in 0..groups {
+            if g % super::MAX_STAGED_GROUPS == 0 {
+                let n = super::MAX_STAGED_GROUPS.min(groups - g);
+                (staged, stride) = stage_scales::<HALF>(scales, groups, g, n, &mut stage);
+                g0 = g;
+            }
+            _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * vb));
+            _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * vb));
+            let sw: [__m256; ROWS] =
+                std::array::from_fn(|j| _mm256_set1_ps(*staged.add(j * stride + g - g0)));
+            for b in g * blocks_per_group..(g + 1) * blocks_per_group {
+                let ahead = next.wrapping_add(b * line_per_block) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                if BITS == 8 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                }
+                let x = codes.add(b * BLOCK) as *const __m256i;
+                let (x0, x1) = (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)));
+                let sx = _mm256_set1_ps(*xscales.add(b));
+                for j in 0..ROWS {
+                    let (lo, hi) = unpack::<BITS>(rows[j], b);
+                    let dot = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(zero, lo, x0), hi, x1);
+                    acc[j] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw[j], sx), acc[j]);
+                }
+            }
+        }
+        for j in 0..ROWS {
+            let v = acc[j];
+            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+            out[j] = _mm_cvtss_f32(v)
+                + bias_term::<HALF>(biases.add(j * groups * vb), qi.sums.as_ptr(), groups);
+        }
+    }
+}
+
+/// The single-input row-tile kernel for a layer's code width and group-value type: the AVX-512 VNNI
+/// one where `vnni`, else the AVX2 one. Calling it needs AVX2, FMA and F16C (and AVX-512 VNNI).
+#[cfg(target_arch = "x86_64")]
+type TileKernel = unsafe fn(&AffineWeight, usize, &QuantizedInputs, &mut [f32]);
+
+#[cfg(target_arch = "x86_64")]
+fn tile_kernel(w: &AffineWeight, vnni: bool) -> TileKernel {
+    match (vnni, w.spec.bits == 4, w.scales.is_f16()) {
+        (true, true, true) => vnni::dot_row_tile::<4, true>,
+        (true, true, false) => vnni::dot_row_tile::<4, false>,
+        (true, false, true) => vnni::dot_row_tile::<8, true>,
+        (true, false, false) => vnni::dot_row_tile::<8, false>,
+        (false, true, true) => avx2::dot_row_tile::<4, true>,
+        (false, true, false) => avx2::dot_row_tile::<4, false>,
+        (false, false, true) => avx2::dot_row_tile::<8, true>,
+        (false, false, false) => avx2::dot_row_tile::<8, false>,
     }
 }
 
@@ -311,19 +543,15 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
         let qi = quantize_inputs(w, xs);
         let four = w.spec.bits == 4;
         if t == 1 {
+            let tile = tile_kernel(w, has_avx512_vnni());
             // One token: tiles of ROW_TILE rows share each activation load.
             ys.par_chunks_mut(chunk).enumerate().for_each(|(c, y)| {
                 let r0 = c * chunk;
                 let tiles = y.len() / ROW_TILE;
                 for (ti, yt) in y.chunks_exact_mut(ROW_TILE).enumerate() {
-                    // SAFETY: AVX2 and FMA were detected above; rows r0 + 4ti .. + 4 exist.
-                    unsafe {
-                        if four {
-                            avx2::dot_row_tile::<4>(w, r0 + ti * ROW_TILE, &qi, yt)
-                        } else {
-                            avx2::dot_row_tile::<8>(w, r0 + ti * ROW_TILE, &qi, yt)
-                        }
-                    }
+                    // SAFETY: the kernel's CPU features were detected above; rows r0 + 4ti .. + 4
+                    // exist.
+                    unsafe { tile(w, r0 + ti * ROW_TILE, &qi, yt) }
                 }
                 let mut out = [0f32; INPUT_TILE];
                 for (r, yr) in y.iter_mut().enumerate().skip(tiles * ROW_TILE) {
@@ -470,7 +698,7 @@ pub fn affine_matvec(w: &AffineWeight, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::QuantSpec;
+    use crate::quant::{QuantSpec, ScaleType};
 
     /// The kernels against f64 sums over the dequantized rows, for 1 to 6 inputs.
     #[test]
@@ -481,8 +709,15 @@ mod tests {
                 let w: Vec<f32> = (0..n * k)
                     .map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.2)
                     .collect();
-                let q = AffineWeight::quantize(&w, n, k, QuantSpec::new(bits, gs).unwrap(), "t")
-                    .unwrap();
+                let q = AffineWeight::quantize(
+                    &w,
+                    n,
+                    k,
+                    QuantSpec::new(bits, gs).unwrap(),
+                    ScaleType::F32,
+                    "t",
+                )
+                .unwrap();
                 for t in [1, 3, 6, 17, 40] {
                     let xs: Vec<f32> = (0..t * k)
                         .map(|i| ((i * 13 % 29) as f32 / 14.0) - 1.0 + (i / k) as f32 * 0.1)
@@ -510,11 +745,84 @@ mod tests {
         }
     }
 
+    /// Both single-input row-tile kernels (AVX2 and, where the CPU has it, AVX-512 VNNI) against f64
+    /// sums over the dequantized rows, for every bit width and group size.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn row_tile_kernels_equal_dequantized_product() {
+        if !has_avx2() {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        if !has_avx512_vnni() {
+            eprintln!("AVX-512 VNNI absent: only the AVX2 kernel is checked");
+        }
+        for (bits, store) in [4u32, 8]
+            .into_iter()
+            .flat_map(|b| [(b, ScaleType::F32), (b, ScaleType::F16)])
+        {
+            for gs in [32, 64, 128] {
+                let (n, k) = (8, 384);
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3)
+                    .collect();
+                let q =
+                    AffineWeight::quantize(&w, n, k, QuantSpec::new(bits, gs).unwrap(), store, "t")
+                        .unwrap();
+                assert_eq!(q.scales.is_f16(), store == ScaleType::F16);
+                let x: Vec<f32> = (0..k).map(|i| ((i * 13 % 29) as f32 / 7.0) - 2.0).collect();
+                let qi = quantize_inputs(&q, &x);
+                let mut row = vec![0f32; k];
+                for r0 in (0..n).step_by(ROW_TILE) {
+                    let mut got = [[0f32; ROW_TILE]; 2];
+                    // SAFETY: AVX2 (and VNNI for the second) were detected; rows r0..r0 + 4 exist.
+                    unsafe {
+                        tile_kernel(&q, false)(&q, r0, &qi, &mut got[0]);
+                        if has_avx512_vnni() {
+                            tile_kernel(&q, true)(&q, r0, &qi, &mut got[1]);
+                        } else {
+                            got[1] = got[0];
+                        }
+                    }
+                    for j in 0..ROW_TILE {
+                        q.dequantize_row(r0 + j, &mut row);
+                        let want: f64 = row
+                            .iter()
+                            .zip(&x)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum();
+                        // Rounding the activations to 16 bits moves each by at most amax / 65534:
+                        // the bound, plus f32 accumulation.
+                        let amax = x.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+                        let wsum: f64 = row.iter().map(|v| f64::from(v.abs())).sum();
+                        let tol = wsum * amax / 65534.0 + 1e-5 * wsum * amax / 32.0 + 1e-6;
+                        for (kernel, g) in ["avx2", "vnni"].iter().zip(&got) {
+                            let got = f64::from(g[j]);
+                            assert!(
+                                (got - want).abs() < tol,
+                                "{kernel}: bits {bits} gs {gs} {store:?} row {}: {got} vs {want}",
+                                r0 + j
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn exact_fallback_matches_too() {
         let (n, k) = (9, 64);
         let w: Vec<f32> = (0..n * k).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
-        let q = AffineWeight::quantize(&w, n, k, QuantSpec::new(4, 32).unwrap(), "t").unwrap();
+        let q = AffineWeight::quantize(
+            &w,
+            n,
+            k,
+            QuantSpec::new(4, 32).unwrap(),
+            ScaleType::F32,
+            "t",
+        )
+        .unwrap();
         let x: Vec<f32> = (0..k).map(|i| (i % 5) as f32 - 2.0).collect();
         let sums: Vec<f32> = x.chunks_exact(32).map(|g| g.iter().sum()).collect();
         let mut y = vec![0f32; n];

@@ -226,7 +226,14 @@ impl Linear {
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             drop(weight);
-            let q = AffineWeight::quantize(&values, out_dim, in_dim, spec, &w.path("weight"))?;
+            let q = AffineWeight::quantize(
+                &values,
+                out_dim,
+                in_dim,
+                spec,
+                ScaleType::F16,
+                &w.path("weight"),
+            )?;
             return Ok(Self::affine(q, bias));
         }
         Self::dense(&weight, bias)
@@ -779,7 +786,10 @@ mod tests {
                     let bias = Some(Tensor::from_vec(values(n, 50 + i), n, &dev).unwrap());
                     let l = if quantized {
                         let spec = QuantSpec::new(4, 32).unwrap();
-                        Linear::affine(AffineWeight::quantize(&w, n, k, spec, "t").unwrap(), bias)
+                        Linear::affine(
+                            AffineWeight::quantize(&w, n, k, spec, ScaleType::F32, "t").unwrap(),
+                            bias,
+                        )
                     } else {
                         Linear::dense(&Tensor::from_vec(w, (n, k), &dev).unwrap(), bias).unwrap()
                     };

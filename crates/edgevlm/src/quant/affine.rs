@@ -69,6 +69,93 @@ pub struct AffineParts {
     pub scale_type: ScaleType,
 }
 
+/// The per-group scales or biases of a quantized layer. Held in f16 when every scale and bias of the
+/// layer is exactly an f16 (GGUF blocks always are, the f16/bf16 values of MLX checkpoints nearly always,
+/// and quantizing on load rounds to f16): 4 bytes per group instead of 8, which matters to decode, as it
+/// reads every weight once per token. Otherwise f32.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GroupValues {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl GroupValues {
+    /// Scales and biases, both in f16 when every value of both is exactly an f16.
+    pub fn pair(scales: Vec<f32>, biases: Vec<f32>) -> (Self, Self) {
+        let exact = |v: &[f32]| v.iter().all(|&x| f16::from_f32(x).to_f32() == x);
+        if exact(&scales) && exact(&biases) {
+            let half = |v: Vec<f32>| Self::F16(v.into_iter().map(f16::from_f32).collect());
+            (half(scales), half(biases))
+        } else {
+            (Self::F32(scales), Self::F32(biases))
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F16(v) => v.len(),
+            Self::F32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_f16(&self) -> bool {
+        matches!(self, Self::F16(_))
+    }
+
+    /// Value `i` in f32 (exact).
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Self::F16(v) => v[i].to_f32(),
+            Self::F32(v) => v[i],
+        }
+    }
+
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Self::F32(v) => v.clone(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::F16(v) => 2 * v.len(),
+            Self::F32(v) => 4 * v.len(),
+        }
+    }
+
+    /// The address of the first value, for the kernels (which read f16 or f32 as [`Self::is_f16`] says).
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        match self {
+            Self::F16(v) => v.as_ptr() as *const u8,
+            Self::F32(v) => v.as_ptr() as *const u8,
+        }
+    }
+
+    /// Several concatenated: f16 when all are.
+    fn concat(parts: &[&GroupValues]) -> GroupValues {
+        if parts.iter().all(|p| p.is_f16()) {
+            Self::F16(
+                parts
+                    .iter()
+                    .flat_map(|p| match p {
+                        Self::F16(v) => v.iter().copied(),
+                        Self::F32(_) => unreachable!("all parts are f16"),
+                    })
+                    .collect(),
+            )
+        } else {
+            Self::F32(parts.iter().flat_map(|p| p.to_f32_vec()).collect())
+        }
+    }
+}
+
 /// A quantized `(out, in)` weight.
 #[derive(Clone, Debug)]
 pub struct AffineWeight {
@@ -77,9 +164,9 @@ pub struct AffineWeight {
     pub in_dim: usize,
     /// `(out, in / per_word)` packed codes.
     pub packed: Vec<u32>,
-    /// `(out, in / group_size)`, exact f32 copies of the stored values.
-    pub scales: Vec<f32>,
-    pub biases: Vec<f32>,
+    /// `(out, in / group_size)`, exact copies of the stored values (both f16 or both f32).
+    pub scales: GroupValues,
+    pub biases: GroupValues,
     /// The type the checkpoint stored scales/biases in.
     pub scale_type: ScaleType,
 }
@@ -123,6 +210,7 @@ impl AffineWeight {
                 biases.len()
             )));
         }
+        let (scales, biases) = GroupValues::pair(scales, biases);
         Ok(Self {
             spec,
             out_dim,
@@ -134,13 +222,16 @@ impl AffineWeight {
         })
     }
 
-    /// Quantize a row-major `(out, in)` f32 weight group by group (see [`fit_group`]). Scales and
-    /// biases are kept in f32.
+    /// Quantize a row-major `(out, in)` f32 weight group by group (see [`fit_group`]), with scales and
+    /// biases rounded to `store` (the type they will be kept or written in) and the codes then chosen
+    /// anew for the rounded values, so that they fit what is stored. `F16` falls back to f32 for a
+    /// layer whose scales leave f16's normal range (they would lose precision).
     pub fn quantize(
         w: &[f32],
         out_dim: usize,
         in_dim: usize,
         spec: QuantSpec,
+        store: ScaleType,
         what: &str,
     ) -> Result<Self> {
         if !in_dim.is_multiple_of(spec.group_size) {
@@ -180,6 +271,35 @@ impl AffineWeight {
                     }
                 }
             });
+        let fits_f16 = || {
+            let normal = |x: f32| x == 0.0 || (6.103_515_6e-5..=65504.0).contains(&x.abs());
+            scales.iter().all(|&s| normal(s)) && biases.iter().all(|&b| b.abs() <= 65504.0)
+        };
+        let store = match store {
+            ScaleType::F16 if !fits_f16() => ScaleType::F32,
+            other => other,
+        };
+        if store != ScaleType::F32 {
+            packed
+                .par_chunks_mut(in_dim / per_word)
+                .zip(scales.par_chunks_mut(groups_per_row))
+                .zip(biases.par_chunks_mut(groups_per_row))
+                .zip(w.par_chunks(in_dim))
+                .for_each(|(((words, sc), bi), row)| {
+                    let mut codes = vec![0u32; gs];
+                    for (g, group) in row.chunks_exact(gs).enumerate() {
+                        sc[g] = store.round(sc[g]);
+                        bi[g] = store.round(bi[g]);
+                        round_codes(group, sc[g], bi[g], max_q, &mut codes);
+                        let gw = &mut words[g * gs / per_word..(g + 1) * gs / per_word];
+                        gw.fill(0);
+                        for (i, &q) in codes.iter().enumerate() {
+                            gw[i / per_word] |= q << (spec.bits as usize * (i % per_word));
+                        }
+                    }
+                });
+        }
+        let (scales, biases) = GroupValues::pair(scales, biases);
         Ok(Self {
             spec,
             out_dim,
@@ -187,7 +307,7 @@ impl AffineWeight {
             packed,
             scales,
             biases,
-            scale_type: ScaleType::F32,
+            scale_type: store,
         })
     }
 
@@ -208,14 +328,8 @@ impl AffineWeight {
                 .iter()
                 .flat_map(|p| p.packed.iter().copied())
                 .collect(),
-            scales: parts
-                .iter()
-                .flat_map(|p| p.scales.iter().copied())
-                .collect(),
-            biases: parts
-                .iter()
-                .flat_map(|p| p.biases.iter().copied())
-                .collect(),
+            scales: GroupValues::concat(&parts.iter().map(|p| &p.scales).collect::<Vec<_>>()),
+            biases: GroupValues::concat(&parts.iter().map(|p| &p.biases).collect::<Vec<_>>()),
             scale_type: first.scale_type,
         })
     }
@@ -234,7 +348,10 @@ impl AffineWeight {
             .zip(row.chunks_exact(gs / per_word))
             .enumerate()
         {
-            let (s, b) = (self.scales[r * groups + g], self.biases[r * groups + g]);
+            let (s, b) = (
+                self.scales.get(r * groups + g),
+                self.biases.get(r * groups + g),
+            );
             for (d, &w) in dst.chunks_exact_mut(per_word).zip(words) {
                 for (j, v) in d.iter_mut().enumerate() {
                     *v = s * ((w >> (bits * j)) & mask) as f32 + b;
@@ -258,7 +375,7 @@ impl AffineWeight {
             for (i, v) in row.iter_mut().enumerate() {
                 let g = r * groups + i / gs;
                 let q = (words[i / per_word] >> (bits * (i % per_word))) & mask;
-                *v = st.round(st.round(self.scales[g] * q as f32) + self.biases[g]);
+                *v = st.round(st.round(self.scales.get(g) * q as f32) + self.biases.get(g));
             }
         }
         out
@@ -387,7 +504,7 @@ mod tests {
             .collect();
         for bits in [4, 8] {
             let spec = QuantSpec::new(bits, 32).unwrap();
-            let q = AffineWeight::quantize(&w, out, inp, spec, "t").unwrap();
+            let q = AffineWeight::quantize(&w, out, inp, spec, ScaleType::F32, "t").unwrap();
             let d = q.dequantize_like_mlx();
             // RMS error within half a min-max step (uniform rounding alone gives ~0.29 step).
             for (g, chunk) in w.chunks_exact(32).enumerate() {
@@ -417,7 +534,15 @@ mod tests {
         assert!(QuantSpec::new(3, 32).is_err());
         assert!(QuantSpec::new(4, 48).is_err());
         let spec = QuantSpec::new(4, 128).unwrap();
-        let e = AffineWeight::quantize(&vec![0.0; 576], 1, 576, spec, "layer.q_proj").unwrap_err();
+        let e = AffineWeight::quantize(
+            &vec![0.0; 576],
+            1,
+            576,
+            spec,
+            ScaleType::F16,
+            "layer.q_proj",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("layer.q_proj") && e.to_string().contains("576"));
         let spec = QuantSpec::new(4, 32).unwrap();
         let parts = AffineParts {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use serde_json::Value;
 
-use super::{AffineWeight, QuantSpec};
+use super::{AffineWeight, QuantSpec, ScaleType};
 use crate::error::{Error, Result};
 use crate::weights::WeightStore;
 
@@ -114,7 +114,13 @@ pub fn quantize_checkpoint(
                 .get(name, &shape, DType::F32, &Device::Cpu)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let q = AffineWeight::quantize(&values, out_dim, in_dim, spec, name)?;
+            // Scales and biases are fitted in the type they are written in.
+            let store = match dtype {
+                DType::F16 => ScaleType::F16,
+                DType::BF16 => ScaleType::BF16,
+                _ => ScaleType::F32,
+            };
+            let q = AffineWeight::quantize(&values, out_dim, in_dim, spec, store, name)?;
             drop(values);
             let prefix = name.trim_end_matches(".weight");
             let packed: Vec<u8> = q.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -130,11 +136,15 @@ pub fn quantize_checkpoint(
             let sd = st_dtype(dtype)?;
             tensors.insert(
                 format!("{prefix}.scales"),
-                (sd, gshape.clone(), float_bytes(&q.scales, dtype)),
+                (
+                    sd,
+                    gshape.clone(),
+                    float_bytes(&q.scales.to_f32_vec(), dtype),
+                ),
             );
             tensors.insert(
                 format!("{prefix}.biases"),
-                (sd, gshape, float_bytes(&q.biases, dtype)),
+                (sd, gshape, float_bytes(&q.biases.to_f32_vec(), dtype)),
             );
             report.quantized_layers += 1;
         } else {
