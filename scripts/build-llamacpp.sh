@@ -39,7 +39,13 @@ PY
     cp -r "$TMP/llama_cpp_python-$VERSION/vendor/llama.cpp/." "$ROOT/src/"
     rm -rf "$TMP"
 fi
+# Native build, but without AMX: this version's AMX matmul (ggml_backend_amx_mul_mat) segfaults on
+# prompt batches of SmolLM2 / SmolVLM on a Xeon with AMX (seen 2026-11-26), so llama.cpp's best working
+# configuration there is its AVX-512 VNNI code with weight repacking on. (-mno-* wins over -march=native.)
+NO_AMX=""
+grep -q amx_tile /proc/cpuinfo 2>/dev/null && NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 "$CMAKE" -S "$ROOT/src" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
 "$CMAKE" --build "$ROOT/build" -j "$(nproc)" --target llama-bench llama-perplexity llama-completion llama-quantize llama-mtmd-cli >&2
 echo "$BIN"

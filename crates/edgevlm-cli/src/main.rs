@@ -289,6 +289,7 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    edgevlm::engine::use_one_allocator_heap();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(*a),

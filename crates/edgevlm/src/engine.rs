@@ -929,6 +929,18 @@ fn return_freed_memory() {
     }
 }
 
+/// Have the allocator use one heap for all threads (glibc on Linux; elsewhere nothing to do). By default
+/// glibc gives each thread-pool worker its own heap, and each keeps the buffers a prefill freed: peak
+/// RSS of SmolLM2-135M Q4_1 with a 512-token prompt 211-228 -> 179 MB, for about 3% of prompt speed.
+/// A process-wide setting, so it is for the program (the CLI calls it first thing), not the library.
+pub fn use_one_allocator_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; M_ARENA_MAX takes any positive count.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// What [`Engine::generate`] produced.
 pub struct GenerationOutput {
     pub text: String,

@@ -1,5 +1,6 @@
 //! Hand-written CPU kernels for the shapes where the general GEMM is slow.
 
+pub mod amx;
 pub mod attention;
 pub mod elementwise;
 pub mod encoder_attention;

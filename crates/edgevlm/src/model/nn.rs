@@ -687,8 +687,12 @@ fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeigh
     AffineWeight::from_parts(spec, out_dim, in_dim, parts, &module)
 }
 
-/// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel; elsewhere the weight is
-/// converted to `x`'s type for the product.
+/// Rows from which a bf16 product runs on AMX where the CPU has it (fewer would mostly be padding).
+const AMX_MIN_ROWS: usize = 16;
+
+/// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel, or for a bf16 weight on a CPU
+/// with AMX on the tile unit (inputs rounded to bf16, f32 sums; see [`crate::kernels::amx`]);
+/// elsewhere the weight is converted to `x`'s type for the product.
 fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
@@ -707,9 +711,14 @@ fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
             let done = with_cpu_f32(&x2, |xs| match w.dtype() {
                 DType::BF16 => {
                     let wd = &cpu.as_slice::<half::bf16>()?[start..start + n * k];
-                    crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
-                        wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
-                    });
+                    // Several rows on a CPU with AMX: the tile unit, inputs rounded to bf16.
+                    if rows < AMX_MIN_ROWS
+                        || !crate::kernels::amx::matmul_bf16(xs, wd, n, k, &mut y)
+                    {
+                        crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
+                            wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
+                        });
+                    }
                     Ok::<bool, Error>(true)
                 }
                 DType::F16 => {

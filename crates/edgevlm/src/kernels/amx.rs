@@ -1,0 +1,310 @@
+//! Products with bf16 weights on Intel AMX (Sapphire Rapids and later): `ys (t × n) = xs (t × k) · Wᵀ`
+//! for a row-major `(n, k)` bf16 weight, the inputs rounded to bf16 (round to nearest even), every
+//! product and sum in f32 on the tile unit (`tdpbf16ps`).
+//!
+//! This is the vision encoder's path on such CPUs: its weights are bf16 in the checkpoint, so the
+//! only rounding is of the activations (relative 2⁻⁹ per element, with f32 accumulation — finer than
+//! running the model in bf16 as PyTorch does). One AMX instruction does 16 × 16 × 32 multiply-adds.
+//!
+//! Layout: the weight is packed once per product into 16-column × 32-input tiles in the pair-interleaved
+//! order `tdpbf16ps` reads (`[n/16][k/32][16 pairs][16 columns][2]`); the inputs are converted to a
+//! bf16 copy (rows padded to 32). The work is split over the thread pool in blocks of 256 rows × 128
+//! columns; each block runs 32 × 32 output tiles (four accumulators, two input and two weight tiles).
+//! The instructions are written as inline assembly (Rust's AMX intrinsics are not stable), and Linux
+//! must grant the process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows and columns of one output tile pair (two 16-row × 16-column accumulators each way).
+const TILE: usize = 32;
+/// Inputs per tile step (16 pairs of bf16).
+const KSTEP: usize = 32;
+/// Rows and columns of output per parallel task.
+const TASK_ROWS: usize = 256;
+const TASK_COLS: usize = 128;
+
+/// Whether AMX-BF16 can be used here: the CPU has it, Linux granted the tile state, and
+/// `EDGEVLM_NO_AMX` is not set. Checked once.
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::env::var_os("EDGEVLM_NO_AMX").is_none() && detect())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    const SYS_ARCH_PRCTL: i64 = 158;
+    let ret: i64;
+    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) only changes which register state the kernel
+    // lets this process use; it reads no memory. The syscall clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// Whether [`matmul_bf16`] takes an `(n, k)` weight.
+pub fn supports(n: usize, k: usize) -> bool {
+    n > 0 && k > 0 && n.is_multiple_of(TILE) && k.is_multiple_of(KSTEP)
+}
+
+/// Round to the nearest bf16, ties to even (NaN stays NaN).
+#[inline]
+fn to_bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// `ys (t × n) = xs (t × k) · Wᵀ` for a row-major `(n, k)` bf16 weight `w`. Returns false (and
+/// leaves `ys` alone) where AMX is not available or the shape is not one [`supports`] takes.
+pub fn matmul_bf16(xs: &[f32], w: &[bf16], n: usize, k: usize, ys: &mut [f32]) -> bool {
+    if !available() || !supports(n, k) || !xs.len().is_multiple_of(k) {
+        return false;
+    }
+    let t = xs.len() / k;
+    if t == 0 || w.len() != n * k || ys.len() != t * n {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t_pad = t.div_ceil(TILE) * TILE;
+        // Inputs in bf16, padded rows zero.
+        let mut a = vec![0u16; t_pad * k];
+        a.par_chunks_mut(k * 64)
+            .zip(xs.par_chunks(k * 64))
+            .for_each(|(dst, src)| {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = to_bf16_bits(s);
+                }
+            });
+        // The weight in tile order: tile (nb, kb) holds columns 16nb.. and inputs 32kb.., as
+        // [pair p][column c][element e] = W[16nb + c][32kb + 2p + e].
+        let kb_count = k / KSTEP;
+        let mut b = vec![0u16; n * k];
+        b.par_chunks_mut(16 * k).enumerate().for_each(|(nb, dst)| {
+            for (kb, tile) in dst.chunks_exact_mut(16 * KSTEP).enumerate() {
+                for c in 0..16 {
+                    let row = &w[(16 * nb + c) * k + kb * KSTEP..][..KSTEP];
+                    for (p, pair) in row.chunks_exact(2).enumerate() {
+                        tile[(p * 16 + c) * 2] = pair[0].to_bits();
+                        tile[(p * 16 + c) * 2 + 1] = pair[1].to_bits();
+                    }
+                }
+            }
+        });
+        // Output rows padded too, where `t` is not a multiple of the tile height.
+        let mut padded = if t_pad == t {
+            Vec::new()
+        } else {
+            vec![0f32; t_pad * n]
+        };
+        let out_addr = if t_pad == t {
+            ys.as_mut_ptr() as usize
+        } else {
+            padded.as_mut_ptr() as usize
+        };
+        let tasks: Vec<(usize, usize)> = (0..t_pad)
+            .step_by(TASK_ROWS)
+            .flat_map(|r| (0..n).step_by(TASK_COLS).map(move |c| (r, c)))
+            .collect();
+        tasks.into_par_iter().for_each(|(r0, c0)| {
+            let rows = TASK_ROWS.min(t_pad - r0);
+            let cols = TASK_COLS.min(n - c0);
+            // SAFETY: AMX is available (checked above); every tile load reads inside `a` (rows
+            // r0.. < t_pad, k columns) or `b` (column blocks < n/16, kb < k/32), and every store
+            // writes the disjoint block rows r0..r0+rows, columns c0..c0+cols of the t_pad × n
+            // output, which outlives the task.
+            unsafe {
+                tiles::block(
+                    a.as_ptr(),
+                    b.as_ptr(),
+                    out_addr as *mut f32,
+                    (r0, rows),
+                    (c0, cols),
+                    n,
+                    k,
+                    kb_count,
+                );
+            }
+        });
+        if t_pad != t {
+            ys.copy_from_slice(&padded[..t * n]);
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use super::{KSTEP, TILE};
+    use std::arch::asm;
+
+    /// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    const CONFIG: Config = Config {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// Output rows `r0..r0 + rows` × columns `c0..c0 + cols` (multiples of 32) of `out` (row stride
+    /// `n`): tiles 0-3 accumulate a 32 × 32 block, tiles 4-5 hold 16 × 32 input slices (rows of `a`,
+    /// stride `k` bf16), tiles 6-7 two 16-column weight tiles of `b`.
+    ///
+    /// # Safety
+    /// AMX tile state is granted; the ranges lie inside `a` (`t_pad × k`), `b` (`n × k`, tile order)
+    /// and `out` (`t_pad × n`).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block(
+        a: *const u16,
+        b: *const u16,
+        out: *mut f32,
+        (r0, rows): (usize, usize),
+        (c0, cols): (usize, usize),
+        n: usize,
+        k: usize,
+        kb_count: usize,
+    ) {
+        asm!("ldtilecfg [{0}]", in(reg) &CONFIG as *const Config, options(nostack, readonly));
+        let a_stride = k * 2;
+        let out_stride = n * 4;
+        for j in (c0..c0 + cols).step_by(TILE) {
+            // Weight tiles of column blocks j/16 and j/16 + 1: 16 × KSTEP bf16 = 1 KB each.
+            let b0 = b.add((j / 16) * kb_count * 16 * KSTEP);
+            let b1 = b0.add(kb_count * 16 * KSTEP);
+            for i in (r0..r0 + rows).step_by(TILE) {
+                let a0 = a.add(i * k);
+                let a1 = a0.add(16 * k);
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                for kb in 0..kb_count {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(kb * KSTEP),
+                        a1 = in(reg) a1.add(kb * KSTEP),
+                        b0 = in(reg) b0.add(kb * 16 * KSTEP),
+                        b1 = in(reg) b1.add(kb * 16 * KSTEP),
+                        sa = in(reg) a_stride,
+                        sb = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                }
+                let o = out.add(i * n + j);
+                asm!(
+                    "tilestored [{o0} + {s}*1], tmm0",
+                    "tilestored [{o1} + {s}*1], tmm1",
+                    "tilestored [{o2} + {s}*1], tmm2",
+                    "tilestored [{o3} + {s}*1], tmm3",
+                    o0 = in(reg) o,
+                    o1 = in(reg) o.add(16),
+                    o2 = in(reg) o.add(16 * n),
+                    o3 = in(reg) o.add(16 * n + 16),
+                    s = in(reg) out_stride,
+                    options(nostack)
+                );
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against f64 sums of the bf16-rounded inputs and weights: the tile unit's f32 accumulation is
+    /// the only difference. Row counts that are and are not multiples of 32.
+    #[test]
+    fn matches_the_bf16_rounded_product() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU (or EDGEVLM_NO_AMX is set)");
+            return;
+        }
+        let (n, k) = (96, 160);
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3))
+            .collect();
+        for t in [32, 45, 300] {
+            let xs: Vec<f32> = (0..t * k)
+                .map(|i| ((i * 13 % 29) as f32 / 7.3) - 2.0 + (i / k) as f32 * 0.01)
+                .collect();
+            let mut ys = vec![f32::NAN; t * n];
+            assert!(matmul_bf16(&xs, &w, n, k, &mut ys));
+            for i in 0..t {
+                for c in 0..n {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for j in 0..k {
+                        let x = f64::from(bf16::from_bits(to_bf16_bits(xs[i * k + j])).to_f32());
+                        let p = x * f64::from(w[c * k + j].to_f32());
+                        want += p;
+                        mag += p.abs();
+                    }
+                    let got = f64::from(ys[i * n + c]);
+                    assert!(
+                        (got - want).abs() <= 1e-6 * mag + 1e-6,
+                        "t {t} row {i} col {c}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(to_bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16::from_bits(to_bf16_bits(f32::NAN)).is_nan());
+        assert!(!supports(48, 64) && supports(64, 64) && !supports(64, 48));
+    }
+}
