@@ -283,6 +283,48 @@ mod avx2 {
         }
     }
 
+    /// Row `r` of `w` in f32, as [`AffineWeight::dequantize_row`] computes it (`s · q + b`, a fused
+    /// multiply-add), eight values per step: each packed word is broadcast and shifted per lane.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dequantize_row(w: &AffineWeight, r: usize, out: &mut [f32]) {
+        let k = w.in_dim;
+        let gs = w.spec.group_size;
+        let groups = k / gs;
+        let per_word = w.spec.per_word();
+        let words_per_row = k / per_word;
+        let row = &w.packed[r * words_per_row..(r + 1) * words_per_row];
+        let (shifts, mask) = if per_word == 8 {
+            (
+                _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+                _mm256_set1_epi32(0xF),
+            )
+        } else {
+            (
+                _mm256_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24),
+                _mm256_set1_epi32(0xFF),
+            )
+        };
+        let dst = out.as_mut_ptr();
+        for g in 0..groups {
+            let s = _mm256_set1_ps(w.scales.get(r * groups + g));
+            let b = _mm256_set1_ps(w.biases.get(r * groups + g));
+            let words = row.as_ptr().add(g * gs / per_word);
+            // Eight values per step: one word (4-bit) or two (8-bit).
+            for i in (0..gs).step_by(8) {
+                let v = if per_word == 8 {
+                    _mm256_set1_epi32(*words.add(i / 8) as i32)
+                } else {
+                    let (w0, w1) = (*words.add(i / 4) as i32, *words.add(i / 4 + 1) as i32);
+                    _mm256_setr_epi32(w0, w0, w0, w0, w1, w1, w1, w1)
+                };
+                let q = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+                let x = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q), b);
+                // SAFETY: g · gs + i + 8 ≤ k = out.len().
+                _mm256_storeu_ps(dst.add(g * gs + i), x);
+            }
+        }
+    }
+
     /// The 32 codes of block `b` of a packed row as four vectors of eight 16-bit values: for 4-bit
     /// codes the 16 even elements then the 16 odd ones, for 8-bit codes in order.
     #[inline(always)]
@@ -620,6 +662,14 @@ const PANEL_ROWS: usize = 64;
 /// `ys = xs · Wᵀ` for many inputs, panel by panel in parallel; only one panel per task is ever
 /// dequantized, exactly as `dequantize_row` does, so the product is an exact f32 GEMM.
 fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        panel_matmul_rows(w.out_dim, w.in_dim, xs, ys, |r, row| {
+            // SAFETY: AVX2 and FMA were detected; `row` holds `in_dim` values.
+            unsafe { avx2::dequantize_row(w, r, row) }
+        });
+        return;
+    }
     panel_matmul_rows(w.out_dim, w.in_dim, xs, ys, |r, row| {
         w.dequantize_row(r, row)
     });
@@ -805,6 +855,41 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The vector row expansion equals the scalar one up to the fused multiply-add's rounding.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_dequantize_matches_scalar() {
+        if !has_avx2() {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        for (bits, gs, store) in [
+            (4, 32, ScaleType::F16),
+            (4, 128, ScaleType::F32),
+            (8, 32, ScaleType::F16),
+            (8, 64, ScaleType::F32),
+        ] {
+            let (n, k) = (5, 256);
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+                .collect();
+            let q = AffineWeight::quantize(&w, n, k, QuantSpec::new(bits, gs).unwrap(), store, "t")
+                .unwrap();
+            let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+            for r in 0..n {
+                q.dequantize_row(r, &mut a);
+                // SAFETY: AVX2 and FMA were detected.
+                unsafe { avx2::dequantize_row(&q, r, &mut b) };
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                        "bits {bits} row {r} {i}: {x} vs {y}"
+                    );
                 }
             }
         }
