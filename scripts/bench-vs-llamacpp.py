@@ -107,6 +107,18 @@ def edgevlm_bench(binary, model, a):
     }
 
 
+def edgevlm_vision_math():
+    """How edgevlm computes the bf16 vision products on this machine: on AMX tiles (inputs rounded to
+    bf16, f32 sums) where the CPU has AMX-BF16 and EDGEVLM_NO_AMX is unset, else in f32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "amx_bf16" in flags and not os.environ.get("EDGEVLM_NO_AMX"):
+        return "AMX bf16 products with f32 sums"
+    return "computed in f32"
+
+
 def venv_python():
     return Path(os.environ.get("EDGEVLM_VENV", CACHE / "venv")) / "bin" / "python"
 
@@ -266,7 +278,7 @@ def main():
         print(f"SmolVLM-256M (random full-size weights), {a.threads} threads, 512x384 image "
               f"({vlm['edgevlm']['image_tiles']:.0f} / {vlm['llama.cpp']['image_tiles']:.0f} tiles), "
               f"tg{a.gen_tokens}; text {a.vlm_text_quant} (llama.cpp) / q4 groups of 32 (edgevlm); "
-              f"vision f16 (llama.cpp) / bf16 weights computed in f32 (edgevlm); "
+              f"vision f16 (llama.cpp) / bf16 weights, {edgevlm_vision_math()} (edgevlm); "
               f"{a.rounds} alternating rounds (medians)")
         print("| metric | edgevlm | llama.cpp | edgevlm / llama.cpp |")
         print("| --- | --- | --- | --- |")

@@ -72,11 +72,17 @@ pub fn link(src: &Path, dst: &Path) {
     }
 }
 
+/// Engine options for parity with transformers' f32: every product in f32 (no bf16 tiles).
+pub fn exact_options() -> EngineOptions {
+    EngineOptions {
+        vision_bf16_tiles: false,
+        ..EngineOptions::default()
+    }
+}
+
 pub fn tiny_engine(name: &str) -> Option<Engine> {
     let dir = tiny_model_dir(name)?;
-    Some(
-        Engine::load_dir(&dir, "tiny-idefics3", EngineOptions::default()).expect("load tiny model"),
-    )
+    Some(Engine::load_dir(&dir, "tiny-idefics3", exact_options()).expect("load tiny model"))
 }
 
 pub fn read_json(path: &Path) -> serde_json::Value {

@@ -146,6 +146,10 @@ struct RunArgs {
     /// With --quant: keep the vision encoder in full precision.
     #[arg(long, requires = "quant")]
     skip_vision: bool,
+    /// Compute the vision encoder's products in f32 even on CPUs with AMX, where they otherwise run
+    /// on bf16 tiles (exact, about 3x slower there).
+    #[arg(long)]
+    f32_vision: bool,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -230,6 +234,7 @@ fn run(a: RunArgs) -> Result<()> {
         image_splitting: a.no_image_splitting.then_some(false),
         quantize: parse_quant(a.quant.as_deref(), a.group_size)?,
         skip_vision: a.skip_vision,
+        vision_bf16_tiles: !a.f32_vision,
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -108,6 +108,11 @@ pub struct EngineOptions {
     /// Expand a GGUF file's quantized blocks to dense weights while loading: the full-precision
     /// reference of those weights (for accuracy measurements).
     pub dequantize: bool,
+    /// Run the vision encoder's bf16 products on AMX tiles where the CPU has them (Intel Sapphire
+    /// Rapids and later): inputs rounded to bf16, sums in f32, about 3x faster than f32. On the
+    /// full-size SmolVLM-256M, top-5 logprobs stay within 4.5e-4 of transformers' f32 (5e-6 in f32).
+    /// Off: exact f32 products everywhere.
+    pub vision_bf16_tiles: bool,
 }
 
 impl Default for EngineOptions {
@@ -120,6 +125,7 @@ impl Default for EngineOptions {
             quantize: None,
             skip_vision: false,
             dequantize: false,
+            vision_bf16_tiles: true,
         }
     }
 }
@@ -339,6 +345,7 @@ impl Engine {
         let store = WeightStore::open_dir(dir)?;
         let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
         let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
+        load_opts.bf16_tiles = opts.vision_bf16_tiles;
         load_opts.checkpoint_quant =
             CheckpointQuant::from_config(&cfg_json).map_err(|e| Error::file(&config_path, e))?;
         if let Some(spec) = opts.quantize {

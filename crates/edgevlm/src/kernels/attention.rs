@@ -68,12 +68,7 @@ fn head(
         scores[j] = s;
         max = max.max(s);
     }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    let inv = super::elementwise::exp_shifted_sum(&mut scores[..len], max).recip();
     if d == 64 {
         // The common head size: the 64 sums stay in registers across all positions.
         let mut acc = [0f32; 64];
@@ -104,6 +99,21 @@ fn head(
     }
 }
 
+/// [`head`] compiled for AVX-512 (16-lane dot products and weighted sums).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn head_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    head(q, k, v, len, scale, scores, out)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn head_avx2(
@@ -130,6 +140,8 @@ pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [
     let heads = q.len() / d;
     let rep = heads / kv_heads.max(1);
     let avx2 = has_avx2();
+    // AVX-512F comes with the VNNI check (the same CPUs), which is cached.
+    let avx512 = super::has_avx512_vnni();
     thread_local! {
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -140,12 +152,18 @@ pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [
         let qh = &q[h * d..(h + 1) * d];
         SCORES.with_borrow_mut(|scores| {
             #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above).
+                unsafe { head_avx512(qh, kh, vh, len, scale, scores, o) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
                 unsafe { head_avx2(qh, kh, vh, len, scale, scores, o) };
                 return;
             }
-            let _ = avx2;
+            let _ = (avx2, avx512);
             head(qh, kh, vh, len, scale, scores, o)
         })
     });

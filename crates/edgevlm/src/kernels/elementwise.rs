@@ -112,6 +112,34 @@ mod avx2 {
         }
     }
 
+    /// In place `row[j] = exp(row[j] - max)`; returns the sum.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sum(row: &mut [f32], max: f32) -> f32 {
+        let n = row.len();
+        let n8 = n / 8 * 8;
+        let p = row.as_mut_ptr();
+        let mv = _mm256_set1_ps(max);
+        let mut s8 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n8 {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+            _mm256_storeu_ps(p.add(i), e);
+            s8 = _mm256_add_ps(s8, e);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s8);
+        let mut sum = 0f32;
+        for v in lanes {
+            sum += v;
+        }
+        for v in &mut row[n8..] {
+            *v = super::exp_poly(*v - max);
+            sum += *v;
+        }
+        sum
+    }
+
     /// One row in place: `softmax(row + bias)`, in f32.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax_row(row: &mut [f32], bias: Option<&[f32]>) {
@@ -151,24 +179,7 @@ mod avx2 {
             row.fill(u);
             return;
         }
-        let mv = _mm256_set1_ps(max);
-        let mut s8 = _mm256_setzero_ps();
-        let mut i = 0;
-        while i < n8 {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
-            _mm256_storeu_ps(p.add(i), e);
-            s8 = _mm256_add_ps(s8, e);
-            i += 8;
-        }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), s8);
-        let mut sum = 0f32;
-        for v in lanes {
-            sum += v;
-        }
-        for v in &mut row[n8..] {
-            *v = super::exp_poly(*v - max);
-            sum += *v;
-        }
+        let sum = exp_sum(row, max);
         let inv = _mm256_set1_ps(1.0 / sum);
         let mut i = 0;
         while i < n8 {
@@ -237,6 +248,22 @@ pub fn gelu_tanh(xs: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(xs.par_chunks(CHUNK))
         .for_each(|(o, x)| gelu_tanh_chunk(x, o, avx2));
+}
+
+/// In place `xs[j] = exp(xs[j] - max)`, returning the sum (the vectorised exponential where the CPU
+/// has AVX2, relative error < 3e-7).
+pub fn exp_shifted_sum(xs: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::exp_sum(xs, max) };
+    }
+    let mut sum = 0f32;
+    for v in xs.iter_mut() {
+        *v = exp_poly(*v - max);
+        sum += *v;
+    }
+    sum
 }
 
 /// In place, each row (`row_len` values) becomes `softmax(row + bias)`; `bias` (`row_len` values, 0

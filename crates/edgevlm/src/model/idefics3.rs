@@ -33,6 +33,7 @@ impl Idefics3 {
                 w.opts.quantize
             },
             half_weights: w.opts.device.is_cpu(),
+            bf16_tiles: w.opts.device.is_cpu() && w.opts.bf16_tiles,
             ..w.opts.clone()
         };
         let vision_w = m.with_opts(&vision_opts);

@@ -3,7 +3,7 @@
 //! [`Linear`] holds its weight as a `QMatMul`, so a quantized weight can stand in for a dense one
 //! without touching the model code: only the loader decides which kind it builds.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +28,9 @@ pub struct LoadOptions {
     /// Keep dense linear weights stored in bf16/f16 in that type and compute in f32 (CPU, f32 models):
     /// half the memory of expanding them, the same products.
     pub half_weights: bool,
+    /// With `half_weights`: run the products of bf16 weights on AMX tiles where the CPU has them
+    /// (inputs rounded to bf16, f32 sums; see [`crate::kernels::amx`]) instead of in f32.
+    pub bf16_tiles: bool,
 }
 
 impl LoadOptions {
@@ -40,6 +43,7 @@ impl LoadOptions {
             dequantize: false,
             skip_vision: false,
             half_weights: false,
+            bf16_tiles: false,
         }
     }
 }
@@ -181,8 +185,9 @@ pub enum LinearWeight {
     /// kernel, several tokens the GEMM on the transposed view.
     Dense { w: Tensor },
     /// Dense `(out, in)` kept in the checkpoint's bf16 or f16 and computed in f32: each product
-    /// expands it one panel at a time (exactly: every 16-bit value is an f32).
-    Half { w: Tensor },
+    /// expands it one panel at a time (exactly: every 16-bit value is an f32); with `tiles`, a bf16
+    /// weight's products run on AMX tiles where the CPU has them.
+    Half { w: Tensor, tiles: bool },
     /// MLX-style affine groups, run by edgevlm's CPU kernels.
     Affine(Arc<AffineWeight>),
     /// A GGUF block type with no exact affine form (k-quants, Q5), run by candle's quantized kernels.
@@ -214,7 +219,10 @@ impl Linear {
             if let (dt @ (DType::BF16 | DType::F16), _, _) = w.store().raw(&name)? {
                 let weight = w.store().get(&name, &[out_dim, in_dim], dt, &Device::Cpu)?;
                 return Ok(Self {
-                    weight: LinearWeight::Half { w: weight },
+                    weight: LinearWeight::Half {
+                        w: weight,
+                        tiles: w.opts.bf16_tiles,
+                    },
                     bias,
                 });
             }
@@ -262,7 +270,7 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         use candle_core::quantized::QMatMul;
         match &self.weight {
-            LinearWeight::Dense { w } | LinearWeight::Half { w } => w.dims()[0],
+            LinearWeight::Dense { w } | LinearWeight::Half { w, .. } => w.dims()[0],
             LinearWeight::Affine(q) => q.out_dim,
             LinearWeight::Ggml(QMatMul::QTensor(q)) => q.shape().dims()[0],
             LinearWeight::Ggml(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
@@ -299,11 +307,11 @@ impl Linear {
             return Ok(None);
         };
         // Dense weights stack with dense ones, 16-bit with 16-bit of the same type: one `cat`.
-        let plain: Option<Vec<(&Tensor, bool)>> = parts
+        let plain: Option<Vec<(&Tensor, Option<bool>)>> = parts
             .iter()
             .map(|p| match &p.weight {
-                LinearWeight::Dense { w } => Some((w, false)),
-                LinearWeight::Half { w } => Some((w, true)),
+                LinearWeight::Dense { w } => Some((w, None)),
+                LinearWeight::Half { w, tiles } => Some((w, Some(*tiles))),
                 _ => None,
             })
             .collect();
@@ -316,13 +324,12 @@ impl Linear {
             }
             let ts: Vec<&Tensor> = ws.iter().map(|&(w, _)| w).collect();
             let w = Tensor::cat(&ts, 0)?;
-            return Ok(Some(if half {
-                Self {
-                    weight: LinearWeight::Half { w },
+            return Ok(Some(match half {
+                Some(tiles) => Self {
+                    weight: LinearWeight::Half { w, tiles },
                     bias,
-                }
-            } else {
-                Self::dense(&w, bias)?
+                },
+                None => Self::dense(&w, bias)?,
             }));
         }
         let affine: Option<Vec<&AffineWeight>> = parts
@@ -359,7 +366,7 @@ impl Linear {
                 }
                 y.reshape(out_dims)?
             }
-            LinearWeight::Half { w } => half_forward(w, x)?,
+            LinearWeight::Half { w, tiles } => half_forward(w, x, *tiles)?,
             LinearWeight::Affine(q) => affine_forward(q, x)?,
             LinearWeight::Ggml(q) => {
                 use candle_core::Module;
@@ -548,6 +555,37 @@ pub fn attention(
     Ok(probs.matmul(v)?)
 }
 
+/// `softmax(scores + mask)` over the last axis, where `scores` is f32 `(..., t, s)` read as rows whose
+/// query index is `row % t`, and `mask` `(t, s)` (0 or -inf) is added row by row: the vectorised pool
+/// kernel on contiguous CPU tensors (one pass, no broadcast copy), candle's ops otherwise.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (t, s) = mask.dims2()?;
+    let bias = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let out = with_cpu_f32(scores, |xs| {
+        let mut out = xs.to_vec();
+        if s > 0 && t > 0 && xs.len().is_multiple_of(s) && scores.dim(D::Minus1).ok() == Some(s) {
+            out.par_chunks_mut(s).enumerate().for_each(|(r, row)| {
+                let i = r % t;
+                crate::kernels::elementwise::softmax_rows(row, s, Some(&bias[i * s..(i + 1) * s]));
+            });
+            Some(out)
+        } else {
+            None
+        }
+    })?
+    .flatten();
+    match out {
+        Some(out) => Ok(Tensor::from_vec(out, scores.dims(), scores.device())?),
+        None => {
+            let lead = scores.elem_count() / (t * s).max(1);
+            let m = mask.reshape((1, t, s))?;
+            let x = scores.reshape((lead, t, s))?.broadcast_add(&m)?;
+            Ok(candle_nn::ops::softmax_last_dim(&x)?.reshape(scores.dims())?)
+        }
+    }
+}
+
 /// Run `f` on the values of a contiguous f32 CPU tensor (`None` for any other tensor, whose callers
 /// take the general path).
 pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
@@ -693,7 +731,7 @@ const AMX_MIN_ROWS: usize = 16;
 /// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel, or for a bf16 weight on a CPU
 /// with AMX on the tile unit (inputs rounded to bf16, f32 sums; see [`crate::kernels::amx`]);
 /// elsewhere the weight is converted to `x`'s type for the product.
-fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+fn half_forward(w: &Tensor, x: &Tensor, tiles: bool) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
     let mut dims = x.dims().to_vec();
@@ -711,8 +749,10 @@ fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
             let done = with_cpu_f32(&x2, |xs| match w.dtype() {
                 DType::BF16 => {
                     let wd = &cpu.as_slice::<half::bf16>()?[start..start + n * k];
-                    // Several rows on a CPU with AMX: the tile unit, inputs rounded to bf16.
-                    if rows < AMX_MIN_ROWS
+                    // Several rows on a CPU with AMX, where asked: the tile unit, inputs rounded
+                    // to bf16.
+                    if !tiles
+                        || rows < AMX_MIN_ROWS
                         || !crate::kernels::amx::matmul_bf16(xs, wd, n, k, &mut y)
                     {
                         crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {

@@ -159,21 +159,13 @@ impl DecoderLayer {
         // Grouped-query attention without copying K/V per query head: fold the `rep` query heads that
         // share a KV head into the sequence axis.
         let rep = self.heads / self.kv_heads;
-        let s = k.dim(2)?;
         let q = q.reshape((b, self.kv_heads, rep * t, d))?;
-        let mask = match mask {
-            Some(m) => Some(m.reshape((1, 1, 1, t, s))?),
-            None => None,
-        };
         let o = if let Some(m) = mask {
+            // Rows of the folded scores are (kv head, rep, query): query index = row % t.
             let scale = (d as f64).powf(-0.5);
             let dtype = q.dtype();
-            let scores = (q.matmul(&k.t()?)? * scale)?
-                .to_dtype(DType::F32)?
-                .reshape((b, self.kv_heads, rep, t, s))?
-                .broadcast_add(&m)?
-                .reshape((b, self.kv_heads, rep * t, s))?;
-            candle_nn::ops::softmax_last_dim(&scores)?
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            crate::model::nn::masked_softmax(&scores, m)?
                 .to_dtype(dtype)?
                 .matmul(&v)?
         } else {
