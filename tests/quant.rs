@@ -231,7 +231,8 @@ fn written_checkpoint_reloads_as_quantized() {
         .unwrap();
     assert_eq!((dt, shape.to_vec()), (DType::U32, vec![32, 64 / 8]));
 
-    // Reloading the written checkpoint answers like quantize-on-load (scales rounded to bf16 aside).
+    // Reloading the written checkpoint answers like quantize-on-load: both are 4-bit fits of the same
+    // weights (codes fitted to bf16 scales there, to f16 ones here), each about as far from f32.
     let written = edgevlm::Engine::load_dir(&out, "q4", edgevlm::EngineOptions::default()).unwrap();
     let on_load = edgevlm::Engine::load_dir(
         &src,
@@ -246,10 +247,20 @@ fn written_checkpoint_reloads_as_quantized() {
     let p = written.prepare(&req).unwrap();
     let a = last_logits(&written, &p);
     let b = last_logits(&on_load, &p);
+    let full = edgevlm::Engine::load_dir(&src, "f32", edgevlm::EngineOptions::default()).unwrap();
+    let c = last_logits(&full, &p);
     let d = max_abs_diff(&a, &b);
-    let scale = max_abs(&b);
-    println!("written q4 vs quantize-on-load q4: max |Δ logit| = {d:.4} (max |logit| {scale:.2})");
-    assert!(d < 0.05 * scale, "{d}");
+    let (dw, dl) = (max_abs_diff(&a, &c), max_abs_diff(&b, &c));
+    let scale = max_abs(&c);
+    println!(
+        "max |Δ logit|: written q4 vs quantize-on-load q4 {d:.4}, written vs f32 {dw:.4}, \
+         on-load vs f32 {dl:.4} (max |logit| {scale:.2})"
+    );
+    // On this tiny random model 4-bit error is large (~1 logit, measured 1.04 / 0.98); the two fits
+    // are as good as each other and nearer each other than either is to f32 (measured 0.31).
+    assert!(dw < 0.3 * scale && dl < 0.3 * scale, "{dw} {dl}");
+    assert!(dw < 1.5 * dl && dl < 1.5 * dw, "{dw} {dl}");
+    assert!(d < 0.5 * dw.min(dl), "{d}");
 
     // --skip-vision keeps the vision tower dense.
     let out2 = scratch_dir("quantize-out").join("q8-text");
