@@ -188,6 +188,37 @@ fn gelu(c: &mut Criterion) {
     g.finish();
 }
 
+/// A vision MLP product of one tile (1,024 patches x 768 -> 3,072) with a bf16 weight: on AMX tiles
+/// (where the CPU has them) and in f32 on expanded panels.
+fn bf16_products(c: &mut Criterion) {
+    use edgevlm::kernels::{amx, qmatvec::panel_matmul_rows};
+    use half::bf16;
+    let mut g = c.benchmark_group("bf16_matmul");
+    g.sample_size(10);
+    let (t, k, n) = (PATCHES, V_HIDDEN, V_MLP);
+    let w: Vec<bf16> = (0..n * k)
+        .map(|i| bf16::from_f32(((i.wrapping_mul(2654435761) % 1000) as f32 / 500.0 - 1.0) * 0.05))
+        .collect();
+    let xs = inputs(t, k);
+    let mut ys = vec![0f32; t * n];
+    g.throughput(Throughput::Elements((t * n * k) as u64));
+    if amx::available() {
+        g.bench_function("amx_1024x768x3072", |b| {
+            b.iter(|| amx::matmul_bf16(black_box(&xs), &w, n, k, &mut ys))
+        });
+    }
+    g.bench_function("f32_panels_1024x768x3072", |b| {
+        b.iter(|| {
+            panel_matmul_rows(n, k, black_box(&xs), &mut ys, |r, row| {
+                for (o, v) in row.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                    *o = v.to_f32();
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
 /// The SmolVLM image processor: a 2300x1500 PNG (decoded once) resized, split into 12 tiles plus the
 /// global view, rescaled and normalized.
 fn image_processor(c: &mut Criterion) {
@@ -207,6 +238,7 @@ criterion_group!(
     benches,
     matvec,
     matmul,
+    bf16_products,
     norms,
     rope,
     softmax,

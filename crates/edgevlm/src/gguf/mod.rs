@@ -48,7 +48,11 @@ impl GgufFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
         let len = mmap.len();
         let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
-        for (name, info) in &content.tensor_infos {
+        // In file order, so that a truncated file names the first tensor it cuts (the metadata's own
+        // map iterates in no fixed order).
+        let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(name, info)| (info.offset, name.as_str()));
+        for (name, info) in infos {
             let shape = info.shape.dims().to_vec();
             let elems: usize = shape.iter().product();
             let block = info.ggml_dtype.block_size();
