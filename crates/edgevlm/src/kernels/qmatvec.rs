@@ -200,12 +200,99 @@ unsafe fn bias_term<const HALF: bool>(biases: *const u8, sums: *const f32, group
     total
 }
 
+/// The vector arithmetic a single-input row-tile kernel is built from (see [`row_tile`]).
+#[cfg(target_arch = "x86_64")]
+trait TileMath {
+    /// One row's running sum.
+    type Acc: Copy;
+    /// One block of 32 activation codes, loaded.
+    type X;
+    unsafe fn zero() -> Self::Acc;
+    unsafe fn load_x(codes: *const i16) -> Self::X;
+    /// `acc + (codes of block b of the packed row) · x · scale`.
+    unsafe fn fma_block<const BITS: u32>(
+        acc: Self::Acc,
+        row: *const u8,
+        b: usize,
+        x: &Self::X,
+        scale: f32,
+    ) -> Self::Acc;
+    unsafe fn sum(acc: Self::Acc) -> f32;
+}
+
+/// Rows `r .. r + ROW_TILE` of `w` for input 0 (one token): each block of activations is loaded once
+/// and serves all the tile's rows, whose sums stay in registers; scales are staged to f32 per tile,
+/// and the bias term is one vector dot per row at the end. The next tile's rows, scales and biases
+/// follow this tile's in memory: they are fetched a line per block while this one computes, so that
+/// the loads rarely wait on memory (single-thread speed on out-of-cache weights 4.2 -> 2.9 ns per row
+/// and block on Zen 1).
+///
+/// # Safety
+/// Rows `r..r + ROW_TILE` exist; `qi` was made for `w`; the caller is compiled with the features
+/// `M`'s arithmetic and F16C need.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool>(
+    w: &AffineWeight,
+    r: usize,
+    qi: &QuantizedInputs,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    const ROWS: usize = ROW_TILE;
+    let k = w.in_dim;
+    let groups = k / w.spec.group_size;
+    let blocks_per_group = w.spec.group_size / BLOCK;
+    let row_bytes = k * BITS as usize / 8;
+    // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds `row_bytes`
+    // packed bytes, `groups` scales and biases, and the input `k` codes, `k / 32` block scales and
+    // `groups` sums.
+    let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
+    let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
+    // Group values are 2 (f16) or 4 bytes.
+    let vb = if HALF { 2 } else { 4 };
+    let scales = w.scales.as_ptr().add(r * groups * vb);
+    let biases = w.biases.as_ptr().add(r * groups * vb);
+    // Prefetch addresses only, so `wrapping_add`: past the last tile they point nowhere, harmlessly.
+    let tile_bytes = ROWS * row_bytes;
+    let line_per_block = tile_bytes / (k / BLOCK);
+    let next = base.wrapping_add(tile_bytes);
+    let next_scales = scales.wrapping_add(ROWS * groups * vb) as *const i8;
+    let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
+    let mut stage: ScaleStage = [std::mem::MaybeUninit::uninit(); ROWS * MAX_STAGED_GROUPS];
+    let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
+    let mut acc = [M::zero(); ROWS];
+    for g in 0..groups {
+        if g % MAX_STAGED_GROUPS == 0 {
+            let n = MAX_STAGED_GROUPS.min(groups - g);
+            (staged, stride) = stage_scales::<HALF>(scales, groups, g, n, &mut stage);
+            g0 = g;
+        }
+        _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * vb));
+        _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * vb));
+        let sw: [f32; ROWS] = std::array::from_fn(|j| *staged.add(j * stride + g - g0));
+        for b in g * blocks_per_group..(g + 1) * blocks_per_group {
+            let ahead = next.wrapping_add(b * line_per_block) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            if BITS == 8 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
+            let x = M::load_x(qi.codes.as_ptr().add(b * BLOCK));
+            let sx = *qi.scales.as_ptr().add(b);
+            for j in 0..ROWS {
+                acc[j] = M::fma_block::<BITS>(acc[j], rows[j], b, &x, sw[j] * sx);
+            }
+        }
+    }
+    for j in 0..ROWS {
+        out[j] = M::sum(acc[j])
+            + bias_term::<HALF>(biases.add(j * groups * vb), qi.sums.as_ptr(), groups);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{
-        bias_term, stage_scales, AffineWeight, QuantizedInputs, ScaleStage, BLOCK, INPUT_TILE,
-        ROW_TILE,
-    };
+    use super::{row_tile, AffineWeight, QuantizedInputs, TileMath, BLOCK, INPUT_TILE};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -353,10 +440,54 @@ mod avx2 {
         }
     }
 
-    /// Rows `r .. r + ROWS` for input 0 (one token): each block of activations is loaded once and
-    /// serves all `ROWS` weight rows, whose sums stay in registers. 128-bit vectors: on cores that
-    /// split 256-bit integer operations in two (AMD Zen 1) they are as fast, and they need fewer
-    /// widening shuffles.
+    /// The 128-bit arithmetic of the AVX2 row-tile kernel: on cores that split 256-bit integer
+    /// operations in two (AMD Zen 1) it is as fast, and needs fewer widening shuffles.
+    pub struct Sse;
+
+    impl TileMath for Sse {
+        type Acc = __m128;
+        type X = [__m128i; 4];
+
+        #[inline(always)]
+        unsafe fn zero() -> __m128 {
+            _mm_setzero_ps()
+        }
+
+        #[inline(always)]
+        unsafe fn load_x(codes: *const i16) -> [__m128i; 4] {
+            let x = codes as *const __m128i;
+            [
+                _mm_loadu_si128(x),
+                _mm_loadu_si128(x.add(1)),
+                _mm_loadu_si128(x.add(2)),
+                _mm_loadu_si128(x.add(3)),
+            ]
+        }
+
+        #[inline(always)]
+        unsafe fn fma_block<const BITS: u32>(
+            acc: __m128,
+            row: *const u8,
+            b: usize,
+            xs: &[__m128i; 4],
+            scale: f32,
+        ) -> __m128 {
+            let q = unpack_128::<BITS>(row, b);
+            let dot = _mm_add_epi32(
+                _mm_add_epi32(_mm_madd_epi16(q[0], xs[0]), _mm_madd_epi16(q[1], xs[1])),
+                _mm_add_epi32(_mm_madd_epi16(q[2], xs[2]), _mm_madd_epi16(q[3], xs[3])),
+            );
+            _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_set1_ps(scale), acc)
+        }
+
+        #[inline(always)]
+        unsafe fn sum(v: __m128) -> f32 {
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
+        }
+    }
+
+    /// Rows `r .. r + ROW_TILE` for input 0 (one token), see [`row_tile`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool>(
         w: &AffineWeight,
@@ -364,75 +495,7 @@ mod avx2 {
         qi: &QuantizedInputs,
         out: &mut [f32],
     ) {
-        const ROWS: usize = ROW_TILE;
-        let k = w.in_dim;
-        let groups = k / w.spec.group_size;
-        let blocks_per_group = w.spec.group_size / BLOCK;
-        let row_bytes = k * BITS as usize / 8;
-        // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds
-        // `row_bytes` packed bytes, `groups` scales and biases, and the input `k` codes, `k / 32`
-        // block scales and `groups` sums.
-        let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
-        let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
-        // Group values are 2 (f16) or 4 bytes.
-        let vb = if HALF { 2 } else { 4 };
-        let scales = w.scales.as_ptr().add(r * groups * vb);
-        let biases = w.biases.as_ptr().add(r * groups * vb);
-        let codes = qi.codes.as_ptr();
-        let xscales = qi.scales.as_ptr();
-        // The next tile's rows, scales and biases follow this tile's in memory: fetch them a line per
-        // block while this one computes, so that the loads below rarely wait on memory (single-thread
-        // speed on out-of-cache weights 4.2 -> 2.9 ns per row and block on Zen 1). Addresses only, so
-        // `wrapping_add`: past the last tile they point nowhere and prefetching them is harmless.
-        let tile_bytes = ROWS * row_bytes;
-        let line_per_block = tile_bytes / (k / BLOCK);
-        let next = base.wrapping_add(tile_bytes);
-        let next_scales = scales.wrapping_add(ROWS * groups * vb) as *const i8;
-        let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
-        let mut stage: ScaleStage =
-            [std::mem::MaybeUninit::uninit(); ROWS * super::MAX_STAGED_GROUPS];
-        let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
-        let mut acc = [_mm_setzero_ps(); ROWS];
-        for g in 0..groups {
-            if g % super::MAX_STAGED_GROUPS == 0 {
-                let n = super::MAX_STAGED_GROUPS.min(groups - g);
-                (staged, stride) = stage_scales::<HALF>(scales, groups, g, n, &mut stage);
-                g0 = g;
-            }
-            _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * vb));
-            _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * vb));
-            let sw: [f32; ROWS] = std::array::from_fn(|j| *staged.add(j * stride + g - g0));
-            for b in g * blocks_per_group..(g + 1) * blocks_per_group {
-                let ahead = next.wrapping_add(b * line_per_block) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                if BITS == 8 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
-                let x = codes.add(b * BLOCK) as *const __m128i;
-                let xs = [
-                    _mm_loadu_si128(x),
-                    _mm_loadu_si128(x.add(1)),
-                    _mm_loadu_si128(x.add(2)),
-                    _mm_loadu_si128(x.add(3)),
-                ];
-                let sx = *xscales.add(b);
-                for j in 0..ROWS {
-                    let q = unpack_128::<BITS>(rows[j], b);
-                    let dot = _mm_add_epi32(
-                        _mm_add_epi32(_mm_madd_epi16(q[0], xs[0]), _mm_madd_epi16(q[1], xs[1])),
-                        _mm_add_epi32(_mm_madd_epi16(q[2], xs[2]), _mm_madd_epi16(q[3], xs[3])),
-                    );
-                    acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_set1_ps(sw[j] * sx), acc[j]);
-                }
-            }
-        }
-        for j in 0..ROWS {
-            let v = acc[j];
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-            out[j] = _mm_cvtss_f32(v)
-                + bias_term::<HALF>(biases.add(j * groups * vb), qi.sums.as_ptr(), groups);
-        }
+        row_tile::<Sse, BITS, HALF>(w, r, qi, out)
     }
 }
 
@@ -442,9 +505,7 @@ mod avx2 {
 /// single `vpmovzxbw`, instead of four 128-bit unpacks and four `vpmaddwd` plus adds.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{
-        bias_term, stage_scales, AffineWeight, QuantizedInputs, ScaleStage, BLOCK, ROW_TILE,
-    };
+    use super::{row_tile, AffineWeight, QuantizedInputs, TileMath};
     use std::arch::x86_64::*;
 
     /// The 32 codes of block `b` of a packed row as two vectors of sixteen 16-bit values, in the order
@@ -465,7 +526,47 @@ mod vnni {
         }
     }
 
-    /// Rows `r .. r + ROW_TILE` for input 0, as `avx2::dot_row_tile` computes them.
+    /// The 256-bit VNNI arithmetic of the AVX-512 row-tile kernel.
+    pub struct Vnni;
+
+    impl TileMath for Vnni {
+        type Acc = __m256;
+        type X = [__m256i; 2];
+
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+
+        #[inline(always)]
+        unsafe fn load_x(codes: *const i16) -> [__m256i; 2] {
+            let x = codes as *const __m256i;
+            [_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1))]
+        }
+
+        #[inline(always)]
+        unsafe fn fma_block<const BITS: u32>(
+            acc: __m256,
+            row: *const u8,
+            b: usize,
+            xs: &[__m256i; 2],
+            scale: f32,
+        ) -> __m256 {
+            let (lo, hi) = unpack::<BITS>(row, b);
+            let zero = _mm256_setzero_si256();
+            let dot = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(zero, lo, xs[0]), hi, xs[1]);
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc)
+        }
+
+        #[inline(always)]
+        unsafe fn sum(v: __m256) -> f32 {
+            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
+        }
+    }
+
+    /// Rows `r .. r + ROW_TILE` for input 0, see [`row_tile`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool>(
         w: &AffineWeight,
@@ -473,68 +574,7 @@ mod vnni {
         qi: &QuantizedInputs,
         out: &mut [f32],
     ) {
-        const ROWS: usize = ROW_TILE;
-        let k = w.in_dim;
-        let groups = k / w.spec.group_size;
-        let blocks_per_group = w.spec.group_size / BLOCK;
-        let row_bytes = k * BITS as usize / 8;
-        // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds
-        // `row_bytes` packed bytes, `groups` scales and biases, and the input `k` codes, `k / 32`
-        // block scales and `groups` sums.
-        let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
-        let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
-        // Group values are 2 (f16) or 4 bytes.
-        let vb = if HALF { 2 } else { 4 };
-        let scales = w.scales.as_ptr().add(r * groups * vb);
-        let biases = w.biases.as_ptr().add(r * groups * vb);
-        let codes = qi.codes.as_ptr();
-        let xscales = qi.scales.as_ptr();
-        // Prefetch the next tile (contiguous after this one) a line per block, as the AVX2 kernel.
-        let tile_bytes = ROWS * row_bytes;
-        let line_per_block = tile_bytes / (k / BLOCK);
-        let next = base.wrapping_add(tile_bytes);
-        let next_scales = scales.wrapping_add(ROWS * groups * vb) as *const i8;
-        let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
-        let zero = _mm256_setzero_si256();
-        let mut stage: ScaleStage =
-            [std::mem::MaybeUninit::uninit(); ROWS * super::MAX_STAGED_GROUPS];
-        let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        for g in 0..groups {
-            if g % super::MAX_STAGED_GROUPS == 0 {
-                let n = super::MAX_STAGED_GROUPS.min(groups - g);
-                (staged, stride) = stage_scales::<HALF>(scales, groups, g, n, &mut stage);
-                g0 = g;
-            }
-            _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * vb));
-            _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * vb));
-            let sw: [__m256; ROWS] =
-                std::array::from_fn(|j| _mm256_set1_ps(*staged.add(j * stride + g - g0)));
-            for b in g * blocks_per_group..(g + 1) * blocks_per_group {
-                let ahead = next.wrapping_add(b * line_per_block) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                if BITS == 8 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
-                let x = codes.add(b * BLOCK) as *const __m256i;
-                let (x0, x1) = (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)));
-                let sx = _mm256_set1_ps(*xscales.add(b));
-                for j in 0..ROWS {
-                    let (lo, hi) = unpack::<BITS>(rows[j], b);
-                    let dot = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(zero, lo, x0), hi, x1);
-                    acc[j] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw[j], sx), acc[j]);
-                }
-            }
-        }
-        for j in 0..ROWS {
-            let v = acc[j];
-            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-            out[j] = _mm_cvtss_f32(v)
-                + bias_term::<HALF>(biases.add(j * groups * vb), qi.sums.as_ptr(), groups);
-        }
+        row_tile::<Vnni, BITS, HALF>(w, r, qi, out)
     }
 }
 

@@ -265,10 +265,11 @@ impl AffineWeight {
                     let (scale, bias) = fit_group(group, max_q, spec.bits == 4, &mut codes);
                     sc[g] = scale;
                     bi[g] = bias;
-                    let gw = &mut words[g * gs / per_word..(g + 1) * gs / per_word];
-                    for (i, &q) in codes.iter().enumerate() {
-                        gw[i / per_word] |= q << (spec.bits as usize * (i % per_word));
-                    }
+                    pack_codes(
+                        &codes,
+                        spec,
+                        &mut words[g * gs / per_word..(g + 1) * gs / per_word],
+                    );
                 }
             });
         let fits_f16 = || {
@@ -291,11 +292,11 @@ impl AffineWeight {
                         sc[g] = store.round(sc[g]);
                         bi[g] = store.round(bi[g]);
                         round_codes(group, sc[g], bi[g], max_q, &mut codes);
-                        let gw = &mut words[g * gs / per_word..(g + 1) * gs / per_word];
-                        gw.fill(0);
-                        for (i, &q) in codes.iter().enumerate() {
-                            gw[i / per_word] |= q << (spec.bits as usize * (i % per_word));
-                        }
+                        pack_codes(
+                            &codes,
+                            spec,
+                            &mut words[g * gs / per_word..(g + 1) * gs / per_word],
+                        );
                     }
                 });
         }
@@ -379,6 +380,17 @@ impl AffineWeight {
             }
         }
         out
+    }
+}
+
+/// `codes` packed little-end first into `words` (8 four-bit or 4 eight-bit codes per word).
+fn pack_codes(codes: &[u32], spec: QuantSpec, words: &mut [u32]) {
+    let per_word = spec.per_word();
+    for (word, chunk) in words.iter_mut().zip(codes.chunks(per_word)) {
+        *word = chunk
+            .iter()
+            .enumerate()
+            .fold(0, |acc, (j, &q)| acc | q << (spec.bits as usize * j));
     }
 }
 
