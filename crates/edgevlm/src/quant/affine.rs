@@ -253,25 +253,16 @@ impl AffineWeight {
         let mut packed = vec![0u32; out_dim * in_dim / per_word];
         let mut scales = vec![0f32; out_dim * groups_per_row];
         let mut biases = vec![0f32; out_dim * groups_per_row];
-        // Rows are independent: fit them in parallel.
-        packed
-            .par_chunks_mut(in_dim / per_word)
-            .zip(scales.par_chunks_mut(groups_per_row))
-            .zip(biases.par_chunks_mut(groups_per_row))
-            .zip(w.par_chunks(in_dim))
-            .for_each(|(((words, sc), bi), row)| {
-                let mut codes = vec![0u32; gs];
-                for (g, group) in row.chunks_exact(gs).enumerate() {
-                    let (scale, bias) = fit_group(group, max_q, spec.bits == 4, &mut codes);
-                    sc[g] = scale;
-                    bi[g] = bias;
-                    pack_codes(
-                        &codes,
-                        spec,
-                        &mut words[g * gs / per_word..(g + 1) * gs / per_word],
-                    );
-                }
-            });
+        let four = spec.bits == 4;
+        each_group(
+            w,
+            spec,
+            in_dim,
+            (&mut packed, &mut scales, &mut biases),
+            |g, s, b, codes| {
+                (*s, *b) = fit_group(g, max_q, four, codes);
+            },
+        );
         let fits_f16 = || {
             let normal = |x: f32| x == 0.0 || (6.103_515_6e-5..=65504.0).contains(&x.abs());
             scales.iter().all(|&s| normal(s)) && biases.iter().all(|&b| b.abs() <= 65504.0)
@@ -281,24 +272,17 @@ impl AffineWeight {
             other => other,
         };
         if store != ScaleType::F32 {
-            packed
-                .par_chunks_mut(in_dim / per_word)
-                .zip(scales.par_chunks_mut(groups_per_row))
-                .zip(biases.par_chunks_mut(groups_per_row))
-                .zip(w.par_chunks(in_dim))
-                .for_each(|(((words, sc), bi), row)| {
-                    let mut codes = vec![0u32; gs];
-                    for (g, group) in row.chunks_exact(gs).enumerate() {
-                        sc[g] = store.round(sc[g]);
-                        bi[g] = store.round(bi[g]);
-                        round_codes(group, sc[g], bi[g], max_q, &mut codes);
-                        pack_codes(
-                            &codes,
-                            spec,
-                            &mut words[g * gs / per_word..(g + 1) * gs / per_word],
-                        );
-                    }
-                });
+            // Round scales and biases to the stored type, then choose the codes for those values.
+            each_group(
+                w,
+                spec,
+                in_dim,
+                (&mut packed, &mut scales, &mut biases),
+                |g, s, b, codes| {
+                    (*s, *b) = (store.round(*s), store.round(*b));
+                    round_codes(g, *s, *b, max_q, codes);
+                },
+            );
         }
         let (scales, biases) = GroupValues::pair(scales, biases);
         Ok(Self {
@@ -381,6 +365,36 @@ impl AffineWeight {
         }
         out
     }
+}
+
+/// For every group of the row-major `(out, in_dim)` weight `w`, rows in parallel: `f(values, scale,
+/// bias, codes)` sets the group's scale, bias and codes, and the codes are packed into `packed`.
+fn each_group(
+    w: &[f32],
+    spec: QuantSpec,
+    in_dim: usize,
+    (packed, scales, biases): (&mut [u32], &mut [f32], &mut [f32]),
+    f: impl Fn(&[f32], &mut f32, &mut f32, &mut [u32]) + Sync,
+) {
+    let gs = spec.group_size;
+    let words_per_group = gs / spec.per_word();
+    let groups_per_row = in_dim / gs;
+    packed
+        .par_chunks_mut(in_dim / spec.per_word())
+        .zip(scales.par_chunks_mut(groups_per_row))
+        .zip(biases.par_chunks_mut(groups_per_row))
+        .zip(w.par_chunks(in_dim))
+        .for_each(|(((words, sc), bi), row)| {
+            let mut codes = vec![0u32; gs];
+            for ((group, (s, b)), gw) in row
+                .chunks_exact(gs)
+                .zip(sc.iter_mut().zip(bi.iter_mut()))
+                .zip(words.chunks_exact_mut(words_per_group))
+            {
+                f(group, s, b, &mut codes);
+                pack_codes(&codes, spec, gw);
+            }
+        });
 }
 
 /// `codes` packed little-end first into `words` (8 four-bit or 4 eight-bit codes per word).
