@@ -243,6 +243,19 @@ fn logit_cases() -> Vec<Case> {
         .collect()
 }
 
+/// The largest difference between the logits at the last prompt position (`n - 1`) and the golden
+/// ones of case `name`.
+fn last_prompt_logit_diff(
+    logits: &Tensor,
+    n: usize,
+    g: &HashMap<String, Tensor>,
+    name: &str,
+) -> f32 {
+    let last: Vec<f32> = logits.get(n - 1).unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = g[&format!("{name}.last_prompt_logits")].to_vec1().unwrap();
+    max_abs_diff(&last, &want)
+}
+
 #[test]
 fn teacher_forced_logits_match_transformers() {
     let Some(engine) = tiny_engine("logits") else {
@@ -256,11 +269,7 @@ fn teacher_forced_logits_match_transformers() {
         forced.ids.extend(&case.continuation);
         let logits = engine.logits(&forced, true).unwrap();
 
-        let last: Vec<f32> = logits.get(n - 1).unwrap().to_vec1().unwrap();
-        let want: Vec<f32> = g[&format!("{}.last_prompt_logits", case.name)]
-            .to_vec1()
-            .unwrap();
-        let d = max_abs_diff(&last, &want);
+        let d = last_prompt_logit_diff(&logits, n, &g, &case.name);
         println!(
             "{}: last prompt position, max |Δlogit| over the vocabulary = {d:.3e}",
             case.name
@@ -401,11 +410,7 @@ fn bf16_tile_vision_stays_close_to_transformers() {
         let forced = engine.prepare(&case.request).unwrap();
         let n = forced.ids.len();
         let logits = engine.logits(&forced, true).unwrap();
-        let last: Vec<f32> = logits.get(n - 1).unwrap().to_vec1().unwrap();
-        let want: Vec<f32> = g[&format!("{}.last_prompt_logits", case.name)]
-            .to_vec1()
-            .unwrap();
-        let d = max_abs_diff(&last, &want);
+        let d = last_prompt_logit_diff(&logits, n, &g, &case.name);
         println!("bf16 tiles, {}: max |Δlogit| = {d:.3e}", case.name);
         assert!(d < 2e-3, "{}: last-prompt logits differ by {d}", case.name);
     }

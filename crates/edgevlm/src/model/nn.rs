@@ -561,20 +561,25 @@ pub fn attention(
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
     let (t, s) = mask.dims2()?;
-    let bias = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let out = with_cpu_f32(scores, |xs| {
-        let mut out = xs.to_vec();
-        if s > 0 && t > 0 && xs.len().is_multiple_of(s) && scores.dim(D::Minus1).ok() == Some(s) {
-            out.par_chunks_mut(s).enumerate().for_each(|(r, row)| {
-                let i = r % t;
-                crate::kernels::elementwise::softmax_rows(row, s, Some(&bias[i * s..(i + 1) * s]));
-            });
-            Some(out)
-        } else {
-            None
-        }
-    })?
-    .flatten();
+    let fits = s > 0 && t > 0 && scores.dim(D::Minus1).ok() == Some(s);
+    // The mask is read in place (every layer of a pass shares it): no copy per call.
+    let out = if fits {
+        with_cpu_f32(mask, |bias| {
+            with_cpu_f32(scores, |xs| {
+                let mut out = xs.to_vec();
+                out.par_chunks_mut(s).enumerate().for_each(|(r, row)| {
+                    let i = r % t;
+                    let b = &bias[i * s..(i + 1) * s];
+                    crate::kernels::elementwise::softmax_rows(row, s, Some(b));
+                });
+                out
+            })
+        })?
+        .transpose()?
+        .flatten()
+    } else {
+        None
+    };
     match out {
         Some(out) => Ok(Tensor::from_vec(out, scores.dims(), scores.device())?),
         None => {
