@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::kv_cache::KvCache;
 use super::nn::{
-    attention, silu_mul_stacked, Embedding, Linear, ProjectionGroup, RmsNorm, Weights,
+    attention, silu_mul_stacked, with_cpu_f32, Embedding, Linear, ProjectionGroup, RmsNorm, Weights,
 };
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -134,7 +134,7 @@ impl DecoderLayer {
         cache: &mut KvCache,
         layer: usize,
         offset: usize,
-        mask: Option<&Tensor>,
+        mask: Option<&CausalMask>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
@@ -156,11 +156,18 @@ impl DecoderLayer {
                 return self.mlp(x);
             }
         }
+        if mask.is_some() {
+            if let Some(o) = prefill_attention(&q, &k, &v, self.kv_heads, d)? {
+                let x = (x + self.o.forward(&o)?)?;
+                return self.mlp(x);
+            }
+        }
         // Grouped-query attention without copying K/V per query head: fold the `rep` query heads that
         // share a KV head into the sequence axis.
         let rep = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, rep * t, d))?;
-        let o = if let Some(m) = mask {
+        // Only this path needs the mask as a tensor.
+        let o = if let Some(m) = mask.map(CausalMask::tensor).transpose()? {
             // Rows of the folded scores are (kv head, rep, query): query index = row % t.
             let scale = (d as f64).powf(-0.5);
             let dtype = q.dtype();
@@ -208,24 +215,76 @@ fn decode_attention(
     kv_heads: usize,
     d: usize,
 ) -> Result<Option<Tensor>> {
-    use crate::kernels::attention::{decode_attention as kernel, CacheView, KvView};
-    use candle_core::Storage;
-    if [q.dtype(), k.dtype(), v.dtype()] != [DType::F32; 3] {
+    let heads = q.dim(1)?;
+    let q = q.contiguous()?;
+    let out = with_cache_view(k, v, kv_heads, d, |kv| {
+        with_cpu_f32(&q, |qs| {
+            let mut out = vec![0f32; heads * d];
+            crate::kernels::attention::decode_attention(qs, kv, d, (d as f32).powf(-0.5), &mut out);
+            out
+        })
+    })?;
+    match out.transpose()?.flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, (1, 1, heads * d), q.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// The `t` new positions of `q` `(1, heads, t, d)` over the cached keys and values
+/// `(1, kv_heads, offset + t, d)` under the causal mask, with the prompt kernel; `(1, t, heads·d)`.
+/// `None` where it does not apply, as for [`decode_attention`].
+fn prefill_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv_heads: usize,
+    d: usize,
+) -> Result<Option<Tensor>> {
+    let (b, heads, t, _) = q.dims4()?;
+    if b != 1 {
         return Ok(None);
     }
-    let (len, heads) = (k.dim(2)?, q.dim(1)?);
-    let q = q.contiguous()?;
-    let (qg, ql) = q.storage_and_layout();
+    let out = with_cache_view(k, v, kv_heads, d, |kv| {
+        with_cpu_f32(q, |qs| {
+            let mut out = vec![0f32; t * heads * d];
+            let scale = (d as f32).powf(-0.5);
+            crate::kernels::attention::prefill_attention(qs, t, kv, d, scale, &mut out);
+            out
+        })
+    })?;
+    match out.transpose()?.flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, (1, t, heads * d), q.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// Run `f` on the cached keys and values `(1, kv_heads, len, d)` read in place, where they are f32 CPU
+/// tensors with positions `d` apart (`None` otherwise).
+fn with_cache_view<R>(
+    k: &Tensor,
+    v: &Tensor,
+    kv_heads: usize,
+    d: usize,
+    f: impl FnOnce(crate::kernels::attention::KvView) -> R,
+) -> Result<Option<R>> {
+    use crate::kernels::attention::{CacheView, KvView};
+    use candle_core::Storage;
+    if [k.dtype(), v.dtype()] != [DType::F32; 2] || kv_heads == 0 {
+        return Ok(None);
+    }
+    let len = k.dim(2)?;
+    if v.dim(2)? != len {
+        return Ok(None);
+    }
     let (kg, kl) = k.storage_and_layout();
     let (vg, vl) = v.storage_and_layout();
-    let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else {
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*kg, &*vg) else {
         return Ok(None);
     };
     let (ks, vs) = (kl.stride(), vl.stride());
     if ks.len() != 4 || vs.len() != 4 || ks[2] != d || ks[3] != 1 || vs[2] != d || vs[3] != 1 {
         return Ok(None);
     }
-    let qs = &qc.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + heads * d];
     // The last KV head's `len` positions must lie inside the storage.
     fn view(
         data: &[f32],
@@ -257,15 +316,12 @@ fn decode_attention(
     ) else {
         return Ok(None);
     };
-    let mut out = vec![0f32; heads * d];
-    let kv = KvView {
+    Ok(Some(f(KvView {
         k: kview,
         v: vview,
         kv_heads,
         len,
-    };
-    kernel(qs, kv, d, (d as f32).powf(-0.5), &mut out);
-    Ok(Some(Tensor::from_vec(out, (1, 1, heads * d), q.device())?))
+    })))
 }
 
 /// Llama decoder with its embedding table and LM head.
@@ -394,11 +450,7 @@ impl TextModel {
     ) -> Result<Tensor> {
         let (_, t, _) = embeds.dims3()?;
         let offset = cache.len();
-        let mask = if t > 1 {
-            Some(causal_mask(t, offset, embeds.device())?)
-        } else {
-            None
-        };
+        let mask = (t > 1).then(|| CausalMask::new(t, offset, embeds.device()));
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &self.rope, cache, i, offset, mask.as_ref())?;
@@ -412,6 +464,34 @@ impl TextModel {
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.squeeze(0)?;
         Ok(logits.to_dtype(DType::F32)?)
+    }
+}
+
+/// The causal mask of a pass over `t` new positions after `offset` cached ones, built as a tensor only
+/// if some layer takes the general attention path (the prompt kernel applies it as it goes).
+struct CausalMask {
+    t: usize,
+    offset: usize,
+    device: Device,
+    tensor: std::sync::OnceLock<Tensor>,
+}
+
+impl CausalMask {
+    fn new(t: usize, offset: usize, device: &Device) -> Self {
+        Self {
+            t,
+            offset,
+            device: device.clone(),
+            tensor: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn tensor(&self) -> Result<&Tensor> {
+        if let Some(m) = self.tensor.get() {
+            return Ok(m);
+        }
+        let m = causal_mask(self.t, self.offset, &self.device)?;
+        Ok(self.tensor.get_or_init(|| m))
     }
 }
 
