@@ -9,7 +9,8 @@
 //! they are held in. Rows are split across the thread pool. One token
 //! (decode) runs tiles of four weight rows that share each activation load and prefetch the next tile;
 //! a few inputs share each unpacked weight row, four at a time; 16 or more inputs (a prompt, vision
-//! tiles) run an f32 GEMM on dequantized panels.
+//! tiles) run on AMX tiles where the CPU has them (`amx::affine_matmul`: exact codes, inputs to 16
+//! significant bits), and an f32 GEMM on dequantized panels otherwise.
 //!
 //! Without AVX2 the same sums run in f32.
 
@@ -702,6 +703,10 @@ const PANEL_ROWS: usize = 64;
 /// `ys = xs · Wᵀ` for many inputs, panel by panel in parallel; only one panel per task is ever
 /// dequantized, exactly as `dequantize_row` does, so the product is an exact f32 GEMM.
 fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
+    // On AMX the codes go through the tile unit as exact bf16 integers, the inputs as bf16 pairs.
+    if super::amx::affine_matmul(w, xs, ys) {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         panel_matmul_rows(w.out_dim, w.in_dim, xs, ys, |r, row| {

@@ -16,6 +16,10 @@
 use half::bf16;
 use rayon::prelude::*;
 
+mod affine;
+
+pub use affine::affine_matmul;
+
 /// Rows and columns of one output tile pair (two 16-row × 16-column accumulators each way).
 const TILE: usize = 32;
 /// Inputs per tile step (16 pairs of bf16).
@@ -70,7 +74,7 @@ pub fn supports(n: usize, k: usize) -> bool {
 
 /// Round to the nearest bf16, ties to even (NaN stays NaN).
 #[inline]
-fn to_bf16_bits(x: f32) -> u16 {
+pub(super) fn to_bf16_bits(x: f32) -> u16 {
     let u = x.to_bits();
     if (u & 0x7fff_ffff) > 0x7f80_0000 {
         return ((u >> 16) | 0x40) as u16;
@@ -168,7 +172,7 @@ mod tiles {
 
     /// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
     #[repr(C, align(64))]
-    struct Config {
+    pub(super) struct Config {
         palette: u8,
         start_row: u8,
         reserved: [u8; 14],
@@ -176,7 +180,7 @@ mod tiles {
         rows: [u8; 16],
     }
 
-    const CONFIG: Config = Config {
+    pub(super) const CONFIG: Config = Config {
         palette: 1,
         start_row: 0,
         reserved: [0; 14],
