@@ -290,14 +290,10 @@ impl Engine {
     /// Load a llama-architecture GGUF file as a text chat model, with the tokenizer and chat template
     /// its metadata holds.
     pub fn load_gguf(path: &Path, opts: EngineOptions) -> Result<Self> {
-        let file = crate::gguf::GgufFile::open(path)?;
+        let mut file = crate::gguf::GgufFile::open(path)?;
         let cfg = crate::gguf::llama_config(&file)?;
-        let device = opts.device.open()?;
-        let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
-        load_opts.quantize = opts.quantize;
-        load_opts.dequantize = opts.dequantize;
-        let model = crate::gguf::load_llama(&file, &cfg, &load_opts)?;
-        return_freed_memory();
+        // The tokenizer first: building it takes a few MB for a moment (the vocabulary and merges as
+        // JSON), which the weights then reuse instead of adding to the peak.
         let (tokenizer, bos, eos) = crate::gguf::tokenizer_from_gguf(&file)?;
         let source = file
             .get_str("tokenizer.chat_template")?
@@ -311,6 +307,15 @@ impl Engine {
         }
         eos_ids.sort_unstable();
         eos_ids.dedup();
+        file.drop_tokenizer_metadata();
+        return_freed_memory();
+        let device = opts.device.open()?;
+        let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
+        load_opts.quantize = opts.quantize;
+        load_opts.dequantize = opts.dequantize;
+        let model = crate::gguf::load_llama(&file, &cfg, &load_opts)?;
+        drop(file);
+        return_freed_memory();
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())

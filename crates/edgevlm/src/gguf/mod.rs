@@ -97,6 +97,20 @@ impl GgufFile {
         })
     }
 
+    /// Forget the tokenizer's vocabulary, merges and token types (tens of thousands of strings, several
+    /// MB), once the tokenizer is built.
+    pub fn drop_tokenizer_metadata(&mut self) {
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores",
+        ] {
+            self.metadata.remove(key);
+        }
+        self.metadata.shrink_to_fit();
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
