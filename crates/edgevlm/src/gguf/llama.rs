@@ -291,7 +291,7 @@ impl Loader<'_> {
                 rows,
                 cols,
                 spec,
-                ScaleType::F16,
+                spec.held_scale_type(),
                 name,
             )?));
         }

@@ -239,7 +239,7 @@ impl Linear {
                 out_dim,
                 in_dim,
                 spec,
-                ScaleType::F16,
+                spec.held_scale_type(),
                 &w.path("weight"),
             )?;
             return Ok(Self::affine(q, bias));

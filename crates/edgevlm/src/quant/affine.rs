@@ -58,6 +58,17 @@ impl QuantSpec {
     pub fn max_q(&self) -> u32 {
         (1 << self.bits) - 1
     }
+
+    /// The type quantize-on-load keeps scales and biases in: f16 for 4-bit groups (its rounding moves
+    /// a value by at most 15 · 2⁻¹¹ of a step), f32 for 8-bit ones, where f16 would move the top code
+    /// by up to 255 · 2⁻¹¹, an eighth of a step, on top of the rounding to the grid.
+    pub fn held_scale_type(&self) -> ScaleType {
+        if self.bits == 4 {
+            ScaleType::F16
+        } else {
+            ScaleType::F32
+        }
+    }
 }
 
 /// The stored tensors of a quantized layer, before their shapes are checked.
