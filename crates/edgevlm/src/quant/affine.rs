@@ -82,7 +82,7 @@ pub struct AffineParts {
 
 /// The per-group scales or biases of a quantized layer. Held in f16 when every scale and bias of the
 /// layer is exactly an f16 (GGUF blocks always are, the f16/bf16 values of MLX checkpoints nearly always,
-/// and quantizing on load rounds to f16): 4 bytes per group instead of 8, which matters to decode, as it
+/// and quantizing on load rounds 4-bit groups to f16): 4 bytes per group instead of 8, which matters to decode, as it
 /// reads every weight once per token. Otherwise f32.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GroupValues {
@@ -123,6 +123,16 @@ impl GroupValues {
         match self {
             Self::F16(v) => v[i].to_f32(),
             Self::F32(v) => v[i],
+        }
+    }
+
+    /// Values `start..start + out.len()` in f32 (exact).
+    pub fn read(&self, start: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let end = start + out.len();
+        match self {
+            Self::F16(v) => v[start..end].convert_to_f32_slice(out),
+            Self::F32(v) => out.copy_from_slice(&v[start..end]),
         }
     }
 

@@ -187,22 +187,22 @@ fn expand_codes(w: &AffineWeight, c0: usize, tiles: &mut [u32]) {
     // SAFETY: `packed` is plain u32 words; reading them as bytes is reading the same memory.
     let packed: &[u8] =
         unsafe { std::slice::from_raw_parts(w.packed.as_ptr().cast::<u8>(), w.packed.len() * 4) };
-    for half in 0..2 {
-        for c in 0..16 {
-            let col = c0 + half * 16 + c;
-            let row = &packed[col * row_bytes..(col + 1) * row_bytes];
-            let dst = &mut tiles[half * steps * 256..(half + 1) * steps * 256];
-            if w.spec.bits == 4 {
-                // Byte 16kb + p holds codes 32kb + 2p (low nibble) and 32kb + 2p + 1.
-                for (kb, bytes) in row.chunks_exact(16).enumerate() {
-                    for (p, &b) in bytes.iter().enumerate() {
-                        dst[kb * 256 + p * 16 + c] = CODES.nibbles[b as usize];
+    let rows: [&[u8]; BLOCK] =
+        std::array::from_fn(|c| &packed[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes]);
+    // Written in order, tile by tile; each tile reads 16 (or 32) bytes of each of its 16 rows.
+    for (half, dst) in tiles.chunks_exact_mut(steps * 256).take(2).enumerate() {
+        let rows = &rows[half * 16..half * 16 + 16];
+        for (kb, tile) in dst.chunks_exact_mut(256).enumerate() {
+            for (p, out) in tile.chunks_exact_mut(16).enumerate() {
+                if w.spec.bits == 4 {
+                    // Byte 16kb + p holds codes 32kb + 2p (low nibble) and 32kb + 2p + 1.
+                    for (o, row) in out.iter_mut().zip(rows) {
+                        *o = CODES.nibbles[row[kb * 16 + p] as usize];
                     }
-                }
-            } else {
-                for (kb, bytes) in row.chunks_exact(32).enumerate() {
-                    for (p, pair) in bytes.chunks_exact(2).enumerate() {
-                        dst[kb * 256 + p * 16 + c] = CODES.bytes[pair[0] as usize] as u32
+                } else {
+                    for (o, row) in out.iter_mut().zip(rows) {
+                        let pair = &row[kb * 32 + 2 * p..kb * 32 + 2 * p + 2];
+                        *o = CODES.bytes[pair[0] as usize] as u32
                             | (CODES.bytes[pair[1] as usize] as u32) << 16;
                     }
                 }
@@ -229,12 +229,14 @@ fn product(w: &AffineWeight, xs: &[f32], t: usize, ys: &mut [f32]) {
             tiles.resize(2 * (k / KSTEP) * 256, 0);
             expand_codes(w, c0, tiles);
             // `values[g]`: the 32 columns' scales, then their biases, for group g.
-            values.resize(groups * 2 * BLOCK, 0.0);
-            for g in 0..groups {
-                for c in 0..BLOCK {
-                    let i = (c0 + c) * groups + g;
-                    values[g * 2 * BLOCK + c] = w.scales.get(i);
-                    values[g * 2 * BLOCK + BLOCK + c] = w.biases.get(i);
+            values.resize(groups * 2 * BLOCK + groups, 0.0);
+            let (values, column) = values.split_at_mut(groups * 2 * BLOCK);
+            for c in 0..BLOCK {
+                for (part, offset) in [(&w.scales, c), (&w.biases, BLOCK + c)] {
+                    part.read((c0 + c) * groups, column);
+                    for (g, &v) in column.iter().enumerate() {
+                        values[g * 2 * BLOCK + offset] = v;
+                    }
                 }
             }
             sums.clear();
