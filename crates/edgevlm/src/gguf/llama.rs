@@ -330,7 +330,9 @@ impl Loader<'_> {
         Ok(
             match self.matrix(name, rows, cols, unpermute, self.opts.quantize)? {
                 Matrix::Dense(t) => Linear::dense(&t, bias)?,
-                Matrix::Affine(q) => Linear::affine(q, bias),
+                Matrix::Affine(q) => {
+                    Linear::affine(q, bias).place(&self.opts.device, self.opts.dtype)?
+                }
                 Matrix::Ggml(q) => Linear::ggml(QMatMul::from_arc(Arc::new(q))?, bias),
             },
         )
@@ -406,7 +408,7 @@ pub fn load_llama(f: &GgufFile, cfg: &TextConfig, opts: &LoadOptions) -> Result<
     let lm_head = if f.contains("output.weight") {
         l.linear("output.weight", cfg.vocab_size, h, None)?
     } else {
-        embed.tied_head()?
+        embed.tied_head()?.place(&opts.device, opts.dtype)?
     };
     let norm = l.norm("output_norm.weight", cfg)?;
     TextModel::from_parts(embed, layers, norm, lm_head, cfg, opts.dtype, &opts.device)

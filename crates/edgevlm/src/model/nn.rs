@@ -212,7 +212,7 @@ impl Linear {
         };
         if w.contains("scales") {
             let q = load_affine(w, in_dim, out_dim)?;
-            return Ok(Self::affine(q, bias));
+            return Self::affine(q, bias).place(&w.opts.device, w.opts.dtype);
         }
         if w.opts.half_weights && w.opts.quantize.is_none() && w.opts.dtype == DType::F32 {
             let name = w.path("weight");
@@ -242,7 +242,7 @@ impl Linear {
                 spec.held_scale_type(),
                 &w.path("weight"),
             )?;
-            return Ok(Self::affine(q, bias));
+            return Self::affine(q, bias).place(&w.opts.device, w.opts.dtype);
         }
         Self::dense(&weight, bias)
     }
@@ -264,6 +264,45 @@ impl Linear {
             weight: LinearWeight::Ggml(q),
             bias,
         }
+    }
+
+    /// This layer in the form `device` runs: as it is on the CPU; elsewhere (CUDA, Metal) an
+    /// affine-quantized weight becomes ggml Q4_1 blocks for candle's quantized kernels where that is
+    /// exact (4-bit codes, f16 scales and biases), and otherwise its dequantized values, dense in
+    /// `dtype`. edgevlm's own affine kernels are CPU code.
+    pub fn place(self, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() {
+            return Ok(self);
+        }
+        self.for_accelerator(device, dtype)
+    }
+
+    /// The non-CPU form of [`Self::place`], on any device (the tests run it on the CPU).
+    fn for_accelerator(self, device: &Device, dtype: DType) -> Result<Self> {
+        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+        let LinearWeight::Affine(q) = &self.weight else {
+            return Ok(self);
+        };
+        let weight = match q.to_q4_1_blocks() {
+            Some(blocks) => {
+                let storage =
+                    QStorage::from_data(std::borrow::Cow::Owned(blocks), device, GgmlDType::Q4_1)?;
+                let t = QTensor::new(storage, (q.out_dim, q.in_dim))?;
+                LinearWeight::Ggml(QMatMul::from_arc(Arc::new(t))?)
+            }
+            None => {
+                let mut values = vec![0f32; q.out_dim * q.in_dim];
+                for (r, row) in values.chunks_exact_mut(q.in_dim).enumerate() {
+                    q.dequantize_row(r, row);
+                }
+                let w = Tensor::from_vec(values, (q.out_dim, q.in_dim), device)?.to_dtype(dtype)?;
+                LinearWeight::Dense { w }
+            }
+        };
+        Ok(Self {
+            weight,
+            bias: self.bias,
+        })
     }
 
     /// The output width.
@@ -823,6 +862,50 @@ mod tests {
         (0..n)
             .map(|i| ((i * 7919 + seed * 104729) % 211) as f32 / 105.0 - 1.0)
             .collect()
+    }
+
+    /// The accelerator form of affine layers, run here on the CPU: 4-bit groups as candle Q4_1 blocks
+    /// (its CPU kernel rounds the inputs to 8 bits, hence the loose bound), 8-bit ones dense and exact.
+    #[test]
+    fn accelerator_form_of_affine_layers() {
+        let dev = Device::Cpu;
+        let (n, k, t) = (40, 96, 3);
+        let w = values(n * k, 1);
+        let xs = Tensor::from_vec(values(t * k, 2), (t, k), &dev).expect("inputs");
+        for bits in [4, 8] {
+            let spec = QuantSpec::new(bits, 32).expect("spec");
+            let q = AffineWeight::quantize(&w, n, k, spec, spec.held_scale_type(), "t").expect("q");
+            let cpu = Linear::affine(q, None);
+            let want: Vec<f32> = cpu
+                .forward(&xs)
+                .expect("cpu")
+                .flatten_all()
+                .expect("f")
+                .to_vec1()
+                .expect("v");
+            let acc = cpu.for_accelerator(&dev, DType::F32).expect("converts");
+            let got: Vec<f32> = acc
+                .forward(&xs)
+                .expect("acc")
+                .flatten_all()
+                .expect("f")
+                .to_vec1()
+                .expect("v");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = want
+                .iter()
+                .zip(&got)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            match (bits, acc.weight()) {
+                (4, LinearWeight::Ggml(_)) => {
+                    assert!(worst <= 0.02 * scale, "4-bit: {worst} of {scale}")
+                }
+                (8, LinearWeight::Dense { .. }) => {
+                    assert!(worst <= 1e-5 * scale, "8-bit: {worst} of {scale}")
+                }
+                (b, other) => panic!("{b}-bit layer became {other:?}"),
+            }
+        }
     }
 
     /// A stacked layer gives each part's output side by side, bit for bit, dense and quantized.

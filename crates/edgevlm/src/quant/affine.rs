@@ -366,6 +366,39 @@ impl AffineWeight {
         }
     }
 
+    /// The layer as ggml Q4_1 blocks, the 4-bit type candle's CUDA and Metal backends run: per 32
+    /// inputs an f16 scale `d` and minimum `m`, then 16 bytes of codes (input `j` in the low nibble of
+    /// byte `j`, input `j + 16` in the high one), each value `d · q + m` computed in f32 as
+    /// [`Self::dequantize_row`] does. `None` unless that is exact: 4-bit codes with scales and biases
+    /// that are f16 values (groups of 64 or 128 repeat theirs over 2 or 4 blocks).
+    pub fn to_q4_1_blocks(&self) -> Option<Vec<u8>> {
+        if self.spec.bits != 4 {
+            return None;
+        }
+        let exact = |v: &GroupValues| match v {
+            GroupValues::F16(_) => true,
+            GroupValues::F32(x) => x.iter().all(|&x| f16::from_f32(x).to_f32() == x),
+        };
+        if !exact(&self.scales) || !exact(&self.biases) {
+            return None;
+        }
+        let (gs, groups) = (self.spec.group_size, self.in_dim / self.spec.group_size);
+        let blocks_per_row = self.in_dim / 32;
+        let mut out = Vec::with_capacity(self.out_dim * blocks_per_row * 20);
+        let words_per_row = self.in_dim / 8;
+        for r in 0..self.out_dim {
+            let words = &self.packed[r * words_per_row..(r + 1) * words_per_row];
+            for b in 0..blocks_per_row {
+                let g = r * groups + b * 32 / gs;
+                out.extend_from_slice(&f16::from_f32(self.scales.get(g)).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(self.biases.get(g)).to_le_bytes());
+                let code = |e: usize| ((words[b * 4 + e / 8] >> (4 * (e % 8))) & 0xF) as u8;
+                out.extend((0..16).map(|j| code(j) | code(j + 16) << 4));
+            }
+        }
+        Some(out)
+    }
+
     /// The whole weight as MLX's `mx.dequantize` returns it: the product and the sum are each rounded to
     /// the scale type (`round(round(s · q) + b)`), which is bit-exact with MLX for f32, f16 and bf16.
     /// (The kernels compute `s · q + b` in f32, slightly more precisely.)
@@ -574,6 +607,65 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Q4_1 blocks hold 4-bit groups of 32 and 64 exactly (candle dequantizes them to the same f32
+    /// values, bit for bit); 8-bit codes and scales that are not f16 values have no such form.
+    #[test]
+    fn q4_1_blocks_hold_4_bit_groups_exactly() {
+        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+        let (n, k) = (6, 128);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3)
+            .collect();
+        for gs in [32, 64] {
+            let spec = QuantSpec::new(4, gs).expect("valid spec");
+            let q = AffineWeight::quantize(&w, n, k, spec, ScaleType::F16, "t").expect("quantizes");
+            let blocks = q.to_q4_1_blocks().expect("f16 scales convert");
+            assert_eq!(blocks.len(), n * k / 32 * 20);
+            let dev = candle_core::Device::Cpu;
+            let storage =
+                QStorage::from_data(std::borrow::Cow::Owned(blocks), &dev, GgmlDType::Q4_1)
+                    .expect("storage");
+            let got: Vec<f32> = QTensor::new(storage, (n, k))
+                .expect("tensor")
+                .dequantize(&dev)
+                .expect("dequantize")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("values");
+            let mut row = vec![0f32; k];
+            for r in 0..n {
+                q.dequantize_row(r, &mut row);
+                assert_eq!(&got[r * k..(r + 1) * k], &row[..], "g{gs} row {r}");
+            }
+        }
+        let q8 = AffineWeight::quantize(
+            &w,
+            n,
+            k,
+            QuantSpec::new(8, 32).expect("spec"),
+            ScaleType::F16,
+            "t",
+        )
+        .expect("quantizes");
+        assert!(q8.to_q4_1_blocks().is_none());
+        let q32 = AffineWeight::quantize(
+            &w,
+            n,
+            k,
+            QuantSpec::new(4, 32).expect("spec"),
+            ScaleType::F32,
+            "t",
+        )
+        .expect("quantizes");
+        assert!(q32
+            .scales
+            .to_f32_vec()
+            .iter()
+            .any(|&x| f16::from_f32(x).to_f32() != x));
+        assert!(q32.to_q4_1_blocks().is_none());
     }
 
     #[test]
