@@ -354,11 +354,8 @@ impl Engine {
         load_opts.checkpoint_quant =
             CheckpointQuant::from_config(&cfg_json).map_err(|e| Error::file(&config_path, e))?;
         if let Some(spec) = opts.quantize {
-            if !load_opts.device.is_cpu() {
-                return Err(Error::Device(
-                    "quantized weights run on the CPU in this build (use --device cpu)".into(),
-                ));
-            }
+            // On CUDA / Metal each quantized layer is placed in the form candle runs there
+            // (`Linear::place`).
             load_opts.quantize = Some(spec);
             load_opts.skip_vision = opts.skip_vision;
         }

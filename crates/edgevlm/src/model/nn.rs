@@ -831,7 +831,7 @@ fn half_forward(w: &Tensor, x: &Tensor, tiles: bool) -> Result<Tensor> {
 fn affine_forward(q: &AffineWeight, x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return Err(Error::Device(
-            "quantized weights run on the CPU in this build".into(),
+            "an affine-quantized layer reached a non-CPU device without Linear::place".into(),
         ));
     }
     let k = q.in_dim;
