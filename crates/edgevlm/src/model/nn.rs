@@ -865,11 +865,12 @@ mod tests {
     }
 
     /// The accelerator form of affine layers, run here on the CPU: 4-bit groups as candle Q4_1 blocks
-    /// (its CPU kernel rounds the inputs to 8 bits, hence the loose bound), 8-bit ones dense and exact.
+    /// (its CPU kernel rounds the inputs to 8 bits, hence the loose bound, and wants an even number of
+    /// blocks per row), 8-bit ones dense and exact.
     #[test]
     fn accelerator_form_of_affine_layers() {
         let dev = Device::Cpu;
-        let (n, k, t) = (40, 96, 3);
+        let (n, k, t) = (40, 128, 3);
         let w = values(n * k, 1);
         let xs = Tensor::from_vec(values(t * k, 2), (t, k), &dev).expect("inputs");
         for bits in [4, 8] {
