@@ -39,6 +39,33 @@ impl Rope {
         })
     }
 
+    /// Rotate `x` (heads of `d` values, one position) for position `pos` in place, exactly as candle's
+    /// `rope` computes it (`x1·cos − x2·sin`, `x1·sin + x2·cos` over the two halves). False (and `x`
+    /// untouched) where the tables are not f32 CPU tensors or `pos` is past them.
+    fn rotate_one(&self, x: &mut [f32], d: usize, pos: usize) -> bool {
+        let half = d / 2;
+        if pos >= self.max_len || half == 0 {
+            return false;
+        }
+        let rotated = with_cpu_f32(&self.cos, |cos| {
+            with_cpu_f32(&self.sin, |sin| {
+                let (cos, sin) = (
+                    &cos[pos * half..(pos + 1) * half],
+                    &sin[pos * half..(pos + 1) * half],
+                );
+                for head in x.chunks_exact_mut(d) {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x1, x2) = (a[i], b[i]);
+                        a[i] = x1 * cos[i] - x2 * sin[i];
+                        b[i] = x1 * sin[i] + x2 * cos[i];
+                    }
+                }
+            })
+        });
+        matches!(rotated, Ok(Some(Ok(Some(())))))
+    }
+
     /// Rotate `(b, heads, t, d)` for positions `offset..offset+t`.
     fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
@@ -139,6 +166,12 @@ impl DecoderLayer {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
         let y = self.input_norm.forward(x)?;
+        if t == 1 && b == 1 && mask.is_none() {
+            if let Some(o) = self.decode_step(&y, rope, cache, layer, offset)? {
+                let x = (x + self.o.forward(&o)?)?;
+                return self.mlp(x);
+            }
+        }
         let heads = |t_: Tensor, n: usize| -> Result<Tensor> {
             Ok(t_.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
@@ -184,6 +217,57 @@ impl DecoderLayer {
             .reshape((b, t, self.heads * d))?;
         let x = (x + self.o.forward(&o)?)?;
         self.mlp(x)
+    }
+
+    /// Attention of one new position on f32 CPU tensors with the fused QKV product, without the
+    /// general path's tensor reshapes: RoPE applied to the projection's row in place of candle's op
+    /// (the same arithmetic), keys and values written to the cache, the decode kernel run on the
+    /// rotated query; `(1, 1, heads·d)`. `None` where it does not apply.
+    fn decode_step(
+        &self,
+        y: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        offset: usize,
+    ) -> Result<Option<Tensor>> {
+        let ProjectionGroup::Fused { linear, .. } = &self.qkv else {
+            return Ok(None);
+        };
+        let (d, heads, kv) = (self.head_dim, self.heads, self.kv_heads);
+        let qkv = linear.forward(y)?;
+        let Some((q, k, v)) = with_cpu_f32(&qkv, |row| -> Option<_> {
+            let (q, rest) = row.split_at(heads * d);
+            let (k, v) = rest.split_at(kv * d);
+            let mut q = q.to_vec();
+            let mut k = k.to_vec();
+            let rotated = rope.rotate_one(&mut q, d, offset) && rope.rotate_one(&mut k, d, offset);
+            rotated.then(|| (q, k, v.to_vec()))
+        })?
+        .flatten() else {
+            return Ok(None);
+        };
+        let dev = y.device();
+        let k = Tensor::from_vec(k, (1, kv, 1, d), dev)?;
+        let v = Tensor::from_vec(v, (1, kv, 1, d), dev)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let out = with_cache_view(&k, &v, kv, d, |view| {
+            let mut out = vec![0f32; heads * d];
+            crate::kernels::attention::decode_attention(
+                &q,
+                view,
+                d,
+                (d as f32).powf(-0.5),
+                &mut out,
+            );
+            out
+        })?;
+        match out {
+            Some(out) => Ok(Some(Tensor::from_vec(out, (1, 1, heads * d), dev)?)),
+            None => Err(Error::Request(
+                "KV cache layout changed under the decode step".into(),
+            )),
+        }
     }
 
     /// The residual MLP half of the block.
