@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::has_avx2;
+use super::sgemm::{product, Strided};
 
 /// Keys or values of one layer: position `j` of KV head `h` starts at `h * head_stride + j * d`.
 #[derive(Clone, Copy)]
@@ -236,26 +237,13 @@ pub fn prefill_attention(q: &[f32], t: usize, kv: KvView, d: usize, scale: f32, 
             // stride heads·d) is written by this task only.
             unsafe {
                 // scores (qn × keys) = scale · Q_blk (qn × d) · Kᵀ (d × keys)
-                gemm::gemm(
-                    qn,
-                    keys,
-                    d,
+                product(
+                    (qn, keys, d),
                     scores.as_mut_ptr(),
-                    1,
-                    keys as isize,
-                    false,
-                    q.as_ptr().add((h * t + q0) * d),
-                    1,
-                    d as isize,
-                    k.data.as_ptr().add(g * k.head_stride),
-                    d as isize,
-                    1,
-                    0.0,
+                    keys,
+                    Strided::rows(q.as_ptr().add((h * t + q0) * d), d),
+                    Strided::columns(k.data.as_ptr().add(g * k.head_stride), d),
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
             for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
@@ -267,26 +255,13 @@ pub fn prefill_attention(q: &[f32], t: usize, kv: KvView, d: usize, scale: f32, 
             // SAFETY: as above.
             unsafe {
                 // out block (qn × d) = P (qn × keys) · V (keys × d)
-                gemm::gemm(
-                    qn,
-                    d,
-                    keys,
+                product(
+                    (qn, d, keys),
                     (out_addr as *mut f32).add(q0 * hd + h * d),
-                    1,
-                    hd as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    keys as isize,
-                    v.data.as_ptr().add(g * v.head_stride),
-                    1,
-                    d as isize,
-                    0.0,
+                    hd,
+                    Strided::rows(scores.as_ptr(), keys),
+                    Strided::rows(v.data.as_ptr().add(g * v.head_stride), d),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         })

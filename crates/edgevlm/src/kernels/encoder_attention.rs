@@ -13,6 +13,7 @@
 use rayon::prelude::*;
 
 use super::elementwise::softmax_rows;
+use super::sgemm::{product, Strided};
 
 /// Queries per task: scores of 128 queries over 1,024 keys are 512 KB.
 const QUERY_BLOCK: usize = 128;
@@ -93,26 +94,19 @@ pub fn encoder_attention(
                 // written by this task only (tasks differ in batch, head or query block).
                 unsafe {
                     // scores (qn × seq) = scale · Q_blk (qn × d) · Kᵀ (d × seq)
-                    gemm::gemm(
-                        qn,
-                        seq,
-                        d,
+                    product(
+                        (qn, seq, d),
                         scores.as_mut_ptr(),
-                        1,
-                        seq as isize,
-                        false,
-                        q.data.as_ptr().add(q.offset + (row0 + q0) * q.stride + col),
-                        1,
-                        q.stride as isize,
-                        k.data.as_ptr().add(k.offset + row0 * k.stride + col),
-                        k.stride as isize,
-                        1,
-                        0.0,
+                        seq,
+                        Strided::rows(
+                            q.data.as_ptr().add(q.offset + (row0 + q0) * q.stride + col),
+                            q.stride,
+                        ),
+                        Strided::columns(
+                            k.data.as_ptr().add(k.offset + row0 * k.stride + col),
+                            k.stride,
+                        ),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 let bias = key_bias.map(|kb| &kb[row0..row0 + seq]);
@@ -120,26 +114,16 @@ pub fn encoder_attention(
                 // SAFETY: as above.
                 unsafe {
                     // out block (qn × d) = P (qn × seq) · V (seq × d)
-                    gemm::gemm(
-                        qn,
-                        d,
-                        seq,
+                    product(
+                        (qn, d, seq),
                         (out_addr as *mut f32).add((row0 + q0) * hd + col),
-                        1,
-                        hd as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        seq as isize,
-                        v.data.as_ptr().add(v.offset + row0 * v.stride + col),
-                        1,
-                        v.stride as isize,
-                        0.0,
+                        hd,
+                        Strided::rows(scores.as_ptr(), seq),
+                        Strided::rows(
+                            v.data.as_ptr().add(v.offset + row0 * v.stride + col),
+                            v.stride,
+                        ),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             })

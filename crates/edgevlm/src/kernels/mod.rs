@@ -6,6 +6,7 @@ pub mod elementwise;
 pub mod encoder_attention;
 pub mod matvec;
 pub mod qmatvec;
+pub(crate) mod sgemm;
 
 /// Whether the CPU has AVX2, FMA and F16C, which the x86 kernels are compiled for (checked at run
 /// time).

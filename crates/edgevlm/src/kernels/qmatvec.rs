@@ -759,26 +759,13 @@ pub fn panel_matmul_rows(
             // tasks and inside `ys` (r0 + rows ≤ n); lhs is `xs` (t × k, row stride k); rhs is the
             // panel read as (k × rows) with column stride k. All three outlive the call.
             unsafe {
-                gemm::gemm(
-                    t,
-                    rows,
-                    k,
+                super::sgemm::product(
+                    (t, rows, k),
                     (ys_addr as *mut f32).add(r0),
-                    1,
-                    n as isize,
-                    false,
-                    xs.as_ptr(),
-                    1,
-                    k as isize,
-                    panel.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
+                    n,
+                    super::sgemm::Strided::rows(xs.as_ptr(), k),
+                    super::sgemm::Strided::columns(panel.as_ptr(), k),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         })
