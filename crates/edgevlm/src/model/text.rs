@@ -251,19 +251,8 @@ impl DecoderLayer {
         let k = Tensor::from_vec(k, (1, kv, 1, d), dev)?;
         let v = Tensor::from_vec(v, (1, kv, 1, d), dev)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let out = with_cache_view(&k, &v, kv, d, |view| {
-            let mut out = vec![0f32; heads * d];
-            crate::kernels::attention::decode_attention(
-                &q,
-                view,
-                d,
-                (d as f32).powf(-0.5),
-                &mut out,
-            );
-            out
-        })?;
-        match out {
-            Some(out) => Ok(Some(Tensor::from_vec(out, (1, 1, heads * d), dev)?)),
+        match attend_one(&q, &k, &v, kv, d, dev)? {
+            Some(out) => Ok(Some(out)),
             None => Err(Error::Request(
                 "KV cache layout changed under the decode step".into(),
             )),
@@ -299,19 +288,34 @@ fn decode_attention(
     kv_heads: usize,
     d: usize,
 ) -> Result<Option<Tensor>> {
-    let heads = q.dim(1)?;
     let q = q.contiguous()?;
+    Ok(
+        with_cpu_f32(&q, |qs| attend_one(qs, k, v, kv_heads, d, q.device()))?
+            .transpose()?
+            .flatten(),
+    )
+}
+
+/// The decode kernel for the query heads `q` (`heads × d` values) over the cached keys and values;
+/// `(1, 1, heads·d)` on `device`, `None` where the cache is not one [`with_cache_view`] reads.
+fn attend_one(
+    q: &[f32],
+    k: &Tensor,
+    v: &Tensor,
+    kv_heads: usize,
+    d: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     let out = with_cache_view(k, v, kv_heads, d, |kv| {
-        with_cpu_f32(&q, |qs| {
-            let mut out = vec![0f32; heads * d];
-            crate::kernels::attention::decode_attention(qs, kv, d, (d as f32).powf(-0.5), &mut out);
-            out
-        })
+        let mut out = vec![0f32; q.len()];
+        crate::kernels::attention::decode_attention(q, kv, d, (d as f32).powf(-0.5), &mut out);
+        out
     })?;
-    match out.transpose()?.flatten() {
-        Some(out) => Ok(Some(Tensor::from_vec(out, (1, 1, heads * d), q.device())?)),
-        None => Ok(None),
-    }
+    out.map(|out| {
+        let n = out.len();
+        Ok(Tensor::from_vec(out, (1, 1, n), device)?)
+    })
+    .transpose()
 }
 
 /// The `t` new positions of `q` `(1, heads, t, d)` over the cached keys and values

@@ -381,6 +381,7 @@ mod tiles {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+    use crate::kernels::amx::skip_without_amx;
     use crate::quant::{QuantSpec, ScaleType};
 
     /// Against f64 sums over the dequantized weight: 4- and 8-bit codes, groups of 32 to 128, f16 and
@@ -389,8 +390,7 @@ mod tests {
     /// be 100 times outside the bound.
     #[test]
     fn matches_the_dequantized_product() {
-        if !available() {
-            eprintln!("skipped: no AMX-BF16 on this CPU (or EDGEVLM_NO_AMX is set)");
+        if skip_without_amx() {
             return;
         }
         let (n, k) = (64, 256);
@@ -443,8 +443,7 @@ mod tests {
     /// The parts hold each input to 2⁻¹⁷ of its size; padding rows are zero.
     #[test]
     fn parts_sum_to_the_input() {
-        if !available() {
-            eprintln!("skipped: no AMX-BF16 on this CPU (or EDGEVLM_NO_AMX is set)");
+        if skip_without_amx() {
             return;
         }
         let k = 64;

@@ -261,6 +261,16 @@ mod tiles {
     }
 }
 
+/// For tests of the tile kernels: true (after saying why) where they cannot run here.
+#[cfg(test)]
+pub(super) fn skip_without_amx() -> bool {
+    let skip = !available();
+    if skip {
+        eprintln!("skipped: no AMX-BF16 on this CPU (or EDGEVLM_NO_AMX is set)");
+    }
+    skip
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,8 +279,7 @@ mod tests {
     /// the only difference. Row counts that are and are not multiples of 32.
     #[test]
     fn matches_the_bf16_rounded_product() {
-        if !available() {
-            eprintln!("skipped: no AMX-BF16 on this CPU (or EDGEVLM_NO_AMX is set)");
+        if skip_without_amx() {
             return;
         }
         let (n, k) = (96, 160);
