@@ -140,9 +140,10 @@ mod avx2 {
         sum
     }
 
-    /// One row in place: `softmax(row + bias)`, in f32.
+    /// One row in place: `exp(row + bias - max)`, the numerators of its softmax; returns their sum.
+    /// A row with every key masked becomes all ones (see [`super::softmax_numerators`]).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softmax_row(row: &mut [f32], bias: Option<&[f32]>) {
+    pub unsafe fn numerators(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
         let n = row.len();
         let n8 = n / 8 * 8;
         let p = row.as_mut_ptr();
@@ -174,12 +175,19 @@ mod avx2 {
             max = max.max(v);
         }
         if max == f32::NEG_INFINITY {
-            // Every key masked: HF's softmax gives NaN; keep the row finite and uniform instead.
-            let u = 1.0 / n as f32;
-            row.fill(u);
-            return;
+            row.fill(1.0);
+            return n as f32;
         }
-        let sum = exp_sum(row, max);
+        exp_sum(row, max)
+    }
+
+    /// One row in place: `softmax(row + bias)`, in f32.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_row(row: &mut [f32], bias: Option<&[f32]>) {
+        let n = row.len();
+        let n8 = n / 8 * 8;
+        let p = row.as_mut_ptr();
+        let sum = numerators(row, bias);
         let inv = _mm256_set1_ps(1.0 / sum);
         let mut i = 0;
         while i < n8 {
@@ -282,7 +290,15 @@ pub fn softmax_rows(xs: &mut [f32], row_len: usize, bias: Option<&[f32]>) {
     let _ = avx2;
 }
 
-fn softmax_row_scalar(row: &mut [f32], bias: Option<&[f32]>) {
+/// In place `row = exp(row + bias - max)`, the numerators of the row's softmax; returns their sum.
+/// `bias` (0 or -inf for masked keys) is as in [`softmax_rows`]. A row with every key masked
+/// becomes all ones (a uniform softmax; HF's gives NaN there).
+pub fn softmax_numerators(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::numerators(row, bias) };
+    }
     if let Some(b) = bias {
         for (x, b) in row.iter_mut().zip(b) {
             *x += b;
@@ -290,16 +306,19 @@ fn softmax_row_scalar(row: &mut [f32], bias: Option<&[f32]>) {
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
-        let u = 1.0 / row.len() as f32;
-        row.fill(u);
-        return;
+        row.fill(1.0);
+        return row.len() as f32;
     }
     let mut sum = 0f32;
     for x in row.iter_mut() {
-        *x = (*x - max).exp();
+        *x = exp_poly(*x - max);
         sum += *x;
     }
-    let inv = 1.0 / sum;
+    sum
+}
+
+fn softmax_row_scalar(row: &mut [f32], bias: Option<&[f32]>) {
+    let inv = 1.0 / softmax_numerators(row, bias);
     for x in row.iter_mut() {
         *x *= inv;
     }

@@ -26,6 +26,13 @@ pub struct StridedRows<'a> {
     pub stride: usize,
 }
 
+impl<'a> StridedRows<'a> {
+    /// `len` values of row `r` from column `col`. Panics past the end of `data`.
+    pub fn row(&self, r: usize, col: usize, len: usize) -> &'a [f32] {
+        &self.data[self.offset + r * self.stride + col..][..len]
+    }
+}
+
 /// The attention problem: `batch` sequences of `seq` positions, `heads` heads of `head_dim` values.
 #[derive(Clone, Copy, Debug)]
 pub struct EncoderAttentionShape {
@@ -40,8 +47,13 @@ pub struct EncoderAttentionShape {
 /// columns `h·d..(h+1)·d`. `key_bias` (`batch × seq`, 0 or -inf) masks padding keys. `out` is
 /// `(batch·seq, heads·d)`, row-major.
 ///
+/// With `tiles`, runs on AMX where the CPU has it and the shape allows (inputs rounded to bf16, f32
+/// sums; see [`crate::kernels::amx::encoder_attention_tiles`]); otherwise every product is f32.
+///
 /// Panics if a slice is shorter than the shape says (callers build them from the same shape).
+#[allow(clippy::too_many_arguments)]
 pub fn encoder_attention(
+    tiles: bool,
     q: StridedRows,
     k: StridedRows,
     v: StridedRows,
@@ -69,6 +81,9 @@ pub fn encoder_attention(
     assert!(out.len() >= rows * hd, "output too short");
     if let Some(b) = key_bias {
         assert!(b.len() >= rows, "key bias too short");
+    }
+    if tiles && crate::kernels::amx::encoder_attention_tiles(q, k, v, shape, scale, key_bias, out) {
+        return;
     }
     let blocks = seq.div_ceil(QUERY_BLOCK);
     let out_addr = out.as_mut_ptr() as usize;
@@ -163,6 +178,7 @@ mod tests {
             head_dim: d,
         };
         encoder_attention(
+            false,
             view(0),
             view(hd),
             view(2 * hd),

@@ -25,6 +25,8 @@ struct EncoderLayer {
     heads: usize,
     head_dim: usize,
     exact_gelu: bool,
+    /// Attention products on AMX tiles where the CPU has them (as the bf16 projections).
+    tiles: bool,
 }
 
 impl EncoderLayer {
@@ -45,6 +47,7 @@ impl EncoderLayer {
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             exact_gelu: cfg.hidden_act == "gelu",
+            tiles: w.opts.bf16_tiles,
         })
     }
 
@@ -112,7 +115,16 @@ impl EncoderLayer {
             };
             let mut out = vec![0f32; b * n * h];
             let bias = mask.map(|m| m.bias.as_slice());
-            encoder_attention(rows(0), rows(h), rows(2 * h), shape, scale, bias, &mut out);
+            encoder_attention(
+                self.tiles,
+                rows(0),
+                rows(h),
+                rows(2 * h),
+                shape,
+                scale,
+                bias,
+                &mut out,
+            );
             out
         })?;
         Ok(match out {

@@ -26,6 +26,8 @@
 use rayon::prelude::*;
 
 use super::available;
+#[cfg(target_arch = "x86_64")]
+use super::round_bf16;
 use crate::quant::AffineWeight;
 
 /// Output rows per block and output columns per task (two tiles each way).
@@ -141,24 +143,6 @@ unsafe fn split_row(
         }
         *s = _mm512_reduce_add_ps(acc);
     }
-}
-
-/// Sixteen f32 to their nearest bf16 (ties to even) and the remainders `v - bf16(v)`, which are exact.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn round_bf16(
-    v: std::arch::x86_64::__m512,
-) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m512) {
-    use std::arch::x86_64::*;
-    let u = _mm512_castps_si512(v);
-    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
-    let top = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-        u,
-        _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd),
-    ));
-    let rounded = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(top));
-    (_mm512_cvtepi32_epi16(top), _mm512_sub_ps(v, rounded))
 }
 
 /// bf16 bits of the pair of 4-bit codes in each byte (low nibble first), and of each 8-bit code.

@@ -17,8 +17,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 mod affine;
+mod attention;
 
 pub use affine::affine_matmul;
+pub use attention::encoder_attention_tiles;
 
 /// Rows and columns of one output tile pair (two 16-row × 16-column accumulators each way).
 const TILE: usize = 32;
@@ -80,6 +82,24 @@ pub(super) fn to_bf16_bits(x: f32) -> u16 {
         return ((u >> 16) | 0x40) as u16;
     }
     ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// Sixteen f32 to their nearest bf16 (ties to even) and the remainders `v - bf16(v)`, which are exact.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn round_bf16(
+    v: std::arch::x86_64::__m512,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    let u = _mm512_castps_si512(v);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
+    let top = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+        u,
+        _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd),
+    ));
+    let rounded = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(top));
+    (_mm512_cvtepi32_epi16(top), _mm512_sub_ps(v, rounded))
 }
 
 /// `ys (t × n) = xs (t × k) · Wᵀ` for a row-major `(n, k)` bf16 weight `w`. Returns false (and
@@ -189,12 +209,12 @@ mod tiles {
     };
 
     /// Output rows `r0..r0 + rows` × columns `c0..c0 + cols` (multiples of 32) of `out` (row stride
-    /// `n`): tiles 0-3 accumulate a 32 × 32 block, tiles 4-5 hold 16 × 32 input slices (rows of `a`,
+    /// `out_stride` f32): tiles 0-3 accumulate a 32 × 32 block, tiles 4-5 hold 16 × 32 input slices (rows of `a`,
     /// stride `k` bf16), tiles 6-7 two 16-column weight tiles of `b`.
     ///
     /// # Safety
     /// AMX tile state is granted; the ranges lie inside `a` (`t_pad × k`), `b` (`n × k`, tile order)
-    /// and `out` (`t_pad × n`).
+    /// and `out` (rows `r0..r0 + rows` at stride `out_stride`, columns `c0..c0 + cols`).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn block(
         a: *const u16,
@@ -202,13 +222,12 @@ mod tiles {
         out: *mut f32,
         (r0, rows): (usize, usize),
         (c0, cols): (usize, usize),
-        n: usize,
+        out_stride: usize,
         k: usize,
         kb_count: usize,
     ) {
         asm!("ldtilecfg [{0}]", in(reg) &CONFIG as *const Config, options(nostack, readonly));
         let a_stride = k * 2;
-        let out_stride = n * 4;
         for j in (c0..c0 + cols).step_by(TILE) {
             // Weight tiles of column blocks j/16 and j/16 + 1: 16 × KSTEP bf16 = 1 KB each.
             let b0 = b.add((j / 16) * kb_count * 16 * KSTEP);
@@ -242,7 +261,7 @@ mod tiles {
                         options(nostack, readonly)
                     );
                 }
-                let o = out.add(i * n + j);
+                let o = out.add(i * out_stride + j);
                 asm!(
                     "tilestored [{o0} + {s}*1], tmm0",
                     "tilestored [{o1} + {s}*1], tmm1",
@@ -250,9 +269,9 @@ mod tiles {
                     "tilestored [{o3} + {s}*1], tmm3",
                     o0 = in(reg) o,
                     o1 = in(reg) o.add(16),
-                    o2 = in(reg) o.add(16 * n),
-                    o3 = in(reg) o.add(16 * n + 16),
-                    s = in(reg) out_stride,
+                    o2 = in(reg) o.add(16 * out_stride),
+                    o3 = in(reg) o.add(16 * out_stride + 16),
+                    s = in(reg) out_stride * 4,
                     options(nostack)
                 );
             }

@@ -1,0 +1,290 @@
+//! Encoder self-attention (every position of a sequence attends to every other) on AMX tiles: the
+//! two products of each head, `S = scale · Q·Kᵀ` and `O = P·V`, with queries, keys, values and the
+//! softmax numerators `P` rounded to bf16 and every sum in f32 — as the vision encoder's projections
+//! on this path round their inputs. The softmax itself (maximum, `exp`, sum) runs in f32; `P` is left
+//! unnormalised and each output row is divided by its f32 sum at the end.
+//!
+//! One task takes one head of one sequence: it packs that head's keys and values once into the tile
+//! order `tdpbf16ps` reads its second operand in (keys as the columns of `S`, values as the columns
+//! of `O`), then runs 32 queries at a time through `S`, the softmax and `O`, with every buffer
+//! (packed keys and values, 32 rows of scores and of `P`) reused per worker: 448 KB at 1,024
+//! positions of 64 values.
+
+use rayon::prelude::*;
+
+use super::available;
+use crate::kernels::encoder_attention::{EncoderAttentionShape, StridedRows};
+
+/// Queries per step, and the multiple of 32 that sequence length and head size must be.
+const BLOCK: usize = 32;
+
+/// Per-worker buffers, grown to the largest shape seen.
+#[derive(Default)]
+struct Scratch {
+    /// Keys in tile order as the `(seq, d)` second operand of `S`.
+    keys: Vec<u16>,
+    /// Values in tile order as the `(d, seq)` second operand of `O`.
+    values: Vec<u16>,
+    /// 32 scaled queries, row-major `(32, d)` bf16.
+    queries: Vec<u16>,
+    /// 32 rows of scores, then of softmax numerators, f32 `(32, seq)`.
+    scores: Vec<f32>,
+    /// The numerators in bf16, row-major `(32, seq)`.
+    weights: Vec<u16>,
+}
+
+/// The attention of [`crate::kernels::encoder_attention::encoder_attention`] on AMX tiles. Returns
+/// false (and leaves `out` alone) where AMX is not available or the shape is not one it takes
+/// (sequence length and head size multiples of 32).
+///
+/// Panics if `out` or a slice of `q`, `k`, `v` is shorter than the shape says.
+pub fn encoder_attention_tiles(
+    q: StridedRows,
+    k: StridedRows,
+    v: StridedRows,
+    shape: EncoderAttentionShape,
+    scale: f32,
+    key_bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> bool {
+    let EncoderAttentionShape {
+        batch,
+        seq,
+        heads,
+        head_dim: d,
+    } = shape;
+    if !available() || seq == 0 || d == 0 || !seq.is_multiple_of(BLOCK) || !d.is_multiple_of(BLOCK)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let hd = heads * d;
+        assert!(out.len() >= batch * seq * hd, "output too short");
+        let out_addr = out.as_mut_ptr() as usize;
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+        }
+        (0..batch * heads).into_par_iter().for_each(|task| {
+            let (b, h) = (task / heads, task % heads);
+            let row0 = b * seq;
+            let col = h * d;
+            SCRATCH.with_borrow_mut(|s| {
+                s.keys.resize(seq * d, 0);
+                s.values.resize(seq * d, 0);
+                s.queries.resize(BLOCK * d, 0);
+                s.scores.resize(BLOCK * seq, 0.0);
+                s.weights.resize(BLOCK * seq, 0);
+                pack_keys(|j| k.row(row0 + j, col, d), seq, d, &mut s.keys);
+                pack_values(|j| v.row(row0 + j, col, d), seq, &mut s.values);
+                let bias = key_bias.map(|kb| &kb[row0..row0 + seq]);
+                for q0 in (0..seq).step_by(BLOCK) {
+                    for (i, dst) in s.queries.chunks_exact_mut(d).enumerate() {
+                        for (y, &x) in dst.iter_mut().zip(q.row(row0 + q0 + i, col, d)) {
+                            *y = super::to_bf16_bits(x * scale);
+                        }
+                    }
+                    // SAFETY: AMX is available (checked above). `queries` is 32 × d and `keys` the
+                    // seq × d weight in tile order, so the product's loads stay inside them; it
+                    // writes the 32 × seq `scores`.
+                    unsafe {
+                        super::tiles::block(
+                            s.queries.as_ptr(),
+                            s.keys.as_ptr(),
+                            s.scores.as_mut_ptr(),
+                            (0, BLOCK),
+                            (0, seq),
+                            seq,
+                            d,
+                            d / super::KSTEP,
+                        );
+                    }
+                    let mut sums = [0f32; BLOCK];
+                    for ((row, w), sum) in s
+                        .scores
+                        .chunks_exact_mut(seq)
+                        .zip(s.weights.chunks_exact_mut(seq))
+                        .zip(&mut sums)
+                    {
+                        *sum = crate::kernels::elementwise::softmax_numerators(row, bias);
+                        for (w, &p) in w.iter_mut().zip(row.iter()) {
+                            *w = super::to_bf16_bits(p);
+                        }
+                    }
+                    let o = (out_addr as *mut f32).wrapping_add((row0 + q0) * hd + col);
+                    // SAFETY: as above, `weights` is 32 × seq and `values` the d × seq weight in tile
+                    // order. The output block, rows row0+q0.. (32 of them, inside the batch·seq rows
+                    // of `out`) and columns col..col+d, is written by this task only (tasks differ in
+                    // sequence or head).
+                    unsafe {
+                        super::tiles::block(
+                            s.weights.as_ptr(),
+                            s.values.as_ptr(),
+                            o,
+                            (0, BLOCK),
+                            (0, d),
+                            hd,
+                            seq,
+                            seq / super::KSTEP,
+                        );
+                        for (i, sum) in sums.iter().enumerate() {
+                            let row = std::slice::from_raw_parts_mut(o.add(i * hd), d);
+                            let inv = 1.0 / sum;
+                            for x in row {
+                                *x *= inv;
+                            }
+                        }
+                    }
+                }
+            })
+        });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (q, k, v, scale, key_bias, out, batch, heads);
+        false
+    }
+}
+
+/// Keys as the `(n = seq, k = d)` second operand of `S = Q·Kᵀ`: tile `(16-key block kb, 32-value
+/// step ds)` holds `[pair p][key c][element e] = K[16kb + c][32ds + 2p + e]`.
+fn pack_keys<'a>(key: impl Fn(usize) -> &'a [f32], seq: usize, d: usize, dst: &mut [u16]) {
+    let steps = d / 32;
+    for (kb, block) in dst.chunks_exact_mut(16 * d).enumerate().take(seq / 16) {
+        for c in 0..16 {
+            let row = key(16 * kb + c);
+            for (ds, tile) in block.chunks_exact_mut(512).enumerate().take(steps) {
+                for (p, pair) in row[32 * ds..32 * ds + 32].chunks_exact(2).enumerate() {
+                    tile[(p * 16 + c) * 2] = super::to_bf16_bits(pair[0]);
+                    tile[(p * 16 + c) * 2 + 1] = super::to_bf16_bits(pair[1]);
+                }
+            }
+        }
+    }
+}
+
+/// Values as the `(n = d, k = seq)` second operand of `O = P·V`: tile `(16-value block vb, 32-key
+/// step ks)` holds `[pair p][value c][element e] = V[32ks + 2p + e][16vb + c]`.
+fn pack_values<'a>(value: impl Fn(usize) -> &'a [f32], seq: usize, dst: &mut [u16]) {
+    let steps = seq / 32;
+    for j in 0..seq {
+        let row = value(j);
+        let (ks, p, e) = (j / 32, j % 32 / 2, j % 2);
+        for (c, &x) in row.iter().enumerate() {
+            let (vb, c) = (c / 16, c % 16);
+            dst[((vb * steps + ks) * 16 + p) * 32 + c * 2 + e] = super::to_bf16_bits(x);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::amx::skip_without_amx;
+    use half::bf16;
+
+    /// Against an f64 reference of the same bf16 roundings: two sequences of 96 positions, 2 heads of
+    /// 64, q/k/v interleaved in one fused row of stride 3·128 + 8, padding keys masked in the second
+    /// sequence.
+    #[test]
+    fn matches_the_bf16_rounded_reference() {
+        if skip_without_amx() {
+            return;
+        }
+        let (batch, seq, heads, d) = (2, 96, 2, 64);
+        let hd = heads * d;
+        let stride = 3 * hd + 8;
+        let fused: Vec<f32> = (0..batch * seq * stride)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 40.0)
+            .collect();
+        let mut bias = vec![0f32; batch * seq];
+        for j in 80..96 {
+            bias[seq + j] = f32::NEG_INFINITY;
+        }
+        let view = |offset| StridedRows {
+            data: &fused,
+            offset,
+            stride,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let shape = EncoderAttentionShape {
+            batch,
+            seq,
+            heads,
+            head_dim: d,
+        };
+        let mut out = vec![f32::NAN; batch * seq * hd];
+        assert!(encoder_attention_tiles(
+            view(0),
+            view(hd),
+            view(2 * hd),
+            shape,
+            scale,
+            Some(&bias),
+            &mut out
+        ));
+        let r16 =
+            |x: f32| f64::from(bf16::from_bits(crate::kernels::amx::to_bf16_bits(x)).to_f32());
+        let at = |r: usize, c: usize| fused[r * stride + c];
+        let (mut worst, mut worst_f32) = (0f64, 0f64);
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..seq {
+                    let r = b * seq + i;
+                    let dots = |round: &dyn Fn(f32) -> f64, q_scale: f32| -> Vec<f64> {
+                        (0..seq)
+                            .map(|j| {
+                                let dot: f64 = (0..d)
+                                    .map(|c| {
+                                        round(at(r, h * d + c) * q_scale)
+                                            * round(at(b * seq + j, hd + h * d + c))
+                                    })
+                                    .sum();
+                                dot * f64::from(scale / q_scale) + f64::from(bias[b * seq + j])
+                            })
+                            .collect()
+                    };
+                    // The kernel's arithmetic (scaled query, keys, numerators and values in bf16)
+                    // and the exact f32 attention.
+                    for (rounded, s) in
+                        [(true, dots(&r16, scale)), (false, dots(&|x| x.into(), 1.0))]
+                    {
+                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for c in 0..d {
+                            let want: f64 = (0..seq)
+                                .map(|j| {
+                                    let (p, val) = (e[j], at(b * seq + j, 2 * hd + h * d + c));
+                                    if rounded {
+                                        r16(p as f32) * r16(val)
+                                    } else {
+                                        p * f64::from(val)
+                                    }
+                                })
+                                .sum::<f64>()
+                                / z;
+                            let err = (f64::from(out[r * hd + h * d + c]) - want).abs();
+                            if rounded {
+                                worst = worst.max(err);
+                            } else {
+                                worst_f32 = worst_f32.max(err);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Only f32 accumulation (and the exp polynomial) differ from the rounded reference; the
+        // bf16 roundings themselves move the result by about 1e-2 of these values (|v| < 2.7).
+        assert!(
+            worst < 2e-5,
+            "max |error| against the bf16-rounded reference {worst}"
+        );
+        assert!(
+            worst_f32 < 3e-2,
+            "max |error| against f32 attention {worst_f32}"
+        );
+    }
+}
