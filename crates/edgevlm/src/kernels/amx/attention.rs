@@ -107,9 +107,7 @@ pub fn encoder_attention_tiles(
                         .zip(&mut sums)
                     {
                         *sum = crate::kernels::elementwise::softmax_numerators(row, bias);
-                        for (w, &p) in w.iter_mut().zip(row.iter()) {
-                            *w = super::to_bf16_bits(p);
-                        }
+                        super::to_bf16_slice(row, w);
                     }
                     let o = (out_addr as *mut f32).wrapping_add((row0 + q0) * hd + col);
                     // SAFETY: as above, `weights` is 32 × seq and `values` the d × seq weight in tile
@@ -148,16 +146,16 @@ pub fn encoder_attention_tiles(
 }
 
 /// Keys as the `(n = seq, k = d)` second operand of `S = Q·Kᵀ`: tile `(16-key block kb, 32-value
-/// step ds)` holds `[pair p][key c][element e] = K[16kb + c][32ds + 2p + e]`.
+/// step ds)` holds `[pair p][key c]` as u32 pairs `(K[16kb + c][32ds + 2p], K[16kb + c][32ds + 2p +
+/// 1])`. Each key row is rounded to bf16 first, sixteen at a time, and then lies in pairs already.
 fn pack_keys<'a>(key: impl Fn(usize) -> &'a [f32], seq: usize, d: usize, dst: &mut [u16]) {
-    let steps = d / 32;
+    let mut row = vec![0u16; d];
     for (kb, block) in dst.chunks_exact_mut(16 * d).enumerate().take(seq / 16) {
         for c in 0..16 {
-            let row = key(16 * kb + c);
-            for (ds, tile) in block.chunks_exact_mut(512).enumerate().take(steps) {
-                for (p, pair) in row[32 * ds..32 * ds + 32].chunks_exact(2).enumerate() {
-                    tile[(p * 16 + c) * 2] = super::to_bf16_bits(pair[0]);
-                    tile[(p * 16 + c) * 2 + 1] = super::to_bf16_bits(pair[1]);
+            super::to_bf16_slice(key(16 * kb + c), &mut row);
+            for (tile, pairs) in block.chunks_exact_mut(512).zip(row.chunks_exact(32)) {
+                for (p, pair) in pairs.chunks_exact(2).enumerate() {
+                    tile[(p * 16 + c) * 2..][..2].copy_from_slice(pair);
                 }
             }
         }
@@ -165,15 +163,23 @@ fn pack_keys<'a>(key: impl Fn(usize) -> &'a [f32], seq: usize, d: usize, dst: &m
 }
 
 /// Values as the `(n = d, k = seq)` second operand of `O = P·V`: tile `(16-value block vb, 32-key
-/// step ks)` holds `[pair p][value c][element e] = V[32ks + 2p + e][16vb + c]`.
+/// step ks)` holds `[pair p][value c]` as u32 pairs `(V[32ks + 2p][16vb + c], V[32ks + 2p + 1][16vb
+/// + c])`. Two key rows are rounded to bf16 at a time and interleaved: each tile row is then 16
+/// consecutive pairs.
 fn pack_values<'a>(value: impl Fn(usize) -> &'a [f32], seq: usize, dst: &mut [u16]) {
     let steps = seq / 32;
-    for j in 0..seq {
-        let row = value(j);
-        let (ks, p, e) = (j / 32, j % 32 / 2, j % 2);
-        for (c, &x) in row.iter().enumerate() {
-            let (vb, c) = (c / 16, c % 16);
-            dst[((vb * steps + ks) * 16 + p) * 32 + c * 2 + e] = super::to_bf16_bits(x);
+    let d = value(0).len();
+    let (mut even, mut odd) = (vec![0u16; d], vec![0u16; d]);
+    for j in (0..seq).step_by(2) {
+        super::to_bf16_slice(value(j), &mut even);
+        super::to_bf16_slice(value(j + 1), &mut odd);
+        let (ks, p) = (j / 32, j % 32 / 2);
+        for (vb, (even, odd)) in even.chunks_exact(16).zip(odd.chunks_exact(16)).enumerate() {
+            let at = ((vb * steps + ks) * 16 + p) * 32;
+            for (c, pair) in dst[at..at + 32].chunks_exact_mut(2).enumerate() {
+                pair[0] = even[c];
+                pair[1] = odd[c];
+            }
         }
     }
 }

@@ -84,7 +84,8 @@ pub(super) fn to_bf16_bits(x: f32) -> u16 {
     ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
 
-/// Sixteen f32 to their nearest bf16 (ties to even) and the remainders `v - bf16(v)`, which are exact.
+/// Sixteen f32 to their nearest bf16 (ties to even; NaN stays NaN, as in [`to_bf16_bits`]) and the
+/// remainders `v - bf16(v)`, which are exact.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -98,8 +99,40 @@ pub(super) fn round_bf16(
         u,
         _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd),
     ));
+    // A NaN keeps its top half, made quiet (the rounding add could carry it into infinity).
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(0x40));
+    let top = _mm512_mask_mov_epi32(top, nan, quiet);
     let rounded = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(top));
     (_mm512_cvtepi32_epi16(top), _mm512_sub_ps(v, rounded))
+}
+
+/// `dst[i] = bf16(src[i])` ([`to_bf16_bits`]), sixteen at a time with AVX-512 (which every CPU with
+/// AMX has).
+pub(super) fn to_bf16_slice(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; every load and store is of 16 values below `n`.
+        unsafe { done = to_bf16_avx512(&src[..n], &mut dst[..n]) };
+    }
+    for (d, &s) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = to_bf16_bits(s);
+    }
+}
+
+/// The whole multiples of 16 of [`to_bf16_slice`]; returns how many were converted.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) -> usize {
+    use std::arch::x86_64::*;
+    let n = src.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        let (bits, _) = round_bf16(_mm512_loadu_ps(src.as_ptr().add(i)));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), bits);
+    }
+    n
 }
 
 /// `ys (t × n) = xs (t × k) · Wᵀ` for a row-major `(n, k)` bf16 weight `w`. Returns false (and
@@ -119,11 +152,7 @@ pub fn matmul_bf16(xs: &[f32], w: &[bf16], n: usize, k: usize, ys: &mut [f32]) -
         let mut a = vec![0u16; t_pad * k];
         a.par_chunks_mut(k * 64)
             .zip(xs.par_chunks(k * 64))
-            .for_each(|(dst, src)| {
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = to_bf16_bits(s);
-                }
-            });
+            .for_each(|(dst, src)| to_bf16_slice(src, dst));
         // The weight in tile order: tile (nb, kb) holds columns 16nb.. and inputs 32kb.., as
         // [pair p][column c][element e] = W[16nb + c][32kb + 2p + e].
         let kb_count = k / KSTEP;
@@ -327,6 +356,28 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn slices_round_like_single_values() {
+        // Ties both ways, subnormals, infinities, quiet and signalling NaNs (whose rounding add would
+        // carry into infinity), and a tail that is not a multiple of 16.
+        let mut src = vec![
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffff_ffff),
+        ];
+        src.extend((0..300).map(|i| f32::from_bits(0x3f80_0000u32.wrapping_add(i * 0x8000_1234))));
+        let mut dst = vec![0u16; src.len()];
+        to_bf16_slice(&src, &mut dst);
+        for (&s, &d) in src.iter().zip(&dst) {
+            assert_eq!(d, to_bf16_bits(s), "{s:e} ({:#x})", s.to_bits());
         }
     }
 
