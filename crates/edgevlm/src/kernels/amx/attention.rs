@@ -163,9 +163,9 @@ fn pack_keys<'a>(key: impl Fn(usize) -> &'a [f32], seq: usize, d: usize, dst: &m
 }
 
 /// Values as the `(n = d, k = seq)` second operand of `O = P·V`: tile `(16-value block vb, 32-key
-/// step ks)` holds `[pair p][value c]` as u32 pairs `(V[32ks + 2p][16vb + c], V[32ks + 2p + 1][16vb
-/// + c])`. Two key rows are rounded to bf16 at a time and interleaved: each tile row is then 16
-/// consecutive pairs.
+/// step ks)` holds `[pair p][value c]` as u32 pairs of `V[32ks + 2p][16vb + c]` and the same value of
+/// the next key. Two key rows are rounded to bf16 at a time and interleaved: each tile row is then
+/// 16 consecutive pairs.
 fn pack_values<'a>(value: impl Fn(usize) -> &'a [f32], seq: usize, dst: &mut [u16]) {
     let steps = seq / 32;
     let d = value(0).len();
