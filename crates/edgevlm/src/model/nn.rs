@@ -185,9 +185,11 @@ pub enum LinearWeight {
     /// kernel, several tokens the GEMM on the transposed view.
     Dense { w: Tensor },
     /// Dense `(out, in)` kept in the checkpoint's bf16 or f16 and computed in f32: each product
-    /// expands it one panel at a time (exactly: every 16-bit value is an f32); with `tiles`, a bf16
-    /// weight's products run on AMX tiles where the CPU has them.
-    Half { w: Tensor, tiles: bool },
+    /// expands it one panel at a time (exactly: every 16-bit value is an f32).
+    Half { w: Tensor },
+    /// A bf16 weight packed at load for products on AMX tiles (inputs rounded to bf16, f32 sums),
+    /// on CPUs that have them; a product of a few rows reads it back exactly in f32.
+    Tiles(Arc<crate::kernels::amx::TileWeight>),
     /// MLX-style affine groups, run by edgevlm's CPU kernels.
     Affine(Arc<AffineWeight>),
     /// A GGUF block type with no exact affine form (k-quants, Q5), run by candle's quantized kernels.
@@ -218,11 +220,19 @@ impl Linear {
             let name = w.path("weight");
             if let (dt @ (DType::BF16 | DType::F16), _, _) = w.store().raw(&name)? {
                 let weight = w.store().get(&name, &[out_dim, in_dim], dt, &Device::Cpu)?;
+                if dt == DType::BF16 && w.opts.bf16_tiles && crate::kernels::amx::available() {
+                    let packed = with_cpu_slice::<half::bf16, _>(&weight, |v| {
+                        crate::kernels::amx::TileWeight::pack(v, out_dim, in_dim)
+                    })?;
+                    if let Some(t) = packed.flatten() {
+                        return Ok(Self {
+                            weight: LinearWeight::Tiles(Arc::new(t)),
+                            bias,
+                        });
+                    }
+                }
                 return Ok(Self {
-                    weight: LinearWeight::Half {
-                        w: weight,
-                        tiles: w.opts.bf16_tiles,
-                    },
+                    weight: LinearWeight::Half { w: weight },
                     bias,
                 });
             }
@@ -309,7 +319,8 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         use candle_core::quantized::QMatMul;
         match &self.weight {
-            LinearWeight::Dense { w } | LinearWeight::Half { w, .. } => w.dims()[0],
+            LinearWeight::Dense { w } | LinearWeight::Half { w } => w.dims()[0],
+            LinearWeight::Tiles(t) => t.out_dim(),
             LinearWeight::Affine(q) => q.out_dim,
             LinearWeight::Ggml(QMatMul::QTensor(q)) => q.shape().dims()[0],
             LinearWeight::Ggml(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
@@ -346,11 +357,11 @@ impl Linear {
             return Ok(None);
         };
         // Dense weights stack with dense ones, 16-bit with 16-bit of the same type: one `cat`.
-        let plain: Option<Vec<(&Tensor, Option<bool>)>> = parts
+        let plain: Option<Vec<(&Tensor, bool)>> = parts
             .iter()
             .map(|p| match &p.weight {
-                LinearWeight::Dense { w } => Some((w, None)),
-                LinearWeight::Half { w, tiles } => Some((w, Some(*tiles))),
+                LinearWeight::Dense { w } => Some((w, false)),
+                LinearWeight::Half { w } => Some((w, true)),
                 _ => None,
             })
             .collect();
@@ -363,12 +374,26 @@ impl Linear {
             }
             let ts: Vec<&Tensor> = ws.iter().map(|&(w, _)| w).collect();
             let w = Tensor::cat(&ts, 0)?;
-            return Ok(Some(match half {
-                Some(tiles) => Self {
-                    weight: LinearWeight::Half { w, tiles },
+            return Ok(Some(if half {
+                Self {
+                    weight: LinearWeight::Half { w },
                     bias,
-                },
-                None => Self::dense(&w, bias)?,
+                }
+            } else {
+                Self::dense(&w, bias)?
+            }));
+        }
+        let packed: Option<Vec<&crate::kernels::amx::TileWeight>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Tiles(t) => Some(t.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let Some(ts) = packed {
+            return Ok(crate::kernels::amx::TileWeight::stack(&ts).map(|t| Self {
+                weight: LinearWeight::Tiles(Arc::new(t)),
+                bias,
             }));
         }
         let affine: Option<Vec<&AffineWeight>> = parts
@@ -405,7 +430,8 @@ impl Linear {
                 }
                 y.reshape(out_dims)?
             }
-            LinearWeight::Half { w, tiles } => half_forward(w, x, *tiles)?,
+            LinearWeight::Half { w } => half_forward(w, x)?,
+            LinearWeight::Tiles(t) => tiles_forward(t, x)?,
             LinearWeight::Affine(q) => affine_forward(q, x)?,
             LinearWeight::Ggml(q) => {
                 use candle_core::Module;
@@ -633,7 +659,15 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// Run `f` on the values of a contiguous f32 CPU tensor (`None` for any other tensor, whose callers
 /// take the general path).
 pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
-    if t.dtype() != DType::F32 || !t.is_contiguous() {
+    with_cpu_slice(t, f)
+}
+
+/// `f` on the values of a contiguous CPU tensor of element type `T`; `None` for other tensors.
+fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<Option<R>> {
+    if t.dtype() != T::DTYPE || !t.is_contiguous() {
         return Ok(None);
     }
     let (storage, layout) = t.storage_and_layout();
@@ -641,7 +675,7 @@ pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option
         return Ok(None);
     };
     let start = layout.start_offset();
-    let values = &cpu.as_slice::<f32>()?[start..start + t.elem_count()];
+    let values = &cpu.as_slice::<T>()?[start..start + t.elem_count()];
     Ok(Some(f(values)))
 }
 
@@ -772,10 +806,9 @@ fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeigh
 /// Rows from which a bf16 product runs on AMX where the CPU has it (fewer would mostly be padding).
 const AMX_MIN_ROWS: usize = 16;
 
-/// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel, or for a bf16 weight on a CPU
-/// with AMX on the tile unit (inputs rounded to bf16, f32 sums; see [`crate::kernels::amx`]);
-/// elsewhere the weight is converted to `x`'s type for the product.
-fn half_forward(w: &Tensor, x: &Tensor, tiles: bool) -> Result<Tensor> {
+/// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel; elsewhere the weight is
+/// converted to `x`'s type for the product.
+fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
     let mut dims = x.dims().to_vec();
@@ -793,16 +826,9 @@ fn half_forward(w: &Tensor, x: &Tensor, tiles: bool) -> Result<Tensor> {
             let done = with_cpu_f32(&x2, |xs| match w.dtype() {
                 DType::BF16 => {
                     let wd = &cpu.as_slice::<half::bf16>()?[start..start + n * k];
-                    // Several rows on a CPU with AMX, where asked: the tile unit, inputs rounded
-                    // to bf16.
-                    if !tiles
-                        || rows < AMX_MIN_ROWS
-                        || !crate::kernels::amx::matmul_bf16(xs, wd, n, k, &mut y)
-                    {
-                        crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
-                            wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
-                        });
-                    }
+                    crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
+                        wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
+                    });
                     Ok::<bool, Error>(true)
                 }
                 DType::F16 => {
@@ -825,6 +851,28 @@ fn half_forward(w: &Tensor, x: &Tensor, tiles: bool) -> Result<Tensor> {
         Some(y) => Ok(Tensor::from_vec(y, dims, x.device())?),
         None => Ok(x2.matmul(&w.to_dtype(x.dtype())?.t()?)?.reshape(dims)?),
     }
+}
+
+/// `x (..., in)` times a packed bf16 weight: on AMX tiles from `AMX_MIN_ROWS` rows (inputs rounded
+/// to bf16, f32 sums), fewer rows in f32 with the weight read back a row at a time (exact).
+fn tiles_forward(t: &crate::kernels::amx::TileWeight, x: &Tensor) -> Result<Tensor> {
+    let (n, k) = (t.out_dim(), t.in_dim());
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.reshape((rows, k))?.to_dtype(DType::F32)?.contiguous()?;
+    let mut y = vec![0f32; rows * n];
+    with_cpu_f32(&x2, |xs| {
+        if rows < AMX_MIN_ROWS || !t.matmul(xs, &mut y) {
+            crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
+                t.row_f32(r, row)
+            });
+        }
+    })?
+    .ok_or_else(|| Error::Device("AMX-packed weights run on the CPU".into()))?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
 }
 
 /// `x (..., in)` times an affine-quantized weight, on the CPU in f32 (see [`crate::kernels::qmatvec`]).

@@ -5,10 +5,12 @@
 //! This is the vision encoder's path on such CPUs: its weights are bf16 in the checkpoint, so the
 //! only rounding is of the activations (relative 2⁻⁹ per element, with f32 accumulation — finer than
 //! running the model in bf16 as PyTorch does). One AMX instruction does 16 × 16 × 32 multiply-adds.
+//! The encoder's attention runs on the same tiles ([`encoder_attention_tiles`]), and so do quantized
+//! products of many rows ([`affine_matmul`]).
 //!
-//! Layout: the weight is packed once per product into 16-column × 32-input tiles in the pair-interleaved
-//! order `tdpbf16ps` reads (`[n/16][k/32][16 pairs][16 columns][2]`); the inputs are converted to a
-//! bf16 copy (rows padded to 32). The work is split over the thread pool in blocks of 256 rows × 128
+//! Layout: the weight is packed once, at load ([`TileWeight`]), into 16-column × 32-input tiles in the
+//! pair-interleaved order `tdpbf16ps` reads (`[n/16][k/32][16 pairs][16 columns][2]`); the inputs are
+//! converted to a bf16 copy per product (rows padded to 32). The work is split over the thread pool in blocks of 256 rows × 128
 //! columns; each block runs 32 × 32 output tiles (four accumulators, two input and two weight tiles).
 //! The instructions are written as inline assembly (Rust's AMX intrinsics are not stable), and Linux
 //! must grant the process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once.
@@ -69,7 +71,7 @@ fn detect() -> bool {
     false
 }
 
-/// Whether [`matmul_bf16`] takes an `(n, k)` weight.
+/// Whether [`TileWeight`] takes an `(n, k)` weight.
 pub fn supports(n: usize, k: usize) -> bool {
     n > 0 && k > 0 && n.is_multiple_of(TILE) && k.is_multiple_of(KSTEP)
 }
@@ -135,82 +137,143 @@ unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) -> usize {
     n
 }
 
-/// `ys (t × n) = xs (t × k) · Wᵀ` for a row-major `(n, k)` bf16 weight `w`. Returns false (and
-/// leaves `ys` alone) where AMX is not available or the shape is not one [`supports`] takes.
-pub fn matmul_bf16(xs: &[f32], w: &[bf16], n: usize, k: usize, ys: &mut [f32]) -> bool {
-    if !available() || !supports(n, k) || !xs.len().is_multiple_of(k) {
-        return false;
-    }
-    let t = xs.len() / k;
-    if t == 0 || w.len() != n * k || ys.len() != t * n {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let t_pad = t.div_ceil(TILE) * TILE;
-        // Inputs in bf16, padded rows zero.
-        let mut a = vec![0u16; t_pad * k];
-        a.par_chunks_mut(k * 64)
-            .zip(xs.par_chunks(k * 64))
-            .for_each(|(dst, src)| to_bf16_slice(src, dst));
-        // The weight in tile order: tile (nb, kb) holds columns 16nb.. and inputs 32kb.., as
-        // [pair p][column c][element e] = W[16nb + c][32kb + 2p + e].
-        let kb_count = k / KSTEP;
-        let mut b = vec![0u16; n * k];
-        b.par_chunks_mut(16 * k).enumerate().for_each(|(nb, dst)| {
-            for (kb, tile) in dst.chunks_exact_mut(16 * KSTEP).enumerate() {
-                for c in 0..16 {
-                    let row = &w[(16 * nb + c) * k + kb * KSTEP..][..KSTEP];
-                    for (p, pair) in row.chunks_exact(2).enumerate() {
-                        tile[(p * 16 + c) * 2] = pair[0].to_bits();
-                        tile[(p * 16 + c) * 2 + 1] = pair[1].to_bits();
+/// A bf16 `(n, k)` weight in the order the tile products read it, packed once (at load) from the
+/// row-major checkpoint layout: the same bytes, reordered. Tile `(nb, kb)` holds columns `16nb..`
+/// and inputs `32kb..` as `[pair p][column c][element e] = W[16nb + c][32kb + 2p + e]`.
+#[derive(Debug, Clone)]
+pub struct TileWeight {
+    n: usize,
+    k: usize,
+    tiles: Vec<u16>,
+}
+
+impl TileWeight {
+    /// `None` where the shape is not one [`supports`] takes, or `w` is not `n × k` values.
+    pub fn pack(w: &[bf16], n: usize, k: usize) -> Option<Self> {
+        if !supports(n, k) || w.len() != n * k {
+            return None;
+        }
+        let mut tiles = vec![0u16; n * k];
+        tiles
+            .par_chunks_mut(16 * k)
+            .enumerate()
+            .for_each(|(nb, dst)| {
+                for (kb, tile) in dst.chunks_exact_mut(16 * KSTEP).enumerate() {
+                    for c in 0..16 {
+                        let row = &w[(16 * nb + c) * k + kb * KSTEP..][..KSTEP];
+                        for (p, pair) in row.chunks_exact(2).enumerate() {
+                            tile[(p * 16 + c) * 2] = pair[0].to_bits();
+                            tile[(p * 16 + c) * 2 + 1] = pair[1].to_bits();
+                        }
                     }
                 }
-            }
-        });
-        // Output rows padded too, where `t` is not a multiple of the tile height.
-        let mut padded = if t_pad == t {
-            Vec::new()
-        } else {
-            vec![0f32; t_pad * n]
-        };
-        let out_addr = if t_pad == t {
-            ys.as_mut_ptr() as usize
-        } else {
-            padded.as_mut_ptr() as usize
-        };
-        let tasks: Vec<(usize, usize)> = (0..t_pad)
-            .step_by(TASK_ROWS)
-            .flat_map(|r| (0..n).step_by(TASK_COLS).map(move |c| (r, c)))
-            .collect();
-        tasks.into_par_iter().for_each(|(r0, c0)| {
-            let rows = TASK_ROWS.min(t_pad - r0);
-            let cols = TASK_COLS.min(n - c0);
-            // SAFETY: AMX is available (checked above); every tile load reads inside `a` (rows
-            // r0.. < t_pad, k columns) or `b` (column blocks < n/16, kb < k/32), and every store
-            // writes the disjoint block rows r0..r0+rows, columns c0..c0+cols of the t_pad × n
-            // output, which outlives the task.
-            unsafe {
-                tiles::block(
-                    a.as_ptr(),
-                    b.as_ptr(),
-                    out_addr as *mut f32,
-                    (r0, rows),
-                    (c0, cols),
-                    n,
-                    k,
-                    kb_count,
-                );
-            }
-        });
-        if t_pad != t {
-            ys.copy_from_slice(&padded[..t * n]);
-        }
-        true
+            });
+        Some(Self { n, k, tiles })
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// Output size `n`.
+    pub fn out_dim(&self) -> usize {
+        self.n
+    }
+
+    /// Input size `k`.
+    pub fn in_dim(&self) -> usize {
+        self.k
+    }
+
+    /// Row `r` of `W` in f32 (exact), into `out[..k]`: for products of a few rows off the tiles.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let c = r % 16;
+        let block = &self.tiles[r / 16 * 16 * self.k..][..16 * self.k];
+        for (tile, dst) in block
+            .chunks_exact(16 * KSTEP)
+            .zip(out.chunks_exact_mut(KSTEP))
+        {
+            for (p, pair) in dst.chunks_exact_mut(2).enumerate() {
+                pair[0] = f32::from_bits(u32::from(tile[(p * 16 + c) * 2]) << 16);
+                pair[1] = f32::from_bits(u32::from(tile[(p * 16 + c) * 2 + 1]) << 16);
+            }
+        }
+    }
+
+    /// Weights of the same input size stacked row-wise (a fused projection: outputs side by side);
+    /// `None` when the input sizes differ or there are none.
+    pub fn stack(parts: &[&TileWeight]) -> Option<TileWeight> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        Some(TileWeight {
+            n: parts.iter().map(|p| p.n).sum(),
+            k,
+            tiles: parts.iter().flat_map(|p| p.tiles.iter().copied()).collect(),
+        })
+    }
+
+    /// `ys (t × n) = xs (t × k) · Wᵀ` on the tiles, inputs rounded to bf16. Returns false (and leaves
+    /// `ys` alone) where AMX is not available or the sizes do not fit.
+    pub fn matmul(&self, xs: &[f32], ys: &mut [f32]) -> bool {
+        let (n, k) = (self.n, self.k);
+        if !available() || !xs.len().is_multiple_of(k) {
+            return false;
+        }
+        let t = xs.len() / k;
+        if t == 0 || ys.len() != t * n {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let t_pad = t.div_ceil(TILE) * TILE;
+            // Inputs in bf16, padded rows zero.
+            let mut a = vec![0u16; t_pad * k];
+            a.par_chunks_mut(k * 64)
+                .zip(xs.par_chunks(k * 64))
+                .for_each(|(dst, src)| to_bf16_slice(src, dst));
+            let (b, kb_count) = (&self.tiles, k / KSTEP);
+            // Output rows padded too, where `t` is not a multiple of the tile height.
+            let mut padded = if t_pad == t {
+                Vec::new()
+            } else {
+                vec![0f32; t_pad * n]
+            };
+            let out_addr = if t_pad == t {
+                ys.as_mut_ptr() as usize
+            } else {
+                padded.as_mut_ptr() as usize
+            };
+            let tasks: Vec<(usize, usize)> = (0..t_pad)
+                .step_by(TASK_ROWS)
+                .flat_map(|r| (0..n).step_by(TASK_COLS).map(move |c| (r, c)))
+                .collect();
+            tasks.into_par_iter().for_each(|(r0, c0)| {
+                let rows = TASK_ROWS.min(t_pad - r0);
+                let cols = TASK_COLS.min(n - c0);
+                // SAFETY: AMX is available (checked above); every tile load reads inside `a` (rows
+                // r0.. < t_pad, k columns) or `b` (column blocks < n/16, kb < k/32), and every
+                // store writes the disjoint block rows r0..r0+rows, columns c0..c0+cols of the
+                // t_pad × n output, which outlives the task.
+                unsafe {
+                    tiles::block(
+                        a.as_ptr(),
+                        b.as_ptr(),
+                        out_addr as *mut f32,
+                        (r0, rows),
+                        (c0, cols),
+                        n,
+                        k,
+                        kb_count,
+                    );
+                }
+            });
+            if t_pad != t {
+                ys.copy_from_slice(&padded[..t * n]);
+            }
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
 }
 
@@ -339,7 +402,8 @@ mod tests {
                 .map(|i| ((i * 13 % 29) as f32 / 7.3) - 2.0 + (i / k) as f32 * 0.01)
                 .collect();
             let mut ys = vec![f32::NAN; t * n];
-            assert!(matmul_bf16(&xs, &w, n, k, &mut ys));
+            let tw = TileWeight::pack(&w, n, k).expect("a supported shape");
+            assert!(tw.matmul(&xs, &mut ys));
             for i in 0..t {
                 for c in 0..n {
                     let (mut want, mut mag) = (0f64, 0f64);
@@ -357,6 +421,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn packed_rows_read_back_and_stack() {
+        let (n, k) = (64, 96);
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(i as f32 - 3000.0))
+            .collect();
+        let tw = TileWeight::pack(&w, n, k).expect("a supported shape");
+        let two = TileWeight::stack(&[&tw, &tw]).expect("same input size");
+        let mut row = vec![0f32; k];
+        for r in 0..2 * n {
+            two.row_f32(r, &mut row);
+            let want: Vec<f32> = w[r % n * k..][..k].iter().map(|v| v.to_f32()).collect();
+            assert_eq!(row, want, "row {r}");
+        }
+        assert_eq!((two.out_dim(), two.in_dim()), (2 * n, k));
+        assert!(TileWeight::pack(&w[..48 * k], 48, k).is_none());
     }
 
     #[test]
