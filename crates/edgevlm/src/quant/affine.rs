@@ -554,7 +554,7 @@ fn sub_block_grids(
 /// tries slightly clipped ranges. For each start it alternates rounding with a least-squares refit of
 /// scale and bias, keeping whichever gives the smallest squared error (a few % of the min–max error at
 /// 8 bits, ~20-30% less at 4 bits on Gaussian-like weights).
-pub fn fit_group(w: &[f32], max_q: f32, search: bool, codes: &mut [u32]) -> (f32, f32) {
+fn fit_group(w: &[f32], max_q: f32, search: bool, codes: &mut [u32]) -> (f32, f32) {
     let (lo, hi) = w
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
