@@ -243,10 +243,11 @@ impl AffineWeight {
         })
     }
 
-    /// Quantize a row-major `(out, in)` f32 weight group by group (see [`fit_group`]), with scales and
-    /// biases rounded to `store` (the type they will be kept or written in) and the codes then chosen
-    /// anew for the rounded values, so that they fit what is stored. `F16` falls back to f32 for a
-    /// layer whose scales leave f16's normal range (they would lose precision).
+    /// Quantize a row-major `(out, in)` f32 weight group by group (a least-squares fit per group that
+    /// also tries the grid the values already lie on), with scales and biases rounded to `store` (the
+    /// type they will be kept or written in) and the codes then chosen anew for the rounded values,
+    /// so that they fit what is stored. `F16` falls back to f32 for a layer whose scales leave f16's
+    /// normal range (they would lose precision).
     pub fn quantize(
         w: &[f32],
         out_dim: usize,
