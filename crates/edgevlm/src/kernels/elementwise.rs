@@ -201,6 +201,119 @@ mod avx2 {
     }
 }
 
+/// The same kernels sixteen lanes wide, for CPUs with AVX-512F (the same polynomial and operations
+/// per element as [`avx2`], so the same values).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Sixteen `exp`s, as [`super::avx2::exp8`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.336_54));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(88.376_26));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.336_54));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let y = _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+        _mm512_maskz_mov_ps(!underflow, y)
+    }
+
+    /// As [`super::avx2::gelu_tanh`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_tanh(xs: &[f32], out: &mut [f32]) {
+        let n = xs.len().min(out.len());
+        let n16 = n / 16 * 16;
+        let c = _mm512_set1_ps(-2.0 * 0.797_884_6);
+        let a = _mm512_set1_ps(0.044_715);
+        let one = _mm512_set1_ps(1.0);
+        let (src, dst) = (xs.as_ptr(), out.as_mut_ptr());
+        for i in (0..n16).step_by(16) {
+            let x = _mm512_loadu_ps(src.add(i));
+            let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+            let t = _mm512_mul_ps(c, _mm512_fmadd_ps(a, x3, x));
+            let e = exp16(t);
+            _mm512_storeu_ps(dst.add(i), _mm512_div_ps(x, _mm512_add_ps(one, e)));
+        }
+        for j in n16..n {
+            out[j] = super::gelu_tanh_one(xs[j]);
+        }
+    }
+
+    /// As [`super::avx2::numerators`]: the bias added in the maximum's pass, `exp` and the sum in
+    /// the second.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn numerators(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
+        let n = row.len();
+        let n16 = n / 16 * 16;
+        let p = row.as_mut_ptr();
+        let mut m16 = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..n16).step_by(16) {
+            let mut s = _mm512_loadu_ps(p.add(i));
+            if let Some(b) = bias {
+                s = _mm512_add_ps(s, _mm512_loadu_ps(b.as_ptr().add(i)));
+                _mm512_storeu_ps(p.add(i), s);
+            }
+            m16 = _mm512_max_ps(m16, s);
+        }
+        let mut max = _mm512_reduce_max_ps(m16);
+        for j in n16..n {
+            if let Some(b) = bias {
+                row[j] += b[j];
+            }
+            max = max.max(row[j]);
+        }
+        if max == f32::NEG_INFINITY {
+            row.fill(1.0);
+            return n as f32;
+        }
+        let mv = _mm512_set1_ps(max);
+        let mut s16 = _mm512_setzero_ps();
+        for i in (0..n16).step_by(16) {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+            _mm512_storeu_ps(p.add(i), e);
+            s16 = _mm512_add_ps(s16, e);
+        }
+        let mut sum = _mm512_reduce_add_ps(s16);
+        for v in &mut row[n16..] {
+            *v = super::exp_poly(*v - max);
+            sum += *v;
+        }
+        sum
+    }
+}
+
+/// Whether the CPU has AVX-512F (and the AVX2 set the 8-lane kernels need), checked once.
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| has_avx2() && std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[inline(always)]
 fn gelu_tanh_one(x: f32) -> f32 {
     let u = 0.797_884_6 * 0.044_715f32.mul_add(x * x * x, x);
@@ -237,6 +350,12 @@ pub fn silu_mul_rows(gate_up: &[f32], width: usize, out: &mut [f32]) {
 }
 
 fn gelu_tanh_chunk(xs: &[f32], out: &mut [f32], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { avx512::gelu_tanh(xs, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: the CPU has AVX2 and FMA (checked by the caller).
@@ -294,6 +413,11 @@ pub fn softmax_rows(xs: &mut [f32], row_len: usize, bias: Option<&[f32]>) {
 /// `bias` (0 or -inf for masked keys) is as in [`softmax_rows`]. A row with every key masked
 /// becomes all ones (a uniform softmax; HF's gives NaN there).
 pub fn softmax_numerators(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { avx512::numerators(row, bias) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -452,5 +576,55 @@ mod tests {
         let mut all = vec![1f32; n];
         softmax_rows(&mut all, n, Some(&vec![f32::NEG_INFINITY; n]));
         assert!(all.iter().all(|&p| (p - 1.0 / n as f32).abs() < 1e-7));
+    }
+
+    /// The numerators every width computes (AVX-512, AVX2, scalar) agree element by element, with the
+    /// bias added, masked keys 0 and a tail past the last full vector; a fully masked row is all ones.
+    #[test]
+    fn numerators_agree_across_widths() {
+        let n = 16 * 40 + 7;
+        let bias: Vec<f32> = (0..n)
+            .map(|j| if j % 13 == 5 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let row: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.21)
+            .collect();
+        let reference = |row: &[f32]| -> (Vec<f32>, f32) {
+            let mut r = row.to_vec();
+            for (x, b) in r.iter_mut().zip(&bias) {
+                *x += b;
+            }
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in r.iter_mut() {
+                *x = exp_poly(*x - max);
+            }
+            let sum = r.iter().sum();
+            (r, sum)
+        };
+        let (want, want_sum) = reference(&row);
+        let mut got = row.clone();
+        let sum = softmax_numerators(&mut got, Some(&bias));
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 2e-7 * w.abs(), "key {j}: {g} vs {w}");
+        }
+        assert!((sum - want_sum).abs() < 1e-5 * want_sum);
+        assert_eq!(got[5], 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512f() {
+            let (mut wide, mut narrow) = (row.clone(), row.clone());
+            // SAFETY: the CPU has AVX-512F, and so AVX2 and FMA (has_avx512f checks both).
+            let (s16, s8) = unsafe {
+                (
+                    avx512::numerators(&mut wide, Some(&bias)),
+                    avx2::numerators(&mut narrow, Some(&bias)),
+                )
+            };
+            assert_eq!(wide, narrow);
+            assert!((s16 - s8).abs() < 1e-5 * s8);
+        }
+        let mut masked = row.clone();
+        let all = vec![f32::NEG_INFINITY; n];
+        assert_eq!(softmax_numerators(&mut masked, Some(&all)), n as f32);
+        assert!(masked.iter().all(|&x| x == 1.0));
     }
 }
