@@ -301,19 +301,6 @@ mod avx512 {
     }
 }
 
-/// Whether the CPU has AVX-512F (and the AVX2 set the 8-lane kernels need), checked once.
-fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| has_avx2() && std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 #[inline(always)]
 fn gelu_tanh_one(x: f32) -> f32 {
     let u = 0.797_884_6 * 0.044_715f32.mul_add(x * x * x, x);
@@ -351,7 +338,7 @@ pub fn silu_mul_rows(gate_up: &[f32], width: usize, out: &mut [f32]) {
 
 fn gelu_tanh_chunk(xs: &[f32], out: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx512f() {
+    if super::has_avx512f() {
         // SAFETY: the CPU has AVX-512F.
         unsafe { avx512::gelu_tanh(xs, out) };
         return;
@@ -414,7 +401,7 @@ pub fn softmax_rows(xs: &mut [f32], row_len: usize, bias: Option<&[f32]>) {
 /// becomes all ones (a uniform softmax; HF's gives NaN there).
 pub fn softmax_numerators(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_avx512f() {
+    if super::has_avx512f() {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { avx512::numerators(row, bias) };
     }
@@ -610,7 +597,7 @@ mod tests {
         assert!((sum - want_sum).abs() < 1e-5 * want_sum);
         assert_eq!(got[5], 0.0);
         #[cfg(target_arch = "x86_64")]
-        if has_avx512f() {
+        if crate::kernels::has_avx512f() {
             let (mut wide, mut narrow) = (row.clone(), row.clone());
             // SAFETY: the CPU has AVX-512F, and so AVX2 and FMA (has_avx512f checks both).
             let (s16, s8) = unsafe {

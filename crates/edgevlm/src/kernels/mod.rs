@@ -23,6 +23,24 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
+/// Whether the CPU has AVX-512F (and the AVX2 set), for the 16-lane element-wise and quantization
+/// kernels, and `EDGEVLM_NO_AVX512` is not set (checked at run time, once).
+pub(crate) fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx2()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::env::var_os("EDGEVLM_NO_AVX512").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the CPU has AVX-512 with VNNI and 256-bit forms (`avx512vl`), for the `vpdpwssd` kernels
 /// (checked at run time, once).
 pub(crate) fn has_avx512_vnni() -> bool {
@@ -30,12 +48,10 @@ pub(crate) fn has_avx512_vnni() -> bool {
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            has_avx2()
-                && std::arch::is_x86_feature_detected!("avx512f")
+            has_avx512f()
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::env::var_os("EDGEVLM_NO_AVX512").is_none()
         })
     }
     #[cfg(not(target_arch = "x86_64"))]

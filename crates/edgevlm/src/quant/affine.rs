@@ -468,7 +468,7 @@ fn pack_codes(codes: &[u32], spec: QuantSpec, words: &mut [u32]) {
 fn round_codes(w: &[f32], s: f32, b: f32, max_q: f32, codes: &mut [u32]) -> f32 {
     let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
     #[cfg(target_arch = "x86_64")]
-    if w.len().is_multiple_of(16) && codes.len() == w.len() && has_avx512f() {
+    if w.len().is_multiple_of(16) && codes.len() == w.len() && crate::kernels::has_avx512f() {
         // SAFETY: the CPU has AVX-512F; `w` and `codes` are the same whole number of vectors.
         return unsafe { round_codes_avx512(w, s, b, inv, max_q, codes) };
     }
@@ -498,19 +498,6 @@ unsafe fn refit_sums_avx512(w: &[f32], codes: &[u32]) -> [f64; 4] {
         acc[3] = _mm512_fmadd_pd(q, x, acc[3]);
     }
     acc.map(|a| _mm512_reduce_add_pd(a))
-}
-
-/// Whether the CPU has AVX-512F (checked once).
-fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// [`round_codes`] sixteen values at a time, with the scalar loop's operations in its order (a NaN
@@ -561,14 +548,14 @@ fn refit(w: &[f32], codes: &[u32]) -> Option<(f32, f32)> {
         [sq, sw, sqq, sqw]
     };
     #[cfg(target_arch = "x86_64")]
-    let [sq, sw, sqq, sqw] = if w.len().is_multiple_of(8) && codes.len() == w.len() && has_avx512f()
-    {
-        // SAFETY: the CPU has AVX-512F; `w` and `codes` are the same whole number of 8-lane
-        // vectors.
-        unsafe { refit_sums_avx512(w, codes) }
-    } else {
-        sums()
-    };
+    let [sq, sw, sqq, sqw] =
+        if w.len().is_multiple_of(8) && codes.len() == w.len() && crate::kernels::has_avx512f() {
+            // SAFETY: the CPU has AVX-512F; `w` and `codes` are the same whole number of 8-lane
+            // vectors.
+            unsafe { refit_sums_avx512(w, codes) }
+        } else {
+            sums()
+        };
     #[cfg(not(target_arch = "x86_64"))]
     let [sq, sw, sqq, sqw] = sums();
     let det = n * sqq - sq * sq;

@@ -115,7 +115,7 @@ pub(super) fn to_bf16_slice(src: &[f32], dst: &mut [u16]) {
     let n = src.len().min(dst.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::kernels::has_avx512f() {
         // SAFETY: the CPU has AVX-512F; every load and store is of 16 values below `n`.
         unsafe { done = to_bf16_avx512(&src[..n], &mut dst[..n]) };
     }
