@@ -28,8 +28,8 @@ pub struct BenchArgs {
     /// With --quant: keep the vision encoder in full precision.
     #[arg(long, requires = "quant")]
     skip_vision: bool,
-    /// Compute the vision encoder's products in f32 even on CPUs with AMX, where they otherwise run
-    /// on bf16 tiles (exact, about 3x slower there).
+    /// Compute the vision encoder's products and attention in f32 even on CPUs with AMX, where they
+    /// otherwise run on bf16 tiles (exact, about 2x slower there).
     #[arg(long)]
     f32_vision: bool,
     /// Image file to put in the prompt.
