@@ -170,6 +170,32 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let e = self.float_entry(name, shape)?;
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let t = Tensor::from_raw_buffer(bytes, e.dtype, shape, &Device::Cpu)?;
+        self.release(name);
+        let t = if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
+        Ok(t.to_device(device)?)
+    }
+
+    /// A `(rows, cols)` floating-point tensor read as f32 a block of rows at a time, straight from the
+    /// mapped file (for quantizing while loading without an f32 copy of the whole tensor). Call
+    /// [`Self::release`] once done.
+    pub fn float_rows(&self, name: &str, shape: [usize; 2]) -> Result<FloatRows<'_>> {
+        let e = self.float_entry(name, &shape)?;
+        Ok(FloatRows {
+            dtype: e.dtype,
+            cols: shape[1],
+            bytes: &self.files[e.file].1[e.start..e.end],
+        })
+    }
+
+    /// The entry of `name`, checked to have `shape` and a floating-point dtype.
+    fn float_entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
         let e = self.entries.get(name).ok_or_else(|| {
             let files: Vec<String> = self
                 .files
@@ -196,15 +222,47 @@ impl WeightStore {
                 message: format!("dtype {:?} is not a floating-point weight", e.dtype),
             });
         }
-        let bytes = &self.files[e.file].1[e.start..e.end];
-        let t = Tensor::from_raw_buffer(bytes, e.dtype, shape, &Device::Cpu)?;
-        self.release(name);
-        let t = if t.dtype() == dtype {
-            t
-        } else {
-            t.to_dtype(dtype)?
-        };
-        Ok(t.to_device(device)?)
+        Ok(e)
+    }
+}
+
+/// A stored floating-point matrix read as f32 rows ([`WeightStore::float_rows`]).
+pub struct FloatRows<'a> {
+    dtype: DType,
+    cols: usize,
+    bytes: &'a [u8],
+}
+
+impl FloatRows<'_> {
+    /// Rows `r0..` into `out` (as many rows as it holds), in f32: exact from f32, f16 and bf16, rounded
+    /// from f64. Panics past the last row (callers size blocks from the same shape).
+    pub fn fill(&self, r0: usize, out: &mut [f32]) {
+        let size = self.dtype.size_in_bytes();
+        let src = &self.bytes[r0 * self.cols * size..][..out.len() * size];
+        match self.dtype {
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            DType::F16 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            _ => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(8)) {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(c);
+                    *o = f64::from_le_bytes(b) as f32;
+                }
+            }
+        }
     }
 }
 

@@ -237,24 +237,22 @@ impl Linear {
                 });
             }
         }
-        let weight = w.get("weight", &[out_dim, in_dim])?;
         if let Some(spec) = w.opts.quantize {
-            let values = weight
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            drop(weight);
-            let q = AffineWeight::quantize(
-                &values,
+            // Straight from the stored values, a block of rows at a time.
+            let name = w.path("weight");
+            let rows = w.store().float_rows(&name, [out_dim, in_dim])?;
+            let q = AffineWeight::quantize_rows(
                 out_dim,
                 in_dim,
                 spec,
                 spec.held_scale_type(),
-                &w.path("weight"),
+                &name,
+                |r0, out| rows.fill(r0, out),
             )?;
+            w.store().release(&name);
             return Self::affine(q, bias).place(&w.opts.device, w.opts.dtype);
         }
-        Self::dense(&weight, bias)
+        Self::dense(&w.get("weight", &[out_dim, in_dim])?, bias)
     }
 
     pub fn affine(q: AffineWeight, bias: Option<Tensor>) -> Self {

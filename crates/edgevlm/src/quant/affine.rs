@@ -256,34 +256,72 @@ impl AffineWeight {
         store: ScaleType,
         what: &str,
     ) -> Result<Self> {
-        if !in_dim.is_multiple_of(spec.group_size) {
-            return Err(Error::Weights(format!(
-                "{what}: input size {in_dim} is not a multiple of the group size {} (choose 32 or 64)",
-                spec.group_size
-            )));
-        }
         if w.len() != out_dim * in_dim {
             return Err(Error::Weights(format!(
                 "{what}: weight has {} values, expected {out_dim} x {in_dim}",
                 w.len()
             )));
         }
+        Self::quantize_rows(out_dim, in_dim, spec, store, what, |r0, rows| {
+            rows.copy_from_slice(&w[r0 * in_dim..r0 * in_dim + rows.len()])
+        })
+    }
+
+    /// [`Self::quantize`] with the weight read a block of rows at a time: `fill(r0, rows)` writes rows
+    /// `r0..` (as many as `rows` holds) in f32. Loading quantizes straight from the checkpoint's
+    /// stored values this way, never holding an f32 copy of the whole layer (an LM head of 49,152 ×
+    /// 576 is 113 MB in f32). Each block is read twice where scales are rounded to a 16-bit type.
+    pub fn quantize_rows(
+        out_dim: usize,
+        in_dim: usize,
+        spec: QuantSpec,
+        store: ScaleType,
+        what: &str,
+        mut fill: impl FnMut(usize, &mut [f32]),
+    ) -> Result<Self> {
+        if !in_dim.is_multiple_of(spec.group_size) {
+            return Err(Error::Weights(format!(
+                "{what}: input size {in_dim} is not a multiple of the group size {} (choose 32 or 64)",
+                spec.group_size
+            )));
+        }
+        /// Rows per block: 256 rows of 3,072 inputs are 3 MB of f32.
+        const BLOCK_ROWS: usize = 256;
         let gs = spec.group_size;
-        let per_word = spec.per_word();
+        let words_per_row = in_dim / spec.per_word();
         let max_q = spec.max_q() as f32;
         let groups_per_row = in_dim / gs;
-        let mut packed = vec![0u32; out_dim * in_dim / per_word];
+        let mut packed = vec![0u32; out_dim * words_per_row];
         let mut scales = vec![0f32; out_dim * groups_per_row];
         let mut biases = vec![0f32; out_dim * groups_per_row];
+        let mut block = vec![0f32; BLOCK_ROWS.min(out_dim) * in_dim];
+        // Each block of rows through `f`, with its slices of the codes, scales and biases.
+        let mut blocks =
+            |f: &GroupFn, packed: &mut [u32], scales: &mut [f32], biases: &mut [f32]| {
+                for r0 in (0..out_dim).step_by(BLOCK_ROWS) {
+                    let n = BLOCK_ROWS.min(out_dim - r0);
+                    let rows = &mut block[..n * in_dim];
+                    fill(r0, rows);
+                    let groups = r0 * groups_per_row..(r0 + n) * groups_per_row;
+                    each_group(
+                        rows,
+                        spec,
+                        in_dim,
+                        (
+                            &mut packed[r0 * words_per_row..(r0 + n) * words_per_row],
+                            &mut scales[groups.clone()],
+                            &mut biases[groups],
+                        ),
+                        f,
+                    );
+                }
+            };
         let four = spec.bits == 4;
-        each_group(
-            w,
-            spec,
-            in_dim,
-            (&mut packed, &mut scales, &mut biases),
-            |g, s, b, codes| {
-                (*s, *b) = fit_group(g, max_q, four, codes);
-            },
+        blocks(
+            &|g, s, b, codes| (*s, *b) = fit_group(g, max_q, four, codes),
+            &mut packed,
+            &mut scales,
+            &mut biases,
         );
         let fits_f16 = || {
             let normal = |x: f32| x == 0.0 || (6.103_515_6e-5..=65504.0).contains(&x.abs());
@@ -295,15 +333,14 @@ impl AffineWeight {
         };
         if store != ScaleType::F32 {
             // Round scales and biases to the stored type, then choose the codes for those values.
-            each_group(
-                w,
-                spec,
-                in_dim,
-                (&mut packed, &mut scales, &mut biases),
-                |g, s, b, codes| {
+            blocks(
+                &|g, s, b, codes| {
                     (*s, *b) = (store.round(*s), store.round(*b));
                     round_codes(g, *s, *b, max_q, codes);
                 },
+                &mut packed,
+                &mut scales,
+                &mut biases,
             );
         }
         let (scales, biases) = GroupValues::pair(scales, biases);
@@ -422,6 +459,9 @@ impl AffineWeight {
     }
 }
 
+/// What [`each_group`] runs per group: the group's values, its scale and bias, its codes.
+type GroupFn<'a> = dyn Fn(&[f32], &mut f32, &mut f32, &mut [u32]) + Sync + 'a;
+
 /// For every group of the row-major `(out, in_dim)` weight `w`, rows in parallel: `f(values, scale,
 /// bias, codes)` sets the group's scale, bias and codes, and the codes are packed into `packed`.
 fn each_group(
@@ -429,7 +469,7 @@ fn each_group(
     spec: QuantSpec,
     in_dim: usize,
     (packed, scales, biases): (&mut [u32], &mut [f32], &mut [f32]),
-    f: impl Fn(&[f32], &mut f32, &mut f32, &mut [u32]) + Sync,
+    f: &GroupFn<'_>,
 ) {
     let gs = spec.group_size;
     let words_per_group = gs / spec.per_word();
@@ -786,6 +826,40 @@ mod tests {
             mm_err += round_codes(&w, (hi - lo) / 255.0, lo, 255.0, &mut codes);
         }
         assert!(fit_err < 0.7 * mm_err, "fit {fit_err} vs min-max {mm_err}");
+    }
+
+    /// Blocks of rows are independent: 600 rows at once (blocks of 256, 256, 88) give the same codes,
+    /// scales and biases as two halves stacked (256, 44 each), with f16 scales (the second pass).
+    #[test]
+    fn row_blocks_do_not_change_the_result() {
+        let (out, inp) = (600, 64);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 900.0)
+            .collect();
+        let spec = QuantSpec::new(4, 32).expect("spec");
+        let whole = AffineWeight::quantize(&w, out, inp, spec, ScaleType::F16, "w").expect("q");
+        let half = |r: std::ops::Range<usize>| {
+            AffineWeight::quantize(
+                &w[r.start * inp..r.end * inp],
+                r.len(),
+                inp,
+                spec,
+                ScaleType::F16,
+                "w",
+            )
+            .expect("q")
+        };
+        let (a, b) = (half(0..300), half(300..600));
+        let stacked = AffineWeight::stack_rows(&[&a, &b]).expect("same format");
+        assert_eq!(whole.scale_type, ScaleType::F16);
+        assert_eq!(whole.packed, stacked.packed);
+        let mut row = vec![0f32; inp];
+        let mut again = vec![0f32; inp];
+        for r in 0..out {
+            whole.dequantize_row(r, &mut row);
+            stacked.dequantize_row(r, &mut again);
+            assert_eq!(row, again, "row {r}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use serde_json::Value;
 
@@ -110,18 +110,19 @@ pub fn quantize_checkpoint(
         let float = matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
         if float && is_linear_weight(name, &shape, skip_vision) && shape[1] % spec.group_size == 0 {
             let (out_dim, in_dim) = (shape[0], shape[1]);
-            let values = store
-                .get(name, &shape, DType::F32, &Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
             // Scales and biases are fitted in the type they are written in.
-            let store = match dtype {
+            let scale_type = match dtype {
                 DType::F16 => ScaleType::F16,
                 DType::BF16 => ScaleType::BF16,
                 _ => ScaleType::F32,
             };
-            let q = AffineWeight::quantize(&values, out_dim, in_dim, spec, store, name)?;
-            drop(values);
+            // Read a block of rows at a time from the mapped file.
+            let rows = store.float_rows(name, [out_dim, in_dim])?;
+            let q =
+                AffineWeight::quantize_rows(out_dim, in_dim, spec, scale_type, name, |r0, out| {
+                    rows.fill(r0, out)
+                })?;
+            store.release(name);
             let prefix = name.trim_end_matches(".weight");
             let packed: Vec<u8> = q.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
             tensors.insert(
