@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use super::{has_avx2, has_avx512_vnni};
 
+use super::amx::TileInputs;
 use crate::quant::AffineWeight;
 
 /// Values per activation block (one scale each).
@@ -607,8 +608,14 @@ fn rows_per_task(out_dim: usize) -> usize {
     (out_dim / (threads * 4)).clamp(16, 256) / ROW_TILE * ROW_TILE
 }
 
-/// `ys (t × out) = xs (t × in) · Wᵀ`: one pass over each weight row serves up to four inputs.
+/// `ys (t × out) = xs (t × in) · Wᵀ`: one pass over each weight row serves up to four inputs; many
+/// inputs run on AMX tiles with split inputs (16 significant bits) where the CPU has them.
 pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
+    affine_matmul_with(w, xs, ys, TileInputs::Split)
+}
+
+/// [`affine_matmul`], with the inputs of products on AMX tiles held as `tile_inputs` says.
+pub fn affine_matmul_with(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inputs: TileInputs) {
     let (k, n) = (w.in_dim, w.out_dim);
     let t = xs.len() / k;
     debug_assert_eq!(xs.len(), t * k);
@@ -617,7 +624,7 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
         return;
     }
     if t >= PANEL_MIN_INPUTS {
-        panel_matmul(w, xs, ys);
+        panel_matmul(w, xs, ys, tile_inputs);
         return;
     }
     let chunk = rows_per_task(n);
@@ -702,9 +709,10 @@ const PANEL_ROWS: usize = 64;
 
 /// `ys = xs · Wᵀ` for many inputs, panel by panel in parallel; only one panel per task is ever
 /// dequantized, exactly as `dequantize_row` does, so the product is an exact f32 GEMM.
-fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
-    // On AMX the codes go through the tile unit as exact bf16 integers, the inputs as bf16 pairs.
-    if super::amx::affine_matmul(w, xs, ys) {
+fn panel_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inputs: TileInputs) {
+    // On AMX the codes go through the tile unit as exact bf16 integers, the inputs as bf16 pairs
+    // (or single bf16s where asked).
+    if super::amx::affine_matmul(w, xs, ys, tile_inputs) {
         return;
     }
     #[cfg(target_arch = "x86_64")]

@@ -37,6 +37,13 @@ impl Idefics3 {
             ..w.opts.clone()
         };
         let vision_w = m.with_opts(&vision_opts);
+        // The connector and the text model keep their quantized products' inputs to 16 significant
+        // bits (bf16 tiles are the vision encoder's).
+        let text_opts = LoadOptions {
+            bf16_tiles: false,
+            ..w.opts.clone()
+        };
+        let (m, w) = (m.with_opts(&text_opts), w.with_opts(&text_opts));
         Ok(Self {
             vision: VisionTransformer::load(&vision_w.pp("vision_model"), &cfg.vision)?,
             connector: Connector::load(

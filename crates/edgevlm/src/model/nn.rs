@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::kernels::amx::TileInputs;
 use crate::quant::{AffineParts, AffineWeight, QuantSpec, ScaleType};
 use crate::weights::WeightStore;
 
@@ -201,6 +202,9 @@ pub enum LinearWeight {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// How an affine weight's products of many inputs hold them on AMX tiles: split (16
+    /// significant bits) unless the layer was loaded for bf16 tiles (the vision encoder).
+    tile_inputs: TileInputs,
 }
 
 impl Linear {
@@ -212,9 +216,18 @@ impl Linear {
         } else {
             None
         };
+        // Quantized layers loaded for bf16 tiles (the vision encoder) round their inputs as its
+        // bf16 products do.
+        let tile_inputs = if w.opts.bf16_tiles {
+            TileInputs::Bf16
+        } else {
+            TileInputs::Split
+        };
         if w.contains("scales") {
             let q = load_affine(w, in_dim, out_dim)?;
-            return Self::affine(q, bias).place(&w.opts.device, w.opts.dtype);
+            return Self::affine(q, bias)
+                .with_tile_inputs(tile_inputs)
+                .place(&w.opts.device, w.opts.dtype);
         }
         if w.opts.half_weights && w.opts.quantize.is_none() && w.opts.dtype == DType::F32 {
             let name = w.path("weight");
@@ -228,12 +241,14 @@ impl Linear {
                         return Ok(Self {
                             weight: LinearWeight::Tiles(Arc::new(t)),
                             bias,
+                            tile_inputs: TileInputs::Split,
                         });
                     }
                 }
                 return Ok(Self {
                     weight: LinearWeight::Half { w: weight },
                     bias,
+                    tile_inputs: TileInputs::Split,
                 });
             }
         }
@@ -250,9 +265,19 @@ impl Linear {
                 |r0, out| rows.fill(r0, out),
             )?;
             w.store().release(&name);
-            return Self::affine(q, bias).place(&w.opts.device, w.opts.dtype);
+            return Self::affine(q, bias)
+                .with_tile_inputs(tile_inputs)
+                .place(&w.opts.device, w.opts.dtype);
         }
         Self::dense(&w.get("weight", &[out_dim, in_dim])?, bias)
+    }
+
+    /// This layer with its products on AMX tiles holding their inputs as `inputs` says.
+    pub fn with_tile_inputs(self, inputs: TileInputs) -> Self {
+        Self {
+            tile_inputs: inputs,
+            ..self
+        }
     }
 
     pub fn affine(q: AffineWeight, bias: Option<Tensor>) -> Self {
@@ -264,6 +289,7 @@ impl Linear {
         Self {
             weight: LinearWeight::Affine(q),
             bias,
+            tile_inputs: TileInputs::Split,
         }
     }
 
@@ -271,6 +297,7 @@ impl Linear {
         Self {
             weight: LinearWeight::Ggml(q),
             bias,
+            tile_inputs: TileInputs::Split,
         }
     }
 
@@ -310,6 +337,7 @@ impl Linear {
         Ok(Self {
             weight,
             bias: self.bias,
+            tile_inputs: self.tile_inputs,
         })
     }
 
@@ -336,6 +364,7 @@ impl Linear {
                 w: weight.contiguous()?,
             },
             bias,
+            tile_inputs: TileInputs::Split,
         })
     }
 
@@ -376,6 +405,7 @@ impl Linear {
                 Self {
                     weight: LinearWeight::Half { w },
                     bias,
+                    tile_inputs: TileInputs::Split,
                 }
             } else {
                 Self::dense(&w, bias)?
@@ -392,6 +422,7 @@ impl Linear {
             return Ok(crate::kernels::amx::TileWeight::stack(&ts).map(|t| Self {
                 weight: LinearWeight::Tiles(Arc::new(t)),
                 bias,
+                tile_inputs: TileInputs::Split,
             }));
         }
         let affine: Option<Vec<&AffineWeight>> = parts
@@ -401,9 +432,13 @@ impl Linear {
                 _ => None,
             })
             .collect();
+        let inputs = parts[0].tile_inputs;
+        if parts.iter().any(|p| p.tile_inputs != inputs) {
+            return Ok(None);
+        }
         Ok(affine
             .and_then(|qs| AffineWeight::stack_rows(&qs))
-            .map(|q| Self::affine(q, bias)))
+            .map(|q| Self::affine(q, bias).with_tile_inputs(inputs)))
     }
 
     /// `x`: `(..., in)` → `(..., out)`.
@@ -430,7 +465,7 @@ impl Linear {
             }
             LinearWeight::Half { w } => half_forward(w, x)?,
             LinearWeight::Tiles(t) => tiles_forward(t, x)?,
-            LinearWeight::Affine(q) => affine_forward(q, x)?,
+            LinearWeight::Affine(q) => affine_forward(q, x, self.tile_inputs)?,
             LinearWeight::Ggml(q) => {
                 use candle_core::Module;
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
@@ -874,7 +909,7 @@ fn tiles_forward(t: &crate::kernels::amx::TileWeight, x: &Tensor) -> Result<Tens
 }
 
 /// `x (..., in)` times an affine-quantized weight, on the CPU in f32 (see [`crate::kernels::qmatvec`]).
-fn affine_forward(q: &AffineWeight, x: &Tensor) -> Result<Tensor> {
+fn affine_forward(q: &AffineWeight, x: &Tensor, tile_inputs: TileInputs) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return Err(Error::Device(
             "an affine-quantized layer reached a non-CPU device without Linear::place".into(),
@@ -891,7 +926,7 @@ fn affine_forward(q: &AffineWeight, x: &Tensor) -> Result<Tensor> {
             _ => return Err(Error::Device("quantized weights run on the CPU".into())),
         };
         let xs = &xs[layout.start_offset()..layout.start_offset() + rows * k];
-        crate::kernels::qmatvec::affine_matmul(q, xs, &mut y);
+        crate::kernels::qmatvec::affine_matmul_with(q, xs, &mut y, tile_inputs);
     }
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {

@@ -34,16 +34,32 @@ use crate::quant::AffineWeight;
 const BLOCK: usize = 32;
 /// Inputs per tile step (16 pairs of bf16).
 const KSTEP: usize = 32;
-/// bf16 parts per input (16 significant bits; three would hold an f32 exactly).
-const PARTS: usize = 2;
+/// How finely the inputs of a product are held on the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileInputs {
+    /// Two bf16 parts per input, `hi + lo`: 16 significant bits (|error| ≤ 2⁻¹⁷|x|). Prompts.
+    Split,
+    /// One bf16 per input (2⁻⁹ relative), as the vision encoder's bf16 products round theirs: half
+    /// the tile loads and products (vision with quantized weights, whose own error is far larger).
+    Bf16,
+}
+
+impl TileInputs {
+    fn parts(self) -> usize {
+        match self {
+            TileInputs::Split => 2,
+            TileInputs::Bf16 => 1,
+        }
+    }
+}
 /// Input rows split and multiplied at a time: bounds the split copy (6 MB at 1,536 inputs per row),
 /// which matters for batches of vision tiles (2,048 rows).
 const CHUNK_ROWS: usize = 1024;
 
-/// `ys (t × n) = xs (t × k) · Wᵀ` on AMX tiles. Returns false (and leaves `ys` alone) where AMX is
-/// not available or the shape is not one it takes (`n` a multiple of 32). Non-finite inputs give
-/// non-finite outputs.
-pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) -> bool {
+/// `ys (t × n) = xs (t × k) · Wᵀ` on AMX tiles, the inputs held as `inputs` says. Returns false (and
+/// leaves `ys` alone) where AMX is not available or the shape is not one it takes (`n` a multiple of
+/// 32). Non-finite inputs give non-finite outputs.
+pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32], inputs: TileInputs) -> bool {
     let (n, k, gs) = (w.out_dim, w.in_dim, w.spec.group_size);
     if !available()
         || n == 0
@@ -62,7 +78,7 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         for (x, y) in xs.chunks(CHUNK_ROWS * k).zip(ys.chunks_mut(CHUNK_ROWS * n)) {
-            product(w, x, x.len() / k, y);
+            product(w, x, x.len() / k, y, inputs.parts());
         }
         true
     }
@@ -78,25 +94,28 @@ pub fn affine_matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) -> bool {
 struct SplitInputs {
     tiles: Vec<u16>,
     sums: Vec<f32>,
+    /// bf16 parts per input (1 or 2).
+    parts: usize,
     t_pad: usize,
 }
 
 impl SplitInputs {
-    /// Offset (in bf16) of the tile of rows `16·half..` of block `rb`, k step `kb`, part `p`.
+    /// Offset (in bf16) of the tile of rows `16·half..` of block `rb`, k step `kb`, part `p` (of
+    /// `parts`).
     #[inline]
-    fn tile(steps: usize, rb: usize, kb: usize, p: usize, half: usize) -> usize {
-        (((rb * steps + kb) * PARTS + p) * 2 + half) * 512
+    fn tile(parts: usize, steps: usize, rb: usize, kb: usize, p: usize, half: usize) -> usize {
+        (((rb * steps + kb) * parts + p) * 2 + half) * 512
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn split_inputs(xs: &[f32], k: usize, gs: usize, t: usize) -> SplitInputs {
+fn split_inputs(xs: &[f32], k: usize, gs: usize, t: usize, parts: usize) -> SplitInputs {
     let t_pad = t.div_ceil(BLOCK) * BLOCK;
     let (groups, steps) = (k / gs, k / KSTEP);
-    let mut tiles = vec![0u16; PARTS * t_pad * k];
+    let mut tiles = vec![0u16; parts * t_pad * k];
     let mut sums = vec![0f32; t_pad * groups];
     tiles
-        .par_chunks_mut(PARTS * BLOCK * k)
+        .par_chunks_mut(parts * BLOCK * k)
         .zip(sums.par_chunks_mut(BLOCK * groups))
         .zip(xs.par_chunks(BLOCK * k))
         .for_each(|((dst, s), x)| {
@@ -106,11 +125,16 @@ fn split_inputs(xs: &[f32], k: usize, gs: usize, t: usize) -> SplitInputs {
                 .enumerate()
             {
                 // SAFETY: AVX-512F comes with AMX (checked by the caller); `dst` is this block's
-                // steps × PARTS × 2 tiles and r < 32.
-                unsafe { split_row(x, r, dst, s, gs, steps) }
+                // steps × parts × 2 tiles and r < 32.
+                unsafe { split_row(x, r, dst, s, gs, steps, parts) }
             }
         });
-    SplitInputs { tiles, sums, t_pad }
+    SplitInputs {
+        tiles,
+        sums,
+        parts,
+        t_pad,
+    }
 }
 
 /// Row `r` of a 32-row block into its parts (written into the block's tiles `dst`) and its group sums.
@@ -123,6 +147,7 @@ unsafe fn split_row(
     sums: &mut [f32],
     gs: usize,
     steps: usize,
+    parts: usize,
 ) {
     use std::arch::x86_64::*;
     let (half, row) = (r / 16, r % 16);
@@ -131,12 +156,13 @@ unsafe fn split_row(
         for i in (g * gs..(g + 1) * gs).step_by(16) {
             let v = _mm512_loadu_ps(x.as_ptr().add(i));
             acc = _mm512_add_ps(acc, v);
-            // v ≈ hi + lo, each the nearest bf16 (ties to even) of what is left.
+            // v ≈ hi + lo, each the nearest bf16 (ties to even) of what is left (or just hi).
             let mut rem = v;
-            for p in 0..PARTS {
+            for p in 0..parts {
                 let (part, left) = round_bf16(rem);
                 rem = left;
-                let at = SplitInputs::tile(steps, 0, i / KSTEP, p, half) + row * 32 + i % KSTEP;
+                let at =
+                    SplitInputs::tile(parts, steps, 0, i / KSTEP, p, half) + row * 32 + i % KSTEP;
                 debug_assert!(at + 16 <= dst.len());
                 _mm256_storeu_si256(dst.as_mut_ptr().add(at).cast(), part);
             }
@@ -202,10 +228,10 @@ fn expand_codes(w: &AffineWeight, c0: usize, tiles: &mut [u32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn product(w: &AffineWeight, xs: &[f32], t: usize, ys: &mut [f32]) {
+fn product(w: &AffineWeight, xs: &[f32], t: usize, ys: &mut [f32], parts: usize) {
     let (n, k, gs) = (w.out_dim, w.in_dim, w.spec.group_size);
     let groups = k / gs;
-    let inputs = split_inputs(xs, k, gs, t);
+    let inputs = split_inputs(xs, k, gs, t, parts);
     let ys_addr = ys.as_mut_ptr() as usize;
     thread_local! {
         // Per worker: the code tiles of one task's columns, their scales and biases as f32, and
@@ -232,7 +258,7 @@ fn product(w: &AffineWeight, xs: &[f32], t: usize, ys: &mut [f32]) {
             sums.clear();
             sums.resize(inputs.t_pad * BLOCK, 0.0);
             // SAFETY: AMX and AVX-512F are available (checked by `affine_matmul`); the tile reads
-            // stay inside `inputs.tiles` (t_pad/32 blocks of steps × PARTS × 2 tiles) and `tiles`
+            // stay inside `inputs.tiles` (t_pad/32 blocks of steps × parts × 2 tiles) and `tiles`
             // (2 × k/32 tiles of 256 u32); `sums` is t_pad × 32, `values` groups × 64.
             unsafe { tiles::columns(&inputs, k, gs, tiles, values, sums) };
             for (r, row) in sums.chunks_exact(BLOCK).take(t).enumerate() {
@@ -252,7 +278,7 @@ fn product(w: &AffineWeight, xs: &[f32], t: usize, ys: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod tiles {
-    use super::{SplitInputs, BLOCK, KSTEP, PARTS};
+    use super::{SplitInputs, BLOCK, KSTEP};
     use crate::kernels::amx::tiles::{Config, CONFIG};
     use std::arch::asm;
     use std::arch::x86_64::*;
@@ -309,11 +335,15 @@ mod tiles {
                     if per_group > 1 {
                         load_codes(kb);
                     }
-                    for p in 0..PARTS {
-                        let a0 = inputs
-                            .tiles
-                            .as_ptr()
-                            .add(SplitInputs::tile(steps, rb, kb, p, 0));
+                    for p in 0..inputs.parts {
+                        let a0 = inputs.tiles.as_ptr().add(SplitInputs::tile(
+                            inputs.parts,
+                            steps,
+                            rb,
+                            kb,
+                            p,
+                            0,
+                        ));
                         asm!(
                             "tileloadd tmm4, [{a0} + {sa}*1]",
                             "tileloadd tmm5, [{a1} + {sa}*1]",
@@ -403,21 +433,31 @@ mod tests {
                         ((i * 13 % 29) as f32 / 7.3) - 2.0 + (i / k) as f32 * 0.013 + 1e-4 / 3.0
                     })
                     .collect();
-                let mut ys = vec![f32::NAN; t * n];
-                assert!(affine_matmul(&q, &xs, &mut ys));
-                for i in 0..t {
-                    for c in 0..n {
-                        let (mut want, mut mag) = (0f64, 0f64);
-                        for j in 0..k {
-                            let p = f64::from(xs[i * k + j]) * f64::from(rows[c][j]);
-                            want += p;
-                            mag += p.abs();
+                // Split inputs against the exact ones; bf16 inputs against the same roundings in
+                // the code terms (`s·q·bf16(x)`), the bias terms taking the f32 input sums.
+                for (inputs, round) in [
+                    (TileInputs::Split, (|x| x) as fn(f32) -> f32),
+                    (TileInputs::Bf16, |x| half::bf16::from_f32(x).to_f32()),
+                ] {
+                    let mut ys = vec![f32::NAN; t * n];
+                    assert!(affine_matmul(&q, &xs, &mut ys, inputs));
+                    for i in 0..t {
+                        for c in 0..n {
+                            let (mut want, mut mag) = (0f64, 0f64);
+                            for j in 0..k {
+                                let x = xs[i * k + j];
+                                let b = f64::from(q.biases.get(c * (k / gs) + j / gs));
+                                let p = f64::from(round(x)) * (f64::from(rows[c][j]) - b)
+                                    + f64::from(x) * b;
+                                want += p;
+                                mag += p.abs();
+                            }
+                            let got = f64::from(ys[i * n + c]);
+                            assert!(
+                                (got - want).abs() <= 1e-5 * mag,
+                                "{inputs:?} {bits}-bit g{gs} t {t} row {i} col {c}: {got} vs {want} (sum of |terms| {mag})"
+                            );
                         }
-                        let got = f64::from(ys[i * n + c]);
-                        assert!(
-                            (got - want).abs() <= 1e-5 * mag,
-                            "{bits}-bit g{gs} t {t} row {i} col {c}: {got} vs {want} (sum of |terms| {mag})"
-                        );
                     }
                 }
             }
@@ -434,16 +474,16 @@ mod tests {
         let xs: Vec<f32> = (0..2 * k)
             .map(|i| (i as f32 * 0.7371 - 40.0).sin() * 10f32.powi(i as i32 % 9 - 4) + 1.0 / 3.0)
             .collect();
-        let split = split_inputs(&xs, k, 32, 2);
+        let split = split_inputs(&xs, k, 32, 2, 2);
         assert_eq!(split.t_pad, 32);
         let f = |b: u16| f64::from(f32::from_bits(u32::from(b) << 16));
         let at = |p, r: usize, i: usize| {
             split.tiles
-                [SplitInputs::tile(k / KSTEP, 0, i / KSTEP, p, r / 16) + r % 16 * 32 + i % 32]
+                [SplitInputs::tile(2, k / KSTEP, 0, i / KSTEP, p, r / 16) + r % 16 * 32 + i % 32]
         };
         let mut worst = 0f64;
         for (j, &x) in xs.iter().enumerate() {
-            let parts: f64 = (0..PARTS).map(|p| f(at(p, j / k, j % k))).sum();
+            let parts: f64 = (0..2).map(|p| f(at(p, j / k, j % k))).sum();
             worst = worst.max((parts - f64::from(x)).abs() / f64::from(x).abs());
         }
         assert!(worst <= 2f64.powi(-17), "relative error {worst}");
@@ -451,7 +491,7 @@ mod tests {
         let want: f32 = xs[..32].iter().sum();
         assert!((split.sums[0] - want).abs() <= 1e-5 * want.abs().max(1.0));
         for r in 2..32 {
-            for p in 0..PARTS {
+            for p in 0..2 {
                 assert!(
                     (0..k).all(|i| at(p, r, i) == 0),
                     "padding row {r} of part {p} is zero"

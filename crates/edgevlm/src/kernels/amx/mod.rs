@@ -21,7 +21,7 @@ use rayon::prelude::*;
 mod affine;
 mod attention;
 
-pub use affine::affine_matmul;
+pub use affine::{affine_matmul, TileInputs};
 pub use attention::encoder_attention_tiles;
 
 /// Rows and columns of one output tile pair (two 16-row × 16-column accumulators each way).
