@@ -455,7 +455,10 @@ mod tests {
             f32::from_bits(0x7f80_0001),
             f32::from_bits(0xffff_ffff),
         ];
-        src.extend((0..300).map(|i| f32::from_bits(0x3f80_0000u32.wrapping_add(i * 0x8000_1234))));
+        src.extend(
+            (0..300u32)
+                .map(|i| f32::from_bits(0x3f80_0000u32.wrapping_add(i.wrapping_mul(0x8000_1234)))),
+        );
         let mut dst = vec![0u16; src.len()];
         to_bf16_slice(&src, &mut dst);
         for (&s, &d) in src.iter().zip(&dst) {
