@@ -98,7 +98,10 @@ pub struct EngineOptions {
     pub device: DeviceKind,
     /// Split large images into tiles plus a global view (the processor's default).
     pub image_splitting: Option<bool>,
-    /// Tiles encoded per vision forward pass (bounds attention scratch memory).
+    /// Tiles encoded per vision forward pass (bounds activation memory). Default 1: on the 2-thread
+    /// AMX machine measured, as fast as 2 (408 / 413 ms per tile, 3 alternating runs) with 59 MB
+    /// less peak RSS; the encoder attention splits heads' queries across threads when a pass has
+    /// too few heads for them.
     pub vision_batch: usize,
     /// Quantize full-precision linear weights while loading.
     pub quantize: Option<QuantSpec>,
@@ -122,7 +125,7 @@ impl Default for EngineOptions {
             precision: Precision::F32,
             device: DeviceKind::Cpu,
             image_splitting: None,
-            vision_batch: 2,
+            vision_batch: 1,
             quantize: None,
             skip_vision: false,
             dequantize: false,

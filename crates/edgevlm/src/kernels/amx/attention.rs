@@ -4,9 +4,10 @@
 //! on this path round their inputs. The softmax itself (maximum, `exp`, sum) runs in f32; `P` is left
 //! unnormalised and each output row is divided by its f32 sum at the end.
 //!
-//! One task takes one head of one sequence: it packs that head's keys and values once into the tile
-//! order `tdpbf16ps` reads its second operand in (keys as the columns of `S`, values as the columns
-//! of `O`), then runs 32 queries at a time through `S`, the softmax and `O`, with every buffer
+//! One task takes one head of one sequence (or a part of its queries, where heads × sequences are
+//! fewer than twice the threads): it packs that head's keys and values once into the tile order
+//! `tdpbf16ps` reads its second operand in (keys as the columns of `S`, values as the columns of
+//! `O`), then runs 32 queries at a time through `S`, the softmax and `O`, with every buffer
 //! (packed keys and values, 32 rows of scores and of `P`) reused per worker: 448 KB at 1,024
 //! positions of 64 values.
 
@@ -65,77 +66,90 @@ pub fn encoder_attention_tiles(
         thread_local! {
             static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
         }
-        (0..batch * heads).into_par_iter().for_each(|task| {
-            let (b, h) = (task / heads, task % heads);
-            let row0 = b * seq;
-            let col = h * d;
-            SCRATCH.with_borrow_mut(|s| {
-                s.keys.resize(seq * d, 0);
-                s.values.resize(seq * d, 0);
-                s.queries.resize(BLOCK * d, 0);
-                s.scores.resize(BLOCK * seq, 0.0);
-                s.weights.resize(BLOCK * seq, 0);
-                pack_keys(|j| k.row(row0 + j, col, d), seq, d, &mut s.keys);
-                pack_values(|j| v.row(row0 + j, col, d), seq, &mut s.values);
-                let bias = key_bias.map(|kb| &kb[row0..row0 + seq]);
-                for q0 in (0..seq).step_by(BLOCK) {
-                    for (i, dst) in s.queries.chunks_exact_mut(d).enumerate() {
-                        for (y, &x) in dst.iter_mut().zip(q.row(row0 + q0 + i, col, d)) {
-                            *y = super::to_bf16_bits(x * scale);
+        // Fewer heads × sequences than twice the threads: each head's queries split in parts (each
+        // part packs the head's keys and values again, a few % of its work).
+        let blocks = seq / BLOCK;
+        let splits = (2 * rayon::current_num_threads())
+            .div_ceil(batch * heads)
+            .clamp(1, blocks);
+        (0..batch * heads * splits)
+            .into_par_iter()
+            .for_each(|task| {
+                let (b, h, part) = (
+                    task / (heads * splits),
+                    task / splits % heads,
+                    task % splits,
+                );
+                let queries = blocks * part / splits * BLOCK..blocks * (part + 1) / splits * BLOCK;
+                let row0 = b * seq;
+                let col = h * d;
+                SCRATCH.with_borrow_mut(|s| {
+                    s.keys.resize(seq * d, 0);
+                    s.values.resize(seq * d, 0);
+                    s.queries.resize(BLOCK * d, 0);
+                    s.scores.resize(BLOCK * seq, 0.0);
+                    s.weights.resize(BLOCK * seq, 0);
+                    pack_keys(|j| k.row(row0 + j, col, d), seq, d, &mut s.keys);
+                    pack_values(|j| v.row(row0 + j, col, d), seq, &mut s.values);
+                    let bias = key_bias.map(|kb| &kb[row0..row0 + seq]);
+                    for q0 in queries.clone().step_by(BLOCK) {
+                        for (i, dst) in s.queries.chunks_exact_mut(d).enumerate() {
+                            for (y, &x) in dst.iter_mut().zip(q.row(row0 + q0 + i, col, d)) {
+                                *y = super::to_bf16_bits(x * scale);
+                            }
                         }
-                    }
-                    // SAFETY: AMX is available (checked above). `queries` is 32 × d and `keys` the
-                    // seq × d weight in tile order, so the product's loads stay inside them; it
-                    // writes the 32 × seq `scores`.
-                    unsafe {
-                        super::tiles::block(
-                            s.queries.as_ptr(),
-                            s.keys.as_ptr(),
-                            s.scores.as_mut_ptr(),
-                            (0, BLOCK),
-                            (0, seq),
-                            seq,
-                            d,
-                            d / super::KSTEP,
-                        );
-                    }
-                    let mut sums = [0f32; BLOCK];
-                    for ((row, w), sum) in s
-                        .scores
-                        .chunks_exact_mut(seq)
-                        .zip(s.weights.chunks_exact_mut(seq))
-                        .zip(&mut sums)
-                    {
-                        *sum = crate::kernels::elementwise::softmax_numerators(row, bias);
-                        super::to_bf16_slice(row, w);
-                    }
-                    let o = (out_addr as *mut f32).wrapping_add((row0 + q0) * hd + col);
-                    // SAFETY: as above, `weights` is 32 × seq and `values` the d × seq weight in tile
-                    // order. The output block, rows row0+q0.. (32 of them, inside the batch·seq rows
-                    // of `out`) and columns col..col+d, is written by this task only (tasks differ in
-                    // sequence or head).
-                    unsafe {
-                        super::tiles::block(
-                            s.weights.as_ptr(),
-                            s.values.as_ptr(),
-                            o,
-                            (0, BLOCK),
-                            (0, d),
-                            hd,
-                            seq,
-                            seq / super::KSTEP,
-                        );
-                        for (i, sum) in sums.iter().enumerate() {
-                            let row = std::slice::from_raw_parts_mut(o.add(i * hd), d);
-                            let inv = 1.0 / sum;
-                            for x in row {
-                                *x *= inv;
+                        // SAFETY: AMX is available (checked above). `queries` is 32 × d and `keys` the
+                        // seq × d weight in tile order, so the product's loads stay inside them; it
+                        // writes the 32 × seq `scores`.
+                        unsafe {
+                            super::tiles::block(
+                                s.queries.as_ptr(),
+                                s.keys.as_ptr(),
+                                s.scores.as_mut_ptr(),
+                                (0, BLOCK),
+                                (0, seq),
+                                seq,
+                                d,
+                                d / super::KSTEP,
+                            );
+                        }
+                        let mut sums = [0f32; BLOCK];
+                        for ((row, w), sum) in s
+                            .scores
+                            .chunks_exact_mut(seq)
+                            .zip(s.weights.chunks_exact_mut(seq))
+                            .zip(&mut sums)
+                        {
+                            *sum = crate::kernels::elementwise::softmax_numerators(row, bias);
+                            super::to_bf16_slice(row, w);
+                        }
+                        let o = (out_addr as *mut f32).wrapping_add((row0 + q0) * hd + col);
+                        // SAFETY: as above, `weights` is 32 × seq and `values` the d × seq weight in tile
+                        // order. The output block, rows row0+q0.. (32 of them, inside the batch·seq rows
+                        // of `out`) and columns col..col+d, is written by this task only (tasks differ in
+                        // sequence or head).
+                        unsafe {
+                            super::tiles::block(
+                                s.weights.as_ptr(),
+                                s.values.as_ptr(),
+                                o,
+                                (0, BLOCK),
+                                (0, d),
+                                hd,
+                                seq,
+                                seq / super::KSTEP,
+                            );
+                            for (i, sum) in sums.iter().enumerate() {
+                                let row = std::slice::from_raw_parts_mut(o.add(i * hd), d);
+                                let inv = 1.0 / sum;
+                                for x in row {
+                                    *x *= inv;
+                                }
                             }
                         }
                     }
-                }
-            })
-        });
+                })
+            });
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -220,16 +234,27 @@ mod tests {
             heads,
             head_dim: d,
         };
-        let mut out = vec![f32::NAN; batch * seq * hd];
-        assert!(encoder_attention_tiles(
-            view(0),
-            view(hd),
-            view(2 * hd),
-            shape,
-            scale,
-            Some(&bias),
-            &mut out
-        ));
+        let run = || {
+            let mut out = vec![f32::NAN; batch * seq * hd];
+            assert!(encoder_attention_tiles(
+                view(0),
+                view(hd),
+                view(2 * hd),
+                shape,
+                scale,
+                Some(&bias),
+                &mut out
+            ));
+            out
+        };
+        let out = run();
+        // On three threads each head's three query blocks split in two parts (one and two blocks):
+        // the same values.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a pool");
+        assert_eq!(pool.install(run), out);
         let r16 =
             |x: f32| f64::from(bf16::from_bits(crate::kernels::amx::to_bf16_bits(x)).to_f32());
         let at = |r: usize, c: usize| fused[r * stride + c];
