@@ -273,3 +273,114 @@ fn written_checkpoint_reloads_as_quantized() {
     .unwrap();
     assert_eq!(r2.quantized_layers, 1 + 14 + 1);
 }
+
+/// mlx-vlm's name for a tensor of the Hugging Face Idefics3 layout (its `sanitize`: no `model.`
+/// prefix, `text_model` called `language_model`, `lm_head` under it).
+fn mlx_vlm_name(hf: &str) -> String {
+    if let Some(rest) = hf.strip_prefix("model.text_model.") {
+        format!("language_model.{rest}")
+    } else if let Some(rest) = hf.strip_prefix("model.") {
+        rest.to_string()
+    } else {
+        format!("language_model.{hf}")
+    }
+}
+
+/// A checkpoint in mlx-vlm's layout (as mlx-community publishes them: renamed tensors, the patch conv
+/// stored (out, kh, kw, in), quantized token embeddings with a per-layer entry in config.json) loads
+/// and answers exactly as the same values in the Hugging Face layout.
+#[test]
+fn mlx_vlm_layout_answers_like_the_hf_layout() {
+    let Some(src) = tiny_model_dir("mlx-vlm-src") else {
+        return;
+    };
+    let scratch = scratch_dir("mlx-vlm");
+    let hf = scratch.join("hf");
+    let spec = edgevlm::quant::QuantSpec::new(4, 32).unwrap();
+    edgevlm::quant::quantize_checkpoint(&src, &hf, spec, false).unwrap();
+    let st = hf.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+
+    // The token embeddings at 8 bits, groups of 32: the HF folder holds their dequantized values.
+    let name = "model.text_model.embed_tokens.weight";
+    let table = tensors[name].clone();
+    let (vocab, hidden) = table.dims2().unwrap();
+    let values: Vec<f32> = table
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let spec8 = edgevlm::quant::QuantSpec::new(8, 32).unwrap();
+    let q = edgevlm::quant::AffineWeight::quantize(
+        &values,
+        vocab,
+        hidden,
+        spec8,
+        edgevlm::quant::ScaleType::F32,
+        name,
+    )
+    .unwrap();
+    let mut deq = vec![0f32; vocab * hidden];
+    for (r, row) in deq.chunks_exact_mut(hidden).enumerate() {
+        q.dequantize_row(r, row);
+    }
+    tensors.insert(
+        name.into(),
+        Tensor::from_vec(deq, (vocab, hidden), &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+
+    let mlx = scratch.join("mlx");
+    std::fs::create_dir_all(&mlx).unwrap();
+    for f in std::fs::read_dir(&hf).unwrap() {
+        let f = f.unwrap().path();
+        let file = f.file_name().unwrap().to_owned();
+        if file != "model.safetensors" && file != "config.json" {
+            std::fs::copy(&f, mlx.join(file)).unwrap();
+        }
+    }
+    let mut renamed: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(n, _)| n.as_str() != name)
+        .map(|(n, t)| {
+            let t = if n.ends_with("patch_embedding.weight") {
+                t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+            } else {
+                t.clone()
+            };
+            (mlx_vlm_name(n), t)
+        })
+        .collect();
+    let groups = hidden / 32;
+    let (scales, biases): (Vec<f32>, Vec<f32>) = (0..vocab * groups)
+        .map(|i| (q.scales.get(i), q.biases.get(i)))
+        .unzip();
+    let embed = "language_model.embed_tokens";
+    renamed.insert(
+        format!("{embed}.weight"),
+        Tensor::from_vec(q.packed.clone(), (vocab, hidden / 4), &Device::Cpu).unwrap(),
+    );
+    renamed.insert(
+        format!("{embed}.scales"),
+        Tensor::from_vec(scales, (vocab, groups), &Device::Cpu).unwrap(),
+    );
+    renamed.insert(
+        format!("{embed}.biases"),
+        Tensor::from_vec(biases, (vocab, groups), &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&renamed, mlx.join("model.safetensors")).unwrap();
+    let mut cfg = read_json(&hf.join("config.json"));
+    cfg["quantization"][embed] = serde_json::json!({"group_size": 32, "bits": 8});
+    std::fs::write(mlx.join("config.json"), cfg.to_string()).unwrap();
+
+    let load = |dir: &std::path::Path| {
+        edgevlm::Engine::load_dir(dir, "t", edgevlm::EngineOptions::default()).unwrap()
+    };
+    let (a, b) = (load(&hf), load(&mlx));
+    let image = fixtures().join("images/small.png").display().to_string();
+    let req = edgevlm::ChatRequest::simple(None, "What is this?", &[image]);
+    let p = a.prepare(&req).unwrap();
+    assert_eq!(last_logits(&a, &p), last_logits(&b, &p));
+}

@@ -18,7 +18,10 @@ use crate::error::{Error, Result};
 struct Entry {
     file: usize,
     dtype: DType,
+    /// The shape callers see (for an mlx-vlm conv weight, PyTorch's `(out, in, kh, kw)`).
     shape: Vec<usize>,
+    /// An mlx-vlm conv weight stored `(out, kh, kw, in)`: read back in `shape`'s order.
+    channels_last: bool,
     /// Byte range in the file.
     start: usize,
     end: usize,
@@ -104,6 +107,24 @@ impl WeightStore {
             }
             files.push((path.clone(), mmap));
         }
+        if !entries.keys().any(|k| k.starts_with("model."))
+            && entries.keys().any(|k| k.starts_with("language_model."))
+        {
+            entries = entries
+                .into_iter()
+                .map(|(name, mut e)| {
+                    if name.ends_with("patch_embedding.weight")
+                        && e.shape.len() == 4
+                        && e.shape[1] == e.shape[2]
+                        && e.shape[3] < e.shape[1]
+                    {
+                        e.shape = vec![e.shape[0], e.shape[3], e.shape[1], e.shape[2]];
+                        e.channels_last = true;
+                    }
+                    (hf_name_from_mlx_vlm(&name).unwrap_or(name), e)
+                })
+                .collect();
+        }
         Ok(Self { files, entries })
     }
 
@@ -172,7 +193,14 @@ impl WeightStore {
     ) -> Result<Tensor> {
         let e = self.float_entry(name, shape)?;
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let t = Tensor::from_raw_buffer(bytes, e.dtype, shape, &Device::Cpu)?;
+        let t = if e.channels_last {
+            let [o, i, kh, kw] = [shape[0], shape[1], shape[2], shape[3]];
+            Tensor::from_raw_buffer(bytes, e.dtype, &[o, kh, kw, i], &Device::Cpu)?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?
+        } else {
+            Tensor::from_raw_buffer(bytes, e.dtype, shape, &Device::Cpu)?
+        };
         self.release(name);
         let t = if t.dtype() == dtype {
             t
@@ -266,6 +294,22 @@ impl FloatRows<'_> {
     }
 }
 
+/// The Hugging Face name of a tensor or module in mlx-vlm's Idefics3 / SmolVLM layout (its `sanitize`
+/// drops the `model.` prefix, renames `text_model` to `language_model` and moves `lm_head` under it),
+/// as mlx-community publishes those checkpoints; `None` for a name outside that layout.
+pub fn hf_name_from_mlx_vlm(name: &str) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("language_model.lm_head") {
+        return Some(format!("lm_head{rest}"));
+    }
+    if let Some(rest) = name.strip_prefix("language_model.") {
+        return Some(format!("model.text_model.{rest}"));
+    }
+    ["vision_model.", "connector."]
+        .iter()
+        .any(|p| name.starts_with(p))
+        .then(|| format!("model.{name}"))
+}
+
 /// Parse and validate a safetensors header: 8-byte little-endian length, JSON, then the data region.
 fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     let bad = |m: String| Error::file(path, format!("not a valid safetensors file: {m}"));
@@ -337,6 +381,7 @@ fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, E
                 file,
                 dtype,
                 shape,
+                channels_last: false,
                 start: start + 8 + n,
                 end: end + 8 + n,
             },

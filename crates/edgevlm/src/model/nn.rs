@@ -92,7 +92,9 @@ impl CheckpointQuant {
         if let Some(o) = q.as_object() {
             for (k, v) in o {
                 if v.is_object() || v.is_boolean() {
-                    out.overrides.insert(k.clone(), spec(v)?);
+                    // Module paths as loading names them (mlx-vlm's own names mapped back).
+                    let path = crate::weights::hf_name_from_mlx_vlm(k).unwrap_or_else(|| k.clone());
+                    out.overrides.insert(path, spec(v)?);
                 }
             }
         }
@@ -749,7 +751,7 @@ pub fn silu_mul_stacked(gate_up: &Tensor, width: usize) -> Result<Tensor> {
 }
 
 /// Read an MLX-quantized layer: `weight` packed u32, `scales`/`biases` in a float type.
-fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeight> {
+pub(crate) fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeight> {
     let module = w.prefix().to_string();
     let spec = w
         .opts

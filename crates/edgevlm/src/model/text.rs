@@ -442,13 +442,22 @@ impl TextModel {
             && w.opts.dtype == DType::F32
             && w.opts.device.is_cpu()
             && matches!(stored, DType::BF16 | DType::F16);
-        let embed_tokens = Embedding::Dense(if keep_half {
-            table
-                .store()
-                .get(&table.path("weight"), &shape, stored, &w.opts.device)?
+        // A quantized table (mlx-vlm quantizes embeddings too) is looked up row by row as it is.
+        let embed_tokens = if table.contains("scales") {
+            Embedding::Affine(std::sync::Arc::new(super::nn::load_affine(
+                &table,
+                cfg.hidden_size,
+                cfg.vocab_size,
+            )?))
         } else {
-            table.get("weight", &shape)?
-        });
+            Embedding::Dense(if keep_half {
+                table
+                    .store()
+                    .get(&table.path("weight"), &shape, stored, &w.opts.device)?
+            } else {
+                table.get("weight", &shape)?
+            })
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
