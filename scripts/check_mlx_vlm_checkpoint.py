@@ -14,7 +14,8 @@
 
 Needs `pip install -r scripts/requirements-mlx.txt` in the venv (mlx-cpu runs on Linux).
 
-Usage: python scripts/check_mlx_vlm_checkpoint.py [--model DIR] [--bits 4] [--steps 16]
+Usage: python scripts/check_mlx_vlm_checkpoint.py [--model DIR] [--bits 4 | --quant-predicate mixed_4_6]
+       [--steps 16]
 """
 import argparse
 import json
@@ -52,7 +53,7 @@ def dequantized_reference(qdir, out):
             continue
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix and prefix + ".scales" in weights:
-            layer = q.get(prefix, q) if isinstance(q.get(prefix), dict) else q
+            layer = q[prefix] if isinstance(q.get(prefix), dict) else q
             # In f32: `scale * q + bias` exactly as edgevlm computes it (in bf16 MLX would round it).
             v = mx.dequantize(v, weights[prefix + ".scales"].astype(mx.float32),
                               weights[prefix + ".biases"].astype(mx.float32),
@@ -85,16 +86,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(CACHE / "smolvlm-256m-random"))
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--quant-predicate", default=None,
+                   help="mlx-vlm's mixed recipe, e.g. mixed_4_6 (6-bit layers among 4-bit ones)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image", default=str(ROOT / "tests" / "fixtures" / "images" / "wide.png"))
     a = p.parse_args()
-    qdir = CACHE / f"mlx-vlm-q{a.bits}"
-    refdir = CACHE / f"mlx-vlm-q{a.bits}-dequantized"
+    tag = a.quant_predicate or f"q{a.bits}"
+    qdir = CACHE / f"mlx-vlm-{tag}"
+    refdir = CACHE / f"mlx-vlm-{tag}-dequantized"
     for d in (qdir, refdir):
         shutil.rmtree(d, ignore_errors=True)
+    recipe = ["--quant-predicate", a.quant_predicate] if a.quant_predicate else ["--q-bits", str(a.bits)]
     subprocess.run([sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", a.model, "--mlx-path", str(qdir),
-                    "-q", "--q-bits", str(a.bits)], check=True, capture_output=True)
+                    "-q", *recipe], check=True, capture_output=True)
     quantized, total = dequantized_reference(qdir, refdir)
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "edgevlm-cli"], check=True, cwd=ROOT)
     binary = str(ROOT / "target" / "release" / "edgevlm")
@@ -106,7 +111,7 @@ def main():
             break
         agree += 1
         worst = max([worst] + [abs(v - lq[k]) for k, v in lr.items() if k in lq])
-    print(f"mlx-vlm {a.bits}-bit checkpoint: {quantized} of {total} tensors quantized by MLX; "
+    print(f"mlx-vlm {tag} checkpoint: {quantized} of {total} tensors quantized by MLX; "
           f"edgevlm on it against MLX's dequantized values: {agree}/{len(want)} greedy steps agree, "
           f"max |d logprob| over the top-5 {worst:.3e}")
     if agree != len(want) or worst > 1e-2:

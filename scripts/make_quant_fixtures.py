@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Reference affine group quantization from MLX (pinned in requirements-mlx.txt) for the Rust tests.
 
-For bits 4 and 8, group sizes 32/64/128 and scale dtypes float32/float16/bfloat16, quantizes a small
-random matrix with `mx.quantize` and stores, with MLX's own safetensors writer:
+For bits 4 and 8, group sizes 32/64/128 and scale dtypes float32/float16/bfloat16 (and bits 2, 3, 5,
+6 with bfloat16 scales), quantizes a small random matrix with `mx.quantize` and stores, with MLX's own
+safetensors writer:
   w (the input), wq (packed uint32), scales, biases, deq (`mx.dequantize` output)
-in tests/fixtures/quant/mlx_b{bits}_g{group}_{dtype}.safetensors (~250 KB in all).
+in tests/fixtures/quant/mlx_b{bits}_g{group}_{dtype}.safetensors (~380 KB in all).
 
 Run: ~/.cache/edgevlm/venv/bin/pip install -r scripts/requirements-mlx.txt
      ~/.cache/edgevlm/venv/bin/python scripts/make_quant_fixtures.py
@@ -29,6 +30,17 @@ def main():
                 mx.save_safetensors(str(name), {"w": w, "wq": wq, "scales": scales, "biases": biases, "deq": deq},
                                     metadata={"bits": str(bits), "group_size": str(group)})
                 print(name.name, wq.shape, scales.dtype)
+    # Widths MLX also packs (as one little-endian bit stream over the uint32 words), read by widening
+    # the codes to 4 or 8 bits: bf16 scales (as mlx-vlm writes them) only, to keep the fixtures small.
+    w = (mx.random.normal((8, 256)) * 0.05).astype(mx.bfloat16)
+    for bits in (2, 3, 5, 6):
+        for group in (32, 64, 128):
+            wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+            deq = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
+            name = OUT / f"mlx_b{bits}_g{group}_bf16.safetensors"
+            mx.save_safetensors(str(name), {"w": w, "wq": wq, "scales": scales, "biases": biases, "deq": deq},
+                                metadata={"bits": str(bits), "group_size": str(group)})
+            print(name.name, wq.shape, scales.dtype)
 
 
 if __name__ == "__main__":

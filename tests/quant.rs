@@ -59,8 +59,8 @@ fn mlx_affine_dequantizes_bit_exactly() {
     let files = fixture_files();
     assert_eq!(
         files.len(),
-        18,
-        "4/8 bits x 32/64/128 groups x f32/f16/bf16 scales"
+        30,
+        "4/8 bits x 32/64/128 groups x f32/f16/bf16 scales, 2/3/5/6 bits x 32/64/128 groups bf16"
     );
     for f in files {
         let (bits, gs) = spec_of(&f);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::kernels::amx::TileInputs;
-use crate::quant::{AffineParts, AffineWeight, QuantSpec, ScaleType};
+use crate::quant::{AffineParts, AffineWeight, QuantSpec, ScaleType, StoredSpec};
 use crate::weights::WeightStore;
 
 /// How a model's weights are materialised.
@@ -52,8 +52,8 @@ impl LoadOptions {
 /// MLX's `quantization` section: default bits/group size plus per-module overrides (`false` = dense).
 #[derive(Clone, Debug, Default)]
 pub struct CheckpointQuant {
-    pub default: Option<QuantSpec>,
-    pub overrides: HashMap<String, Option<QuantSpec>>,
+    pub default: Option<StoredSpec>,
+    pub overrides: HashMap<String, Option<StoredSpec>>,
 }
 
 impl CheckpointQuant {
@@ -65,7 +65,7 @@ impl CheckpointQuant {
         else {
             return Ok(None);
         };
-        let spec = |v: &serde_json::Value| -> Result<Option<QuantSpec>> {
+        let spec = |v: &serde_json::Value| -> Result<Option<StoredSpec>> {
             match v {
                 serde_json::Value::Bool(false) => Ok(None),
                 serde_json::Value::Object(o) => {
@@ -78,7 +78,7 @@ impl CheckpointQuant {
                             )));
                         }
                     }
-                    QuantSpec::new(bits, gs).map(Some)
+                    StoredSpec::new(bits, gs).map(Some)
                 }
                 other => Err(Error::Config(format!(
                     "quantization entry {other} is not an object"
@@ -102,7 +102,7 @@ impl CheckpointQuant {
     }
 
     /// The spec of the module at `path` (`model.text_model.layers.0.mlp.up_proj`).
-    pub fn lookup(&self, path: &str) -> Option<QuantSpec> {
+    pub fn lookup(&self, path: &str) -> Option<StoredSpec> {
         match self.overrides.get(path) {
             Some(s) => *s,
             None => self.default,
@@ -753,7 +753,7 @@ pub fn silu_mul_stacked(gate_up: &Tensor, width: usize) -> Result<Tensor> {
 /// Read an MLX-quantized layer: `weight` packed u32, `scales`/`biases` in a float type.
 pub(crate) fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<AffineWeight> {
     let module = w.prefix().to_string();
-    let spec = w
+    let stored = w
         .opts
         .checkpoint_quant
         .as_ref()
@@ -769,18 +769,30 @@ pub(crate) fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<
         file: store.file_of(&w.path(name)),
         message: m,
     };
+    if !in_dim.is_multiple_of(stored.group_size) {
+        return Err(bad(
+            "weight",
+            format!(
+                "input size {in_dim} is not a multiple of the group size {}",
+                stored.group_size
+            ),
+        ));
+    }
     let (dt, shape, bytes) = store.raw(&w.path("weight"))?;
-    let words = in_dim / spec.per_word();
+    let words = stored.words(in_dim);
     if dt != DType::U32 || shape != [out_dim, words] {
         return Err(bad(
             "weight",
-            format!("{dt:?} {shape:?}, expected U32 [{out_dim}, {words}] for {}-bit codes of a {out_dim}x{in_dim} layer", spec.bits),
+            format!("{dt:?} {shape:?}, expected U32 [{out_dim}, {words}] for {}-bit codes of a {out_dim}x{in_dim} layer", stored.bits),
         ));
     }
     let packed: Vec<u32> = bytes
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
+    // 2/3-bit codes widened to 4 bits, 5/6-bit to 8: the same values.
+    let packed = stored.widen(packed, in_dim);
+    let spec = stored.compute();
     let groups = in_dim / spec.group_size.max(1);
     let read_float = |name: &str| -> Result<(Vec<f32>, ScaleType)> {
         let (dt, shape, bytes) = store.raw(&w.path(name))?;

@@ -29,6 +29,67 @@ impl ScaleType {
     }
 }
 
+/// A quantization as a checkpoint declares it: MLX's affine groups of 2, 3, 4, 5, 6 or 8 bits, the
+/// codes one little-endian bit stream over each row's u32 words. Widths other than 4 and 8 are read
+/// by widening the codes to 4 bits (2, 3) or 8 bits (5, 6): the same values, run by the 4- and 8-bit
+/// kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredSpec {
+    pub bits: u32,
+    pub group_size: usize,
+}
+
+impl StoredSpec {
+    pub fn new(bits: u32, group_size: usize) -> Result<Self> {
+        if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) {
+            return Err(Error::Unsupported(format!(
+                "{bits}-bit quantization (2, 3, 4, 5, 6 or 8)"
+            )));
+        }
+        QuantSpec::new(4, group_size)?;
+        Ok(Self { bits, group_size })
+    }
+
+    /// The spec the layer runs as.
+    pub fn compute(&self) -> QuantSpec {
+        QuantSpec {
+            bits: if self.bits <= 4 { 4 } else { 8 },
+            group_size: self.group_size,
+        }
+    }
+
+    /// u32 words per row of `in_dim` codes.
+    pub fn words(&self, in_dim: usize) -> usize {
+        in_dim * self.bits as usize / 32
+    }
+
+    /// Rows of `in_dim` codes stored at this width, repacked at the compute width (unchanged for 4
+    /// and 8 bits).
+    pub fn widen(&self, packed: Vec<u32>, in_dim: usize) -> Vec<u32> {
+        let to = self.compute();
+        if to.bits == self.bits {
+            return packed;
+        }
+        let (bits, per_word) = (self.bits as usize, to.per_word());
+        let mask = (1u64 << bits) - 1;
+        let mut out = vec![0u32; packed.len() / self.words(in_dim).max(1) * in_dim / per_word];
+        for (src, dst) in packed
+            .chunks_exact(self.words(in_dim))
+            .zip(out.chunks_exact_mut(in_dim / per_word))
+        {
+            for i in 0..in_dim {
+                // Code i: bits i·b .. (i+1)·b of the row's stream, at most two words.
+                let (at, shift) = ((i * bits) / 32, (i * bits) % 32);
+                let lo = u64::from(src[at]);
+                let hi = src.get(at + 1).map_or(0, |&w| u64::from(w));
+                let q = ((lo | hi << 32) >> shift) & mask;
+                dst[i / per_word] |= (q as u32) << (to.bits as usize * (i % per_word));
+            }
+        }
+        out
+    }
+}
+
 /// Quantization settings of a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuantSpec {

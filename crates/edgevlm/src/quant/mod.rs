@@ -3,5 +3,5 @@
 pub mod affine;
 pub mod writer;
 
-pub use affine::{AffineParts, AffineWeight, GroupValues, QuantSpec, ScaleType};
+pub use affine::{AffineParts, AffineWeight, GroupValues, QuantSpec, ScaleType, StoredSpec};
 pub use writer::{quantize_checkpoint, QuantizeReport};
