@@ -155,8 +155,20 @@ fn bad_quantized_tensors_are_named() {
         .to_string();
     assert!(e.contains("layer"), "{e}");
     // unsupported bits in config.json
-    let e = load_layer(&t, 3, 32, "bad-bits").err().unwrap().to_string();
-    assert!(e.contains("3-bit"), "{e}");
+    let e = load_layer(&t, 7, 32, "bad-bits").err().unwrap().to_string();
+    assert!(
+        e.contains("7-bit") && e.contains("2, 3, 4, 5, 6 or 8"),
+        "{e}"
+    );
+    // a supported width the codes are not packed at
+    let e = load_layer(&t, 3, 32, "wrong-bits")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("layer.weight") && e.contains("3-bit codes"),
+        "{e}"
+    );
 }
 
 #[test]
