@@ -17,6 +17,16 @@ import mlx.core as mx
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "quant"
 
 
+def write(w, bits, group, dtype_name):
+    """`w` quantized and dequantized by MLX, saved as one fixture."""
+    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    deq = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
+    name = OUT / f"mlx_b{bits}_g{group}_{dtype_name}.safetensors"
+    mx.save_safetensors(str(name), {"w": w, "wq": wq, "scales": scales, "biases": biases, "deq": deq},
+                        metadata={"bits": str(bits), "group_size": str(group)})
+    print(name.name, wq.shape, scales.dtype)
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     mx.random.seed(0)
@@ -24,23 +34,13 @@ def main():
         w = (mx.random.normal((8, 256)) * 0.05).astype(dtype)
         for bits in (4, 8):
             for group in (32, 64, 128):
-                wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
-                deq = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
-                name = OUT / f"mlx_b{bits}_g{group}_{dtype_name}.safetensors"
-                mx.save_safetensors(str(name), {"w": w, "wq": wq, "scales": scales, "biases": biases, "deq": deq},
-                                    metadata={"bits": str(bits), "group_size": str(group)})
-                print(name.name, wq.shape, scales.dtype)
+                write(w, bits, group, dtype_name)
     # Widths MLX also packs (as one little-endian bit stream over the uint32 words), read by widening
     # the codes to 4 or 8 bits: bf16 scales (as mlx-vlm writes them) only, to keep the fixtures small.
     w = (mx.random.normal((8, 256)) * 0.05).astype(mx.bfloat16)
     for bits in (2, 3, 5, 6):
         for group in (32, 64, 128):
-            wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
-            deq = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
-            name = OUT / f"mlx_b{bits}_g{group}_bf16.safetensors"
-            mx.save_safetensors(str(name), {"w": w, "wq": wq, "scales": scales, "biases": biases, "deq": deq},
-                                metadata={"bits": str(bits), "group_size": str(group)})
-            print(name.name, wq.shape, scales.dtype)
+            write(w, bits, group, "bf16")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,16 @@ fn fixture_files() -> Vec<PathBuf> {
     v
 }
 
+/// A tensor's values in f32, flattened.
+fn f32_values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn spec_of(p: &std::path::Path) -> (u32, usize) {
     let n = p.file_stem().unwrap().to_str().unwrap(); // mlx_b4_g32_f16
     let parts: Vec<&str> = n.split('_').collect();
@@ -70,13 +80,7 @@ fn mlx_affine_dequantizes_bit_exactly() {
             panic!("not affine")
         };
         let ours = q.dequantize_like_mlx();
-        let want: Vec<f32> = t["deq"]
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let want = f32_values(&t["deq"]);
         let differ = ours
             .iter()
             .zip(&want)
@@ -317,13 +321,7 @@ fn mlx_vlm_layout_answers_like_the_hf_layout() {
     let name = "model.text_model.embed_tokens.weight";
     let table = tensors[name].clone();
     let (vocab, hidden) = table.dims2().unwrap();
-    let values: Vec<f32> = table
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values = f32_values(&table);
     let spec8 = edgevlm::quant::QuantSpec::new(8, 32).unwrap();
     let q = edgevlm::quant::AffineWeight::quantize(
         &values,

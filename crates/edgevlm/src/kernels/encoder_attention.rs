@@ -145,8 +145,109 @@ pub fn encoder_attention(
         });
 }
 
+/// A test problem for the encoder attention kernels and its f64 reference.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{EncoderAttentionShape, StridedRows};
+
+    /// `batch` sequences with q/k/v interleaved in one fused row (stride `3·heads·d + extra`), values
+    /// from a fixed pattern divided by `divisor`, the last `pad` keys of the second sequence masked.
+    pub struct Problem {
+        pub fused: Vec<f32>,
+        pub bias: Vec<f32>,
+        pub stride: usize,
+        pub shape: EncoderAttentionShape,
+        pub scale: f32,
+    }
+
+    impl Problem {
+        pub fn new(shape: EncoderAttentionShape, extra: usize, pad: usize, divisor: f32) -> Self {
+            let EncoderAttentionShape {
+                batch,
+                seq,
+                heads,
+                head_dim: d,
+            } = shape;
+            let stride = 3 * heads * d + extra;
+            let fused = (0..batch * seq * stride)
+                .map(|i| ((i * 7919 % 211) as f32 - 105.0) / divisor)
+                .collect();
+            let mut bias = vec![0f32; batch * seq];
+            for b in &mut bias[2 * seq - pad..2 * seq] {
+                *b = f32::NEG_INFINITY;
+            }
+            Self {
+                fused,
+                bias,
+                stride,
+                shape,
+                scale: 1.0 / (d as f32).sqrt(),
+            }
+        }
+
+        /// Queries (`part` 0), keys (1) or values (2).
+        pub fn view(&self, part: usize) -> StridedRows<'_> {
+            StridedRows {
+                data: &self.fused,
+                offset: part * self.shape.heads * self.shape.head_dim,
+                stride: self.stride,
+            }
+        }
+
+        /// The attention in f64 with `round` applied to the scaled queries, the keys, the softmax
+        /// numerators and the values (identity: the exact attention), `(batch·seq, heads·d)`.
+        pub fn reference(&self, round: &dyn Fn(f32) -> f64) -> Vec<f64> {
+            let EncoderAttentionShape {
+                batch,
+                seq,
+                heads,
+                head_dim: d,
+            } = self.shape;
+            let hd = heads * d;
+            let at = |part: usize, r: usize, c: usize| self.fused[r * self.stride + part * hd + c];
+            let mut out = vec![0f64; batch * seq * hd];
+            for b in 0..batch {
+                for h in 0..heads {
+                    for i in 0..seq {
+                        let r = b * seq + i;
+                        let s: Vec<f64> = (0..seq)
+                            .map(|j| {
+                                let dot: f64 = (0..d)
+                                    .map(|c| {
+                                        round(at(0, r, h * d + c) * self.scale)
+                                            * round(at(1, b * seq + j, h * d + c))
+                                    })
+                                    .sum();
+                                dot + f64::from(self.bias[b * seq + j])
+                            })
+                            .collect();
+                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for c in 0..d {
+                            out[r * hd + h * d + c] = (0..seq)
+                                .map(|j| round(e[j] as f32) * round(at(2, b * seq + j, h * d + c)))
+                                .sum::<f64>()
+                                / z;
+                        }
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    /// The largest absolute difference between a kernel's output and a reference.
+    pub fn worst(out: &[f32], want: &[f64]) -> f64 {
+        out.iter()
+            .zip(want)
+            .fold(0f64, |m, (&o, &w)| m.max((f64::from(o) - w).abs()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::{worst, Problem};
     use super::*;
 
     /// Against an f64 reference: two sequences of 150 positions (two query blocks, the second
@@ -154,65 +255,25 @@ mod tests {
     /// masked in the second sequence.
     #[test]
     fn matches_reference() {
-        let (batch, seq, heads, d) = (2, 150, 3, 40);
-        let hd = heads * d;
-        let stride = 3 * hd + 5;
-        let fused: Vec<f32> = (0..batch * seq * stride)
-            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 60.0)
-            .collect();
-        let mut bias = vec![0f32; batch * seq];
-        for j in 140..150 {
-            bias[seq + j] = f32::NEG_INFINITY;
-        }
-        let view = |offset| StridedRows {
-            data: &fused,
-            offset,
-            stride,
-        };
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; batch * seq * hd];
         let shape = EncoderAttentionShape {
-            batch,
-            seq,
-            heads,
-            head_dim: d,
+            batch: 2,
+            seq: 150,
+            heads: 3,
+            head_dim: 40,
         };
+        let p = Problem::new(shape, 5, 10, 60.0);
+        let mut out = vec![0f32; 2 * 150 * 120];
         encoder_attention(
             false,
-            view(0),
-            view(hd),
-            view(2 * hd),
+            p.view(0),
+            p.view(1),
+            p.view(2),
             shape,
-            scale,
-            Some(&bias),
+            p.scale,
+            Some(&p.bias),
             &mut out,
         );
-        let at = |r: usize, c: usize| f64::from(fused[r * stride + c]);
-        let mut worst = 0f64;
-        for b in 0..batch {
-            for h in 0..heads {
-                for i in 0..seq {
-                    let r = b * seq + i;
-                    let s: Vec<f64> = (0..seq)
-                        .map(|j| {
-                            let dot: f64 = (0..d)
-                                .map(|c| at(r, h * d + c) * at(b * seq + j, hd + h * d + c))
-                                .sum();
-                            dot * f64::from(scale) + f64::from(bias[b * seq + j])
-                        })
-                        .collect();
-                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                    let z: f64 = e.iter().sum();
-                    for c in 0..d {
-                        let want: f64 = (0..seq)
-                            .map(|j| e[j] / z * at(b * seq + j, 2 * hd + h * d + c))
-                            .sum();
-                        worst = worst.max((f64::from(out[r * hd + h * d + c]) - want).abs());
-                    }
-                }
-            }
-        }
+        let worst = worst(&out, &p.reference(&|x| x.into()));
         assert!(worst < 1e-5, "max |error| {worst}");
     }
 }

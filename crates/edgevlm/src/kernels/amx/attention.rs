@@ -202,6 +202,7 @@ fn pack_values<'a>(value: impl Fn(usize) -> &'a [f32], seq: usize, dst: &mut [u1
 mod tests {
     use super::*;
     use crate::kernels::amx::skip_without_amx;
+    use crate::kernels::encoder_attention::testing::{worst, Problem};
     use half::bf16;
 
     /// Against an f64 reference of the same bf16 roundings: two sequences of 96 positions, 2 heads of
@@ -212,37 +213,22 @@ mod tests {
         if skip_without_amx() {
             return;
         }
-        let (batch, seq, heads, d) = (2, 96, 2, 64);
-        let hd = heads * d;
-        let stride = 3 * hd + 8;
-        let fused: Vec<f32> = (0..batch * seq * stride)
-            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 40.0)
-            .collect();
-        let mut bias = vec![0f32; batch * seq];
-        for j in 80..96 {
-            bias[seq + j] = f32::NEG_INFINITY;
-        }
-        let view = |offset| StridedRows {
-            data: &fused,
-            offset,
-            stride,
-        };
-        let scale = 1.0 / (d as f32).sqrt();
         let shape = EncoderAttentionShape {
-            batch,
-            seq,
-            heads,
-            head_dim: d,
+            batch: 2,
+            seq: 96,
+            heads: 2,
+            head_dim: 64,
         };
+        let p = Problem::new(shape, 8, 16, 40.0);
         let run = || {
-            let mut out = vec![f32::NAN; batch * seq * hd];
+            let mut out = vec![f32::NAN; 2 * 96 * 128];
             assert!(encoder_attention_tiles(
-                view(0),
-                view(hd),
-                view(2 * hd),
+                p.view(0),
+                p.view(1),
+                p.view(2),
                 shape,
-                scale,
-                Some(&bias),
+                p.scale,
+                Some(&p.bias),
                 &mut out
             ));
             out
@@ -255,67 +241,16 @@ mod tests {
             .build()
             .expect("a pool");
         assert_eq!(pool.install(run), out);
-        let r16 =
-            |x: f32| f64::from(bf16::from_bits(crate::kernels::amx::to_bf16_bits(x)).to_f32());
-        let at = |r: usize, c: usize| fused[r * stride + c];
-        let (mut worst, mut worst_f32) = (0f64, 0f64);
-        for b in 0..batch {
-            for h in 0..heads {
-                for i in 0..seq {
-                    let r = b * seq + i;
-                    let dots = |round: &dyn Fn(f32) -> f64, q_scale: f32| -> Vec<f64> {
-                        (0..seq)
-                            .map(|j| {
-                                let dot: f64 = (0..d)
-                                    .map(|c| {
-                                        round(at(r, h * d + c) * q_scale)
-                                            * round(at(b * seq + j, hd + h * d + c))
-                                    })
-                                    .sum();
-                                dot * f64::from(scale / q_scale) + f64::from(bias[b * seq + j])
-                            })
-                            .collect()
-                    };
-                    // The kernel's arithmetic (scaled query, keys, numerators and values in bf16)
-                    // and the exact f32 attention.
-                    for (rounded, s) in
-                        [(true, dots(&r16, scale)), (false, dots(&|x| x.into(), 1.0))]
-                    {
-                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                        let z: f64 = e.iter().sum();
-                        for c in 0..d {
-                            let want: f64 = (0..seq)
-                                .map(|j| {
-                                    let (p, val) = (e[j], at(b * seq + j, 2 * hd + h * d + c));
-                                    if rounded {
-                                        r16(p as f32) * r16(val)
-                                    } else {
-                                        p * f64::from(val)
-                                    }
-                                })
-                                .sum::<f64>()
-                                / z;
-                            let err = (f64::from(out[r * hd + h * d + c]) - want).abs();
-                            if rounded {
-                                worst = worst.max(err);
-                            } else {
-                                worst_f32 = worst_f32.max(err);
-                            }
-                        }
-                    }
-                }
-            }
-        }
         // Only f32 accumulation (and the exp polynomial) differ from the rounded reference; the
         // bf16 roundings themselves move the result by about 1e-2 of these values (|v| < 2.7).
+        let r16 =
+            |x: f32| f64::from(bf16::from_bits(crate::kernels::amx::to_bf16_bits(x)).to_f32());
+        let rounded = worst(&out, &p.reference(&r16));
         assert!(
-            worst < 2e-5,
-            "max |error| against the bf16-rounded reference {worst}"
+            rounded < 2e-5,
+            "max |error| against the bf16-rounded reference {rounded}"
         );
-        assert!(
-            worst_f32 < 3e-2,
-            "max |error| against f32 attention {worst_f32}"
-        );
+        let exact = worst(&out, &p.reference(&|x| x.into()));
+        assert!(exact < 3e-2, "max |error| against f32 attention {exact}");
     }
 }
