@@ -88,7 +88,9 @@ impl WeightStore {
         Self::open_files(&files)
     }
 
-    /// Open the given safetensors files; a tensor name may appear in only one of them.
+    /// Open the given safetensors files; a tensor name may appear in only one of them. A checkpoint in
+    /// mlx-vlm's Idefics3 layout (no `model.` names, a `language_model.` tree) is read under the
+    /// Hugging Face names ([`hf_name_from_mlx_vlm`]), its channels-last patch conv in PyTorch's order.
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
