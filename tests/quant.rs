@@ -303,8 +303,8 @@ fn mlx_vlm_name(hf: &str) -> String {
 }
 
 /// A checkpoint in mlx-vlm's layout (as mlx-community publishes them: renamed tensors, the patch conv
-/// stored (out, kh, kw, in), quantized token embeddings with a per-layer entry in config.json) loads
-/// and answers exactly as the same values in the Hugging Face layout.
+/// stored (out, kh, kw, in), quantized token and position embeddings with per-layer entries in
+/// config.json) loads and answers exactly as the same values in the Hugging Face layout.
 #[test]
 fn mlx_vlm_layout_answers_like_the_hf_layout() {
     let Some(src) = tiny_model_dir("mlx-vlm-src") else {
@@ -317,29 +317,36 @@ fn mlx_vlm_layout_answers_like_the_hf_layout() {
     let st = hf.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
 
-    // The token embeddings at 8 bits, groups of 32: the HF folder holds their dequantized values.
-    let name = "model.text_model.embed_tokens.weight";
-    let table = tensors[name].clone();
-    let (vocab, hidden) = table.dims2().unwrap();
-    let values = f32_values(&table);
-    let spec8 = edgevlm::quant::QuantSpec::new(8, 32).unwrap();
-    let q = edgevlm::quant::AffineWeight::quantize(
-        &values,
-        vocab,
-        hidden,
-        spec8,
-        edgevlm::quant::ScaleType::F32,
-        name,
-    )
-    .unwrap();
-    let mut deq = vec![0f32; vocab * hidden];
-    for (r, row) in deq.chunks_exact_mut(hidden).enumerate() {
-        q.dequantize_row(r, row);
+    // The token and position embeddings at 8 bits, groups of 32: the HF folder holds their
+    // dequantized values, the mlx-vlm one their codes.
+    let tables = [
+        "model.text_model.embed_tokens.weight",
+        "model.vision_model.embeddings.position_embedding.weight",
+    ];
+    let mut quantized = Vec::new();
+    for name in tables {
+        let table = tensors[name].clone();
+        let (rows, cols) = table.dims2().unwrap();
+        let spec8 = edgevlm::quant::QuantSpec::new(8, 32).unwrap();
+        let q = edgevlm::quant::AffineWeight::quantize(
+            &f32_values(&table),
+            rows,
+            cols,
+            spec8,
+            edgevlm::quant::ScaleType::F32,
+            name,
+        )
+        .unwrap();
+        let mut deq = vec![0f32; rows * cols];
+        for (r, row) in deq.chunks_exact_mut(cols).enumerate() {
+            q.dequantize_row(r, row);
+        }
+        tensors.insert(
+            name.into(),
+            Tensor::from_vec(deq, (rows, cols), &Device::Cpu).unwrap(),
+        );
+        quantized.push((name, q));
     }
-    tensors.insert(
-        name.into(),
-        Tensor::from_vec(deq, (vocab, hidden), &Device::Cpu).unwrap(),
-    );
     candle_core::safetensors::save(&tensors, &st).unwrap();
 
     let mlx = scratch.join("mlx");
@@ -353,7 +360,7 @@ fn mlx_vlm_layout_answers_like_the_hf_layout() {
     }
     let mut renamed: HashMap<String, Tensor> = tensors
         .iter()
-        .filter(|(n, _)| n.as_str() != name)
+        .filter(|(n, _)| !tables.contains(&n.as_str()))
         .map(|(n, t)| {
             let t = if n.ends_with("patch_embedding.weight") {
                 t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
@@ -363,26 +370,32 @@ fn mlx_vlm_layout_answers_like_the_hf_layout() {
             (mlx_vlm_name(n), t)
         })
         .collect();
-    let groups = hidden / 32;
-    let (scales, biases): (Vec<f32>, Vec<f32>) = (0..vocab * groups)
-        .map(|i| (q.scales.get(i), q.biases.get(i)))
-        .unzip();
-    let embed = "language_model.embed_tokens";
-    renamed.insert(
-        format!("{embed}.weight"),
-        Tensor::from_vec(q.packed.clone(), (vocab, hidden / 4), &Device::Cpu).unwrap(),
-    );
-    renamed.insert(
-        format!("{embed}.scales"),
-        Tensor::from_vec(scales, (vocab, groups), &Device::Cpu).unwrap(),
-    );
-    renamed.insert(
-        format!("{embed}.biases"),
-        Tensor::from_vec(biases, (vocab, groups), &Device::Cpu).unwrap(),
-    );
-    candle_core::safetensors::save(&renamed, mlx.join("model.safetensors")).unwrap();
     let mut cfg = read_json(&hf.join("config.json"));
-    cfg["quantization"][embed] = serde_json::json!({"group_size": 32, "bits": 8});
+    for (name, q) in &quantized {
+        let (rows, groups) = (q.out_dim, q.in_dim / 32);
+        let (scales, biases): (Vec<f32>, Vec<f32>) = (0..rows * groups)
+            .map(|i| (q.scales.get(i), q.biases.get(i)))
+            .unzip();
+        let module = mlx_vlm_name(name.trim_end_matches(".weight"));
+        for (part, t) in [
+            (
+                "weight",
+                Tensor::from_vec(q.packed.clone(), (rows, q.in_dim / 4), &Device::Cpu),
+            ),
+            (
+                "scales",
+                Tensor::from_vec(scales, (rows, groups), &Device::Cpu),
+            ),
+            (
+                "biases",
+                Tensor::from_vec(biases, (rows, groups), &Device::Cpu),
+            ),
+        ] {
+            renamed.insert(format!("{module}.{part}"), t.unwrap());
+        }
+        cfg["quantization"][module] = serde_json::json!({"group_size": 32, "bits": 8});
+    }
+    candle_core::safetensors::save(&renamed, mlx.join("model.safetensors")).unwrap();
     std::fs::write(mlx.join("config.json"), cfg.to_string()).unwrap();
 
     let load = |dir: &std::path::Path| {

@@ -168,7 +168,18 @@ impl VisionTransformer {
         let bias = conv.get("bias", &[h])?;
         let patch_embed = Linear::dense(&weight, Some(bias))?;
         let n = cfg.patches_per_side() * cfg.patches_per_side();
-        let position_embedding = e.pp("position_embedding").get("weight", &[n, h])?;
+        let table = e.pp("position_embedding");
+        let position_embedding = if table.contains("scales") {
+            // mlx-vlm may quantize this table like a linear layer: read it back dense.
+            let q = super::nn::load_affine(&table, h, n)?;
+            let mut values = vec![0f32; n * h];
+            for (r, row) in values.chunks_exact_mut(h).enumerate() {
+                q.dequantize_row(r, row);
+            }
+            Tensor::from_vec(values, (n, h), &w.opts.device)?.to_dtype(w.opts.dtype)?
+        } else {
+            table.get("weight", &[n, h])?
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::load(&w.pp("encoder").pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
