@@ -42,26 +42,64 @@ pub struct EncoderAttentionShape {
     pub head_dim: usize,
 }
 
-/// `out[b, i, h·d..(h+1)·d] = Σ_j softmax_j(scale · q_i·k_j + key_bias[b, j]) v_j` for each head `h`,
-/// where row `b·seq + i` of `q`, `k`, `v` holds position `i` of sequence `b` with head `h` at
-/// columns `h·d..(h+1)·d`. `key_bias` (`batch × seq`, 0 or -inf) masks padding keys. `out` is
-/// `(batch·seq, heads·d)`, row-major.
+/// One attention problem: `out[b, i, h·d..(h+1)·d] = Σ_j softmax_j(scale · q_i·k_j + key_bias[b, j])
+/// v_j` for each head `h`, where row `b·seq + i` of `q`, `k`, `v` holds position `i` of sequence `b`
+/// with head `h` at columns `h·d..(h+1)·d`. `key_bias` (`batch × seq`, 0 or -inf) masks padding keys.
+/// `out` is `(batch·seq, heads·d)`, row-major.
+#[derive(Clone, Copy)]
+pub struct EncoderAttention<'a> {
+    pub q: StridedRows<'a>,
+    pub k: StridedRows<'a>,
+    pub v: StridedRows<'a>,
+    pub shape: EncoderAttentionShape,
+    pub scale: f32,
+    pub key_bias: Option<&'a [f32]>,
+}
+
+impl EncoderAttention<'_> {
+    /// Panics if a slice, or `out`, is shorter than the shape says (callers build them from the same
+    /// shape): the kernels' pointer arithmetic relies on it.
+    pub fn check(&self, out: &[f32]) {
+        let EncoderAttentionShape {
+            batch,
+            seq,
+            heads,
+            head_dim: d,
+        } = self.shape;
+        let (hd, rows) = (heads * d, batch * seq);
+        for (name, m) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            assert!(
+                rows == 0 || m.offset + (rows - 1) * m.stride + hd <= m.data.len(),
+                "{name} holds {} values, too few for {rows} rows of stride {}",
+                m.data.len(),
+                m.stride
+            );
+        }
+        assert!(out.len() >= rows * hd, "output too short");
+        if let Some(b) = self.key_bias {
+            assert!(b.len() >= rows, "key bias too short");
+        }
+    }
+}
+
+/// The attention `a` into `out`. With `tiles`, on AMX where the CPU has it and the shape allows
+/// (inputs rounded to bf16, f32 sums; see [`crate::kernels::amx::encoder_attention_tiles`]);
+/// otherwise every product is f32.
 ///
-/// With `tiles`, runs on AMX where the CPU has it and the shape allows (inputs rounded to bf16, f32
-/// sums; see [`crate::kernels::amx::encoder_attention_tiles`]); otherwise every product is f32.
-///
-/// Panics if a slice is shorter than the shape says (callers build them from the same shape).
-#[allow(clippy::too_many_arguments)]
-pub fn encoder_attention(
-    tiles: bool,
-    q: StridedRows,
-    k: StridedRows,
-    v: StridedRows,
-    shape: EncoderAttentionShape,
-    scale: f32,
-    key_bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
+/// Panics as [`EncoderAttention::check`] says.
+pub fn encoder_attention(a: &EncoderAttention, tiles: bool, out: &mut [f32]) {
+    a.check(out);
+    if tiles && crate::kernels::amx::encoder_attention_tiles(a, out) {
+        return;
+    }
+    let EncoderAttention {
+        q,
+        k,
+        v,
+        shape,
+        scale,
+        key_bias,
+    } = *a;
     let EncoderAttentionShape {
         batch,
         seq,
@@ -69,22 +107,6 @@ pub fn encoder_attention(
         head_dim: d,
     } = shape;
     let hd = heads * d;
-    let rows = batch * seq;
-    for (name, m) in [("q", q), ("k", k), ("v", v)] {
-        assert!(
-            rows == 0 || m.offset + (rows - 1) * m.stride + hd <= m.data.len(),
-            "{name} holds {} values, too few for {rows} rows of stride {}",
-            m.data.len(),
-            m.stride
-        );
-    }
-    assert!(out.len() >= rows * hd, "output too short");
-    if let Some(b) = key_bias {
-        assert!(b.len() >= rows, "key bias too short");
-    }
-    if tiles && crate::kernels::amx::encoder_attention_tiles(q, k, v, shape, scale, key_bias, out) {
-        return;
-    }
     let blocks = seq.div_ceil(QUERY_BLOCK);
     let out_addr = out.as_mut_ptr() as usize;
     thread_local! {
@@ -148,7 +170,7 @@ pub fn encoder_attention(
 /// A test problem for the encoder attention kernels and its f64 reference.
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::{EncoderAttentionShape, StridedRows};
+    use super::{EncoderAttention, EncoderAttentionShape, StridedRows};
 
     /// `batch` sequences with q/k/v interleaved in one fused row (stride `3·heads·d + extra`), values
     /// from a fixed pattern divided by `divisor`, the last `pad` keys of the second sequence masked.
@@ -182,6 +204,18 @@ pub(crate) mod testing {
                 stride,
                 shape,
                 scale: 1.0 / (d as f32).sqrt(),
+            }
+        }
+
+        /// The problem as the kernels take it.
+        pub fn attention(&self) -> EncoderAttention<'_> {
+            EncoderAttention {
+                q: self.view(0),
+                k: self.view(1),
+                v: self.view(2),
+                shape: self.shape,
+                scale: self.scale,
+                key_bias: Some(&self.bias),
             }
         }
 
@@ -263,16 +297,7 @@ mod tests {
         };
         let p = Problem::new(shape, 5, 10, 60.0);
         let mut out = vec![0f32; 2 * 150 * 120];
-        encoder_attention(
-            false,
-            p.view(0),
-            p.view(1),
-            p.view(2),
-            shape,
-            p.scale,
-            Some(&p.bias),
-            &mut out,
-        );
+        encoder_attention(&p.attention(), false, &mut out);
         let worst = worst(&out, &p.reference(&|x| x.into()));
         assert!(worst < 1e-5, "max |error| {worst}");
     }

@@ -98,7 +98,7 @@ impl EncoderLayer {
         mask: Option<&KeyMask>,
     ) -> Result<Option<Tensor>> {
         use crate::kernels::encoder_attention::{
-            encoder_attention, EncoderAttentionShape, StridedRows,
+            encoder_attention, EncoderAttention, EncoderAttentionShape, StridedRows,
         };
         let h = self.heads * self.head_dim;
         let out = with_cpu_f32(qkv, |data| {
@@ -107,24 +107,21 @@ impl EncoderLayer {
                 offset,
                 stride: 3 * h,
             };
-            let shape = EncoderAttentionShape {
-                batch: b,
-                seq: n,
-                heads: self.heads,
-                head_dim: self.head_dim,
+            let attention = EncoderAttention {
+                q: rows(0),
+                k: rows(h),
+                v: rows(2 * h),
+                shape: EncoderAttentionShape {
+                    batch: b,
+                    seq: n,
+                    heads: self.heads,
+                    head_dim: self.head_dim,
+                },
+                scale,
+                key_bias: mask.map(|m| m.bias.as_slice()),
             };
             let mut out = vec![0f32; b * n * h];
-            let bias = mask.map(|m| m.bias.as_slice());
-            encoder_attention(
-                self.tiles,
-                rows(0),
-                rows(h),
-                rows(2 * h),
-                shape,
-                scale,
-                bias,
-                &mut out,
-            );
+            encoder_attention(&attention, self.tiles, &mut out);
             out
         })?;
         Ok(match out {

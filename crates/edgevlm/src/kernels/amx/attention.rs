@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::available;
-use crate::kernels::encoder_attention::{EncoderAttentionShape, StridedRows};
+use crate::kernels::encoder_attention::{EncoderAttention, EncoderAttentionShape};
 
 /// Queries per step, and the multiple of 32 that sequence length and head size must be.
 const BLOCK: usize = 32;
@@ -32,22 +32,24 @@ struct Scratch {
     scores: Vec<f32>,
     /// The numerators in bf16, row-major `(32, seq)`.
     weights: Vec<u16>,
+    /// Two key or value rows in bf16, while packing.
+    rows: Vec<u16>,
 }
 
 /// The attention of [`crate::kernels::encoder_attention::encoder_attention`] on AMX tiles. Returns
 /// false (and leaves `out` alone) where AMX is not available or the shape is not one it takes
 /// (sequence length and head size multiples of 32).
 ///
-/// Panics if `out` or a slice of `q`, `k`, `v` is shorter than the shape says.
-pub fn encoder_attention_tiles(
-    q: StridedRows,
-    k: StridedRows,
-    v: StridedRows,
-    shape: EncoderAttentionShape,
-    scale: f32,
-    key_bias: Option<&[f32]>,
-    out: &mut [f32],
-) -> bool {
+/// Panics as [`EncoderAttention::check`] says.
+pub fn encoder_attention_tiles(a: &EncoderAttention, out: &mut [f32]) -> bool {
+    let EncoderAttention {
+        q,
+        k,
+        v,
+        shape,
+        scale,
+        key_bias,
+    } = *a;
     let EncoderAttentionShape {
         batch,
         seq,
@@ -60,8 +62,8 @@ pub fn encoder_attention_tiles(
     }
     #[cfg(target_arch = "x86_64")]
     {
+        a.check(out);
         let hd = heads * d;
-        assert!(out.len() >= batch * seq * hd, "output too short");
         let out_addr = out.as_mut_ptr() as usize;
         thread_local! {
             static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
@@ -89,8 +91,9 @@ pub fn encoder_attention_tiles(
                     s.queries.resize(BLOCK * d, 0);
                     s.scores.resize(BLOCK * seq, 0.0);
                     s.weights.resize(BLOCK * seq, 0);
-                    pack_keys(|j| k.row(row0 + j, col, d), seq, d, &mut s.keys);
-                    pack_values(|j| v.row(row0 + j, col, d), seq, &mut s.values);
+                    s.rows.resize(2 * d, 0);
+                    pack_keys(|j| k.row(row0 + j, col, d), seq, &mut s.rows, &mut s.keys);
+                    pack_values(|j| v.row(row0 + j, col, d), seq, &mut s.rows, &mut s.values);
                     let bias = key_bias.map(|kb| &kb[row0..row0 + seq]);
                     for q0 in queries.clone().step_by(BLOCK) {
                         for (i, dst) in s.queries.chunks_exact_mut(d).enumerate() {
@@ -161,12 +164,14 @@ pub fn encoder_attention_tiles(
 
 /// Keys as the `(n = seq, k = d)` second operand of `S = Q·Kᵀ`: tile `(16-key block kb, 32-value
 /// step ds)` holds `[pair p][key c]` as u32 pairs `(K[16kb + c][32ds + 2p], K[16kb + c][32ds + 2p +
-/// 1])`. Each key row is rounded to bf16 first, sixteen at a time, and then lies in pairs already.
-fn pack_keys<'a>(key: impl Fn(usize) -> &'a [f32], seq: usize, d: usize, dst: &mut [u16]) {
-    let mut row = vec![0u16; d];
+/// 1])`. Each key row is rounded to bf16 first (into `row`, d values), sixteen at a time, and then
+/// lies in pairs already.
+fn pack_keys<'a>(key: impl Fn(usize) -> &'a [f32], seq: usize, row: &mut [u16], dst: &mut [u16]) {
+    let d = key(0).len();
+    let row = &mut row[..d];
     for (kb, block) in dst.chunks_exact_mut(16 * d).enumerate().take(seq / 16) {
         for c in 0..16 {
-            super::to_bf16_slice(key(16 * kb + c), &mut row);
+            super::to_bf16_slice(key(16 * kb + c), row);
             for (tile, pairs) in block.chunks_exact_mut(512).zip(row.chunks_exact(32)) {
                 for (p, pair) in pairs.chunks_exact(2).enumerate() {
                     tile[(p * 16 + c) * 2..][..2].copy_from_slice(pair);
@@ -178,15 +183,20 @@ fn pack_keys<'a>(key: impl Fn(usize) -> &'a [f32], seq: usize, d: usize, dst: &m
 
 /// Values as the `(n = d, k = seq)` second operand of `O = P·V`: tile `(16-value block vb, 32-key
 /// step ks)` holds `[pair p][value c]` as u32 pairs of `V[32ks + 2p][16vb + c]` and the same value of
-/// the next key. Two key rows are rounded to bf16 at a time and interleaved: each tile row is then
-/// 16 consecutive pairs.
-fn pack_values<'a>(value: impl Fn(usize) -> &'a [f32], seq: usize, dst: &mut [u16]) {
+/// the next key. Two key rows are rounded to bf16 at a time (into `rows`, 2·d values) and
+/// interleaved: each tile row is then 16 consecutive pairs.
+fn pack_values<'a>(
+    value: impl Fn(usize) -> &'a [f32],
+    seq: usize,
+    rows: &mut [u16],
+    dst: &mut [u16],
+) {
     let steps = seq / 32;
     let d = value(0).len();
-    let (mut even, mut odd) = (vec![0u16; d], vec![0u16; d]);
+    let (even, odd) = rows[..2 * d].split_at_mut(d);
     for j in (0..seq).step_by(2) {
-        super::to_bf16_slice(value(j), &mut even);
-        super::to_bf16_slice(value(j + 1), &mut odd);
+        super::to_bf16_slice(value(j), even);
+        super::to_bf16_slice(value(j + 1), odd);
         let (ks, p) = (j / 32, j % 32 / 2);
         for (vb, (even, odd)) in even.chunks_exact(16).zip(odd.chunks_exact(16)).enumerate() {
             let at = ((vb * steps + ks) * 16 + p) * 32;
@@ -222,15 +232,7 @@ mod tests {
         let p = Problem::new(shape, 8, 16, 40.0);
         let run = || {
             let mut out = vec![f32::NAN; 2 * 96 * 128];
-            assert!(encoder_attention_tiles(
-                p.view(0),
-                p.view(1),
-                p.view(2),
-                shape,
-                p.scale,
-                Some(&p.bias),
-                &mut out
-            ));
+            assert!(encoder_attention_tiles(&p.attention(), &mut out));
             out
         };
         let out = run();
