@@ -291,7 +291,7 @@ impl Loader<'_> {
                 rows,
                 cols,
                 spec,
-                spec.held_scale_type(),
+                spec.held_scale_type(self.opts.device.is_cpu()),
                 name,
             )?));
         }

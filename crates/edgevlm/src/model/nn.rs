@@ -197,6 +197,14 @@ pub enum LinearWeight {
     Affine(Arc<AffineWeight>),
     /// A GGUF block type with no exact affine form (k-quants, Q5), run by candle's quantized kernels.
     Ggml(candle_core::quantized::QMatMul),
+    /// 8-bit affine groups in the form candle's CUDA and Metal kernels run
+    /// ([`AffineWeight::to_q8_0_blocks`]): `q` holds the codes minus 128 as Q8_0 blocks, and each
+    /// group adds its offset (`offsets`, `(out, in / group_size)` f32) times the sum of its inputs.
+    Q8Offsets {
+        q: candle_core::quantized::QMatMul,
+        offsets: Tensor,
+        group_size: usize,
+    },
 }
 
 /// `y = x Wᵀ + b`, with `W` dense or quantized.
@@ -262,7 +270,7 @@ impl Linear {
                 out_dim,
                 in_dim,
                 spec,
-                spec.held_scale_type(),
+                spec.held_scale_type(w.opts.device.is_cpu()),
                 &name,
                 |r0, out| rows.fill(r0, out),
             )?;
@@ -304,9 +312,10 @@ impl Linear {
     }
 
     /// This layer in the form `device` runs: as it is on the CPU; elsewhere (CUDA, Metal) an
-    /// affine-quantized weight becomes ggml Q4_1 blocks for candle's quantized kernels where that is
-    /// exact (4-bit codes, f16 scales and biases), and otherwise its dequantized values, dense in
-    /// `dtype`. edgevlm's own affine kernels are CPU code.
+    /// affine-quantized weight becomes ggml blocks for candle's quantized kernels where that is exact
+    /// (4-bit codes with f16 scales and biases: Q4_1; 8-bit codes with f16 scales: Q8_0 plus group
+    /// offsets), and otherwise its dequantized values, dense in `dtype`. edgevlm's own affine
+    /// kernels are CPU code.
     pub fn place(self, device: &Device, dtype: DType) -> Result<Self> {
         if device.is_cpu() {
             return Ok(self);
@@ -320,14 +329,22 @@ impl Linear {
         let LinearWeight::Affine(q) = &self.weight else {
             return Ok(self);
         };
-        let weight = match q.to_q4_1_blocks() {
-            Some(blocks) => {
-                let storage =
-                    QStorage::from_data(std::borrow::Cow::Owned(blocks), device, GgmlDType::Q4_1)?;
-                let t = QTensor::new(storage, (q.out_dim, q.in_dim))?;
-                LinearWeight::Ggml(QMatMul::from_arc(Arc::new(t))?)
+        let ggml = |blocks: Vec<u8>, dtype: GgmlDType| -> Result<QMatMul> {
+            let storage = QStorage::from_data(std::borrow::Cow::Owned(blocks), device, dtype)?;
+            let t = QTensor::new(storage, (q.out_dim, q.in_dim))?;
+            Ok(QMatMul::from_arc(Arc::new(t))?)
+        };
+        let weight = match (q.to_q4_1_blocks(), q.to_q8_0_blocks()) {
+            (Some(blocks), _) => LinearWeight::Ggml(ggml(blocks, GgmlDType::Q4_1)?),
+            (None, Some((blocks, offsets))) => {
+                let groups = q.in_dim / q.spec.group_size;
+                LinearWeight::Q8Offsets {
+                    q: ggml(blocks, GgmlDType::Q8_0)?,
+                    offsets: Tensor::from_vec(offsets, (q.out_dim, groups), device)?,
+                    group_size: q.spec.group_size,
+                }
             }
-            None => {
+            (None, None) => {
                 let mut values = vec![0f32; q.out_dim * q.in_dim];
                 for (r, row) in values.chunks_exact_mut(q.in_dim).enumerate() {
                     q.dequantize_row(r, row);
@@ -350,8 +367,16 @@ impl Linear {
             LinearWeight::Dense { w } | LinearWeight::Half { w } => w.dims()[0],
             LinearWeight::Tiles(t) => t.out_dim(),
             LinearWeight::Affine(q) => q.out_dim,
-            LinearWeight::Ggml(QMatMul::QTensor(q)) => q.shape().dims()[0],
-            LinearWeight::Ggml(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
+            LinearWeight::Ggml(QMatMul::QTensor(q))
+            | LinearWeight::Q8Offsets {
+                q: QMatMul::QTensor(q),
+                ..
+            } => q.shape().dims()[0],
+            LinearWeight::Ggml(QMatMul::Tensor(t) | QMatMul::TensorF16(t))
+            | LinearWeight::Q8Offsets {
+                q: QMatMul::Tensor(t) | QMatMul::TensorF16(t),
+                ..
+            } => t.dims()[0],
         }
     }
 
@@ -471,6 +496,22 @@ impl Linear {
             LinearWeight::Ggml(q) => {
                 use candle_core::Module;
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            }
+            LinearWeight::Q8Offsets {
+                q,
+                offsets,
+                group_size,
+            } => {
+                use candle_core::Module;
+                let x32 = x.to_dtype(DType::F32)?;
+                let y = q.forward(&x32)?;
+                let k = x32.dim(D::Minus1)?;
+                let rows = x32.elem_count() / k.max(1);
+                let sums = x32
+                    .reshape((rows, k / group_size, *group_size))?
+                    .sum(D::Minus1)?;
+                let shift = sums.matmul(&offsets.t()?)?.reshape(y.shape())?;
+                (y + shift)?.to_dtype(x.dtype())?
             }
         };
         Ok(match &self.bias {
@@ -959,48 +1000,73 @@ mod tests {
             .collect()
     }
 
-    /// The accelerator form of affine layers, run here on the CPU: 4-bit groups as candle Q4_1 blocks
-    /// (its CPU kernel rounds the inputs to 8 bits, hence the loose bound, and wants an even number of
-    /// blocks per row), 8-bit ones dense and exact.
+    /// The accelerator form of affine layers, run here on the CPU. 4-bit groups become candle Q4_1
+    /// blocks and 8-bit groups with f16 scales Q8_0 blocks plus group offsets: both hold the weight
+    /// exactly, but candle's CPU kernels round the inputs to 8 bits (hence the loose bound on the
+    /// products; they also want an even number of blocks per row). 8-bit groups with f32 scales
+    /// stay dense and exact.
     #[test]
     fn accelerator_form_of_affine_layers() {
+        use candle_core::quantized::QMatMul;
         let dev = Device::Cpu;
         let (n, k, t) = (40, 128, 3);
         let w = values(n * k, 1);
         let xs = Tensor::from_vec(values(t * k, 2), (t, k), &dev).expect("inputs");
-        for bits in [4, 8] {
-            let spec = QuantSpec::new(bits, 32).expect("spec");
-            let q = AffineWeight::quantize(&w, n, k, spec, spec.held_scale_type(), "t").expect("q");
-            let cpu = Linear::affine(q, None);
-            let want: Vec<f32> = cpu
-                .forward(&xs)
-                .expect("cpu")
-                .flatten_all()
-                .expect("f")
-                .to_vec1()
-                .expect("v");
-            let acc = cpu.for_accelerator(&dev, DType::F32).expect("converts");
-            let got: Vec<f32> = acc
-                .forward(&xs)
-                .expect("acc")
-                .flatten_all()
-                .expect("f")
-                .to_vec1()
-                .expect("v");
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = want
-                .iter()
-                .zip(&got)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            match (bits, acc.weight()) {
-                (4, LinearWeight::Ggml(_)) => {
-                    assert!(worst <= 0.02 * scale, "4-bit: {worst} of {scale}")
-                }
-                (8, LinearWeight::Dense { .. }) => {
-                    assert!(worst <= 1e-5 * scale, "8-bit: {worst} of {scale}")
-                }
-                (b, other) => panic!("{b}-bit layer became {other:?}"),
+        let flat = |y: Tensor| -> Vec<f32> { y.flatten_all().expect("f").to_vec1().expect("v") };
+        let worst =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        for (bits, gs, cpu_scales) in [
+            (4, 32, true),
+            (4, 64, true),
+            (8, 32, false),
+            (8, 128, false),
+            (8, 32, true),
+        ] {
+            let spec = QuantSpec::new(bits, gs).expect("spec");
+            let q = AffineWeight::quantize(&w, n, k, spec, spec.held_scale_type(cpu_scales), "t")
+                .expect("q");
+            let mut exact = vec![0f32; n * k];
+            for (r, row) in exact.chunks_exact_mut(k).enumerate() {
+                q.dequantize_row(r, row);
             }
+            let cpu = Linear::affine(q, None);
+            let want = flat(cpu.forward(&xs).expect("cpu"));
+            let acc = cpu.for_accelerator(&dev, DType::F32).expect("converts");
+            let got = flat(acc.forward(&xs).expect("acc"));
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let what = format!("{bits}-bit g{gs}");
+            // The weight each form holds, back in f32.
+            let held: Vec<f32> = match acc.weight() {
+                LinearWeight::Ggml(QMatMul::QTensor(qt)) if bits == 4 => {
+                    flat(qt.dequantize(&dev).expect("deq"))
+                }
+                LinearWeight::Q8Offsets {
+                    q: QMatMul::QTensor(qt),
+                    offsets,
+                    group_size,
+                } if !cpu_scales => {
+                    let offsets = offsets.to_vec2::<f32>().expect("offsets");
+                    let mut v = flat(qt.dequantize(&dev).expect("deq"));
+                    for (i, x) in v.iter_mut().enumerate() {
+                        *x += offsets[i / k][i % k / group_size];
+                    }
+                    v
+                }
+                LinearWeight::Dense { w } if cpu_scales && bits == 8 => flat(w.clone()),
+                other => panic!("{what} became {other:?}"),
+            };
+            let wmax = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(worst(&held, &exact) <= 1e-6 * wmax, "{what}: weight");
+            let bound = if matches!(acc.weight(), LinearWeight::Dense { .. }) {
+                1e-5
+            } else {
+                0.02
+            };
+            assert!(
+                worst(&want, &got) <= bound * scale,
+                "{what}: {} of {scale}",
+                worst(&want, &got)
+            );
         }
     }
 

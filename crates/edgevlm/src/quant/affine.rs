@@ -120,11 +120,16 @@ impl QuantSpec {
         (1 << self.bits) - 1
     }
 
-    /// The type quantize-on-load keeps scales and biases in: f16 for 4-bit groups (its rounding moves
-    /// a value by at most 15 · 2⁻¹¹ of a step), f32 for 8-bit ones, where f16 would move the top code
-    /// by up to 255 · 2⁻¹¹, an eighth of a step, on top of the rounding to the grid.
-    pub fn held_scale_type(&self) -> ScaleType {
-        if self.bits == 4 {
+    /// The type quantize-on-load keeps scales and biases in for a layer that runs on the CPU (`cpu`)
+    /// or on CUDA / Metal. On the CPU: f16 for 4-bit groups (its rounding moves a value by at most
+    /// 15 · 2⁻¹¹ of a step), f32 for 8-bit ones, where f16 would move the top code by up to
+    /// 255 · 2⁻¹¹, an eighth of a step, on top of the rounding to the grid. Elsewhere always f16,
+    /// which lets 8-bit groups run as ggml Q8_0 blocks instead of dense
+    /// ([`AffineWeight::to_q8_0_blocks`]). Measured with `quant-eval` over 2,040 tokens, f16 scales
+    /// take 8g32 from 95.00% top-1 / KLD 0.00031 to 93.82% / 0.00032 on the random SmolVLM-256M, and
+    /// from lossless to 99.66% / 0.00002 on SmolLM2-135M.
+    pub fn held_scale_type(&self, cpu: bool) -> ScaleType {
+        if self.bits == 4 || !cpu {
             ScaleType::F16
         } else {
             ScaleType::F32
@@ -176,6 +181,14 @@ impl GroupValues {
 
     pub fn is_f16(&self) -> bool {
         matches!(self, Self::F16(_))
+    }
+
+    /// Whether every value is exactly an f16 (held in f16 or not).
+    pub fn holds_f16(&self) -> bool {
+        match self {
+            Self::F16(_) => true,
+            Self::F32(v) => v.iter().all(|&x| f16::from_f32(x).to_f32() == x),
+        }
     }
 
     /// Value `i` in f32 (exact).
@@ -474,11 +487,7 @@ impl AffineWeight {
         if self.spec.bits != 4 {
             return None;
         }
-        let exact = |v: &GroupValues| match v {
-            GroupValues::F16(_) => true,
-            GroupValues::F32(x) => x.iter().all(|&x| f16::from_f32(x).to_f32() == x),
-        };
-        if !exact(&self.scales) || !exact(&self.biases) {
+        if !self.scales.holds_f16() || !self.biases.holds_f16() {
             return None;
         }
         let (gs, groups) = (self.spec.group_size, self.in_dim / self.spec.group_size);
@@ -496,6 +505,36 @@ impl AffineWeight {
             }
         }
         Some(out)
+    }
+
+    /// The layer in ggml Q8_0 blocks, the 8-bit type candle's CUDA and Metal backends run, plus one
+    /// offset per group (row-major `(out, groups)`): Q8_0 is symmetric (`d · q` with `q` in
+    /// -128..=127), so each block holds the codes minus 128 with `d` the group's scale, and the group's
+    /// offset `b + 128 · s` multiplies the sum of the group's inputs. `None` unless 8-bit codes with
+    /// scales that are f16 values (the biases go into the offsets in f32).
+    pub fn to_q8_0_blocks(&self) -> Option<(Vec<u8>, Vec<f32>)> {
+        if self.spec.bits != 8 || !self.scales.holds_f16() {
+            return None;
+        }
+        let (gs, groups) = (self.spec.group_size, self.in_dim / self.spec.group_size);
+        let blocks_per_row = self.in_dim / 32;
+        let words_per_row = self.in_dim / 4;
+        let mut blocks = Vec::with_capacity(self.out_dim * blocks_per_row * 34);
+        for r in 0..self.out_dim {
+            let words = &self.packed[r * words_per_row..(r + 1) * words_per_row];
+            for b in 0..blocks_per_row {
+                let g = r * groups + b * 32 / gs;
+                blocks.extend_from_slice(&f16::from_f32(self.scales.get(g)).to_le_bytes());
+                blocks.extend(words[b * 8..(b + 1) * 8].iter().flat_map(|w| {
+                    // Code c in 0..=255 as the i8 c - 128: its byte is c with the top bit flipped.
+                    w.to_le_bytes().map(|c| c ^ 0x80)
+                }));
+            }
+        }
+        let offsets = (0..self.out_dim * groups)
+            .map(|g| self.biases.get(g) + 128.0 * self.scales.get(g))
+            .collect();
+        Some((blocks, offsets))
     }
 
     /// The whole weight as MLX's `mx.dequantize` returns it: the product and the sum are each rounded to
