@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// otherwise run on bf16 tiles (exact, about 2x slower there).
     #[arg(long)]
     f32_vision: bool,
+    /// CUDA: let candle's quantized products round activations to 8 bits (Q8_1), as llama.cpp does
+    /// (faster, less exact; by default they stay f32).
+    #[arg(long)]
+    gpu_int8_activations: bool,
     /// Image file to put in the prompt.
     #[arg(long, conflicts_with = "image_size")]
     image: Option<PathBuf>,
@@ -237,6 +241,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         quantize: parse_quant(a.quant.as_deref(), a.group_size)?,
         skip_vision: a.skip_vision,
         vision_bf16_tiles: !a.f32_vision,
+        gpu_int8_activations: a.gpu_int8_activations,
         ..Default::default()
     };
     let t0 = Instant::now();

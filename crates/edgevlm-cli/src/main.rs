@@ -137,7 +137,7 @@ struct RunArgs {
     dtype: String,
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     device: String,
-    /// Quantize linear weights while loading: q8 (8-bit) or q4 (4-bit), affine groups (CPU).
+    /// Quantize linear weights while loading: q8 (8-bit) or q4 (4-bit), in affine groups as MLX does.
     #[arg(long, value_parser = ["q8", "q4"])]
     quant: Option<String>,
     /// Group size for --quant (32, 64 or 128).
@@ -150,6 +150,10 @@ struct RunArgs {
     /// otherwise run on bf16 tiles (exact, about 2x slower there).
     #[arg(long)]
     f32_vision: bool,
+    /// CUDA: let candle's quantized products round activations to 8 bits (Q8_1), as llama.cpp does
+    /// (faster, less exact; by default they stay f32).
+    #[arg(long)]
+    gpu_int8_activations: bool,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -235,6 +239,7 @@ fn run(a: RunArgs) -> Result<()> {
         quantize: parse_quant(a.quant.as_deref(), a.group_size)?,
         skip_vision: a.skip_vision,
         vision_bf16_tiles: !a.f32_vision,
+        gpu_int8_activations: a.gpu_int8_activations,
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -117,6 +117,11 @@ pub struct EngineOptions {
     /// (5e-6 in f32).
     /// Off: exact f32 products everywhere.
     pub vision_bf16_tiles: bool,
+    /// CUDA only: let candle's quantized kernels round each product's activations to 8 bits (ggml
+    /// Q8_1) first, as llama.cpp does: faster, but that flips near ties such as SmolLM2's first
+    /// answer token to "What is the capital of France?" (`tests/gguf.rs`). Off: quantized weights
+    /// meet f32 activations, as on the CPU.
+    pub gpu_int8_activations: bool,
 }
 
 impl Default for EngineOptions {
@@ -130,7 +135,24 @@ impl Default for EngineOptions {
             skip_vision: false,
             dequantize: false,
             vision_bf16_tiles: true,
+            gpu_int8_activations: false,
         }
+    }
+}
+
+impl EngineOptions {
+    /// The device these options name, opened. On CUDA this also sets how candle's quantized products
+    /// treat their activations ([`Self::gpu_int8_activations`]); that setting is process-wide in
+    /// candle, so the last engine loaded decides it.
+    pub fn open_device(&self) -> Result<Device> {
+        let device = self.device.open()?;
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            // "DMMV": dequantize-mul-mat-vec for one row (f32 activations), and for more rows the
+            // weight dequantized to f32 for a dense product, instead of the Q8_1 kernels.
+            candle_core::quantized::cuda::set_force_dmmv(!self.gpu_int8_activations);
+        }
+        Ok(device)
     }
 }
 
@@ -313,7 +335,7 @@ impl Engine {
         eos_ids.dedup();
         file.drop_tokenizer_metadata();
         return_freed_memory();
-        let device = opts.device.open()?;
+        let device = opts.open_device()?;
         let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
         load_opts.quantize = opts.quantize;
         load_opts.dequantize = opts.dequantize;
@@ -350,7 +372,7 @@ impl Engine {
             Error::Config(m) | Error::Unsupported(m) => Error::file(&config_path, m),
             other => other,
         })?;
-        let device = opts.device.open()?;
+        let device = opts.open_device()?;
         let store = WeightStore::open_dir(dir)?;
         let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
         let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
