@@ -3,8 +3,12 @@
 //!
 //! The general path multiplies `(rep, d) × (d, len)` and `(rep, len) × (len, d)` matrices through the
 //! GEMM, whose set-up dominates at these sizes (the scores of one token are a few hundred values per
-//! head). Here each query head is one task: a dot product per cached key, a softmax in f32 (as HF's
-//! eager and SDPA paths compute it), and a weighted sum of the cached values.
+//! head). Here one task takes one KV head over a run of cached positions, for all the query heads
+//! that share it: a dot product per cached key (on AVX-512, 16 keys' sums folded into one vector), a
+//! softmax in f32 (as HF's eager and SDPA paths compute it), and a weighted sum of the cached values;
+//! the runs are merged by their maxima and sums (flash-decoding). On the full-size SmolVLM-256M (q4,
+//! 2 threads) this took decode after a 1,024-token prompt from 74.9 to 103.5 tokens/s (87.0 from
+//! 69.6 on AVX2): the per-head kernel it replaced did its dot products in scalar code.
 
 use rayon::prelude::*;
 
@@ -27,23 +31,21 @@ pub struct KvView<'a> {
     pub len: usize,
 }
 
-// Plain loops, no closures or iterator adapters: those would be compiled outside the `avx2,fma`
-// wrapper below and turn `mul_add` into a library call.
+// Plain loops, no closures: a closure's body would be compiled outside the `avx2,fma` wrapper below
+// and turn `mul_add` into a library call.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + 8 <= n {
-        for j in 0..8 {
-            acc[j] = a[i + j].mul_add(b[i + j], acc[j]);
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
         }
-        i += 8;
     }
     let mut s = 0f32;
-    while i < n {
-        s = a[i].mul_add(b[i], s);
-        i += 1;
+    for (x, y) in ar.iter().zip(br) {
+        s = x.mul_add(*y, s);
     }
     for v in acc {
         s += v;
@@ -51,87 +53,194 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// One query head: `out = softmax(scale · K q) V` over positions `0..len`.
+/// One decode task: the `rep` query heads `q` (`rep × d`) that share a KV head, over `n` of its
+/// cached positions (`k`, `v`: `n × d`). `scores` (`rep × n`) is scratch; `part` receives, per query
+/// head, `[max, Σ exp(s - max), Σ exp(s - max) · v (d values)]`, merged across tasks by
+/// [`decode_attention`].
 #[inline(always)]
-fn head(
+#[allow(clippy::too_many_arguments)]
+fn chunk(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    len: usize,
+    n: usize,
+    d: usize,
     scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
+    scores: &mut [f32],
+    part: &mut [f32],
 ) {
-    let d = q.len();
-    scores.resize(len, 0.0);
-    let mut max = f32::NEG_INFINITY;
-    for j in 0..len {
-        let s = dot(q, &k[j * d..(j + 1) * d]) * scale;
-        scores[j] = s;
-        max = max.max(s);
-    }
-    let inv = super::elementwise::exp_shifted_sum(&mut scores[..len], max).recip();
-    if d == 64 {
-        // The common head size: the 64 sums stay in registers across all positions.
-        let mut acc = [0f32; 64];
-        for j in 0..len {
-            let p = scores[j];
-            let vj = &v[j * 64..(j + 1) * 64];
-            for i in 0..64 {
-                acc[i] = p.mul_add(vj[i], acc[i]);
+    for ((qr, s), pr) in q
+        .chunks_exact(d)
+        .zip(scores.chunks_exact_mut(n))
+        .zip(part.chunks_exact_mut(d + 2))
+    {
+        let mut max = f32::NEG_INFINITY;
+        for (sj, kj) in s.iter_mut().zip(k.chunks_exact(d)) {
+            *sj = dot(qr, kj) * scale;
+            max = max.max(*sj);
+        }
+        let (head, acc) = pr.split_at_mut(2);
+        head[0] = max;
+        head[1] = super::elementwise::exp_shifted_sum(s, max);
+        acc.fill(0.0);
+        for (&p, vj) in s.iter().zip(v.chunks_exact(d)) {
+            for (a, &x) in acc.iter_mut().zip(vj) {
+                *a = p.mul_add(x, *a);
             }
         }
-        for i in 0..64 {
-            out[i] = acc[i] * inv;
-        }
-        return;
     }
-    for o in out.iter_mut() {
-        *o = 0.0;
-    }
-    for j in 0..len {
-        let p = scores[j];
-        let vj = &v[j * d..(j + 1) * d];
-        for i in 0..d {
-            out[i] = p.mul_add(vj[i], out[i]);
-        }
-    }
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
-}
-
-/// [`head`] compiled for AVX-512 (16-lane dot products and weighted sums).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f")]
-unsafe fn head_avx512(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    len: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    head(q, k, v, len, scale, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_avx2(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    len: usize,
+    n: usize,
+    d: usize,
     scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
+    scores: &mut [f32],
+    part: &mut [f32],
 ) {
-    head(q, k, v, len, scale, scores, out)
+    chunk(q, k, v, n, d, scale, scores, part)
+}
+
+/// [`chunk`] for heads of `16 · DV` values on AVX-512: the scores of 16 positions at a time, their
+/// 16 lane sums folded into one vector; the weighted sum of values in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Lane `i` of the result is the sum of the 16 lanes of `v[i]` (45 shuffles and adds for 16
+    /// horizontal sums).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lane_sums(v: &[__m512; 16]) -> __m512 {
+        // Per 128-bit quarter, pairs: [a0+a2, b0+b2, a1+a3, b1+b3].
+        let mut w = [_mm512_setzero_ps(); 8];
+        for i in 0..8 {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            w[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
+        // Per quarter, fours: the quarter's sums of v[4i..4i + 4], in order.
+        let mut x = [_mm512_setzero_ps(); 4];
+        for i in 0..4 {
+            let (a, b) = (_mm512_castps_pd(w[2 * i]), _mm512_castps_pd(w[2 * i + 1]));
+            x[i] = _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+            );
+        }
+        // Quarters (0, 2) + (1, 3) of two vectors, twice: quarter i ends up holding x[i]'s total.
+        let z0 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x[0], x[1]),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x[0], x[1]),
+        );
+        let z1 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x[2], x[3]),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x[2], x[3]),
+        );
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(z0, z1),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(z0, z1),
+        )
+    }
+
+    /// `q · k` over `16 · DV` values, in one vector of partial sums.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn products<const DV: usize>(q: &[__m512; DV], k: *const f32) -> __m512 {
+        let mut a = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+        for (i, qi) in q.iter().enumerate().skip(1) {
+            a = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(k.add(16 * i)), a);
+        }
+        a
+    }
+
+    /// See [`super::chunk`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX2 and FMA; `q` holds `rep · 16 · DV` values, `k` and `v`
+    /// `n · 16 · DV`, `scores` `rep · n` and `part` `rep · (16 · DV + 2)`.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn chunk<const DV: usize>(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        rep: usize,
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        part: &mut [f32],
+    ) {
+        let d = 16 * DV;
+        let sv = _mm512_set1_ps(scale);
+        for r in 0..rep {
+            let mut qv = [_mm512_setzero_ps(); DV];
+            for (i, x) in qv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(q.as_ptr().add(r * d + 16 * i));
+            }
+            let s = &mut scores[r * n..(r + 1) * n];
+            let mut maxes = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
+            while j + 16 <= n {
+                let mut sums = [_mm512_setzero_ps(); 16];
+                for (jj, x) in sums.iter_mut().enumerate() {
+                    *x = products(&qv, k.as_ptr().add((j + jj) * d));
+                }
+                let block = _mm512_mul_ps(lane_sums(&sums), sv);
+                _mm512_storeu_ps(s.as_mut_ptr().add(j), block);
+                maxes = _mm512_max_ps(maxes, block);
+                j += 16;
+            }
+            let mut max = _mm512_reduce_max_ps(maxes);
+            while j < n {
+                s[j] = _mm512_reduce_add_ps(products(&qv, k.as_ptr().add(j * d))) * scale;
+                max = max.max(s[j]);
+                j += 1;
+            }
+            let pr = &mut part[r * (d + 2)..(r + 1) * (d + 2)];
+            pr[0] = max;
+            pr[1] = super::super::elementwise::exp_shifted_sum(s, max);
+            // Two sets of sums (even and odd positions) to keep twice as many FMAs in flight; both
+            // stay in registers (named, not indexed by position).
+            let (mut even, mut odd) = ([_mm512_setzero_ps(); DV], [_mm512_setzero_ps(); DV]);
+            let mut j = 0;
+            while j + 2 <= n {
+                let (p0, p1) = (_mm512_set1_ps(s[j]), _mm512_set1_ps(s[j + 1]));
+                let (v0, v1) = (v.as_ptr().add(j * d), v.as_ptr().add((j + 1) * d));
+                for i in 0..DV {
+                    even[i] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0.add(16 * i)), even[i]);
+                    odd[i] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1.add(16 * i)), odd[i]);
+                }
+                j += 2;
+            }
+            if j < n {
+                let p0 = _mm512_set1_ps(s[j]);
+                let v0 = v.as_ptr().add(j * d);
+                for (i, x) in even.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0.add(16 * i)), *x);
+                }
+            }
+            for i in 0..DV {
+                let sum = _mm512_add_ps(even[i], odd[i]);
+                _mm512_storeu_ps(pr.as_mut_ptr().add(2 + 16 * i), sum);
+            }
+        }
+    }
 }
 
 /// `out (heads × d) = softmax(scale · q Kᵀ) V` for one position; query head `h` reads KV head
 /// `h / (heads / kv_heads)`. `q` is `(heads, d)`; `len ≥ 1` cached positions are attended.
+///
+/// The work is split by KV head and by runs of positions (flash-decoding): each task reads its keys
+/// and values once for all the query heads that share them, and keeps per head the running maximum,
+/// the sum of exponentials and the weighted sum of values, which are merged here at the end.
+///
+/// Panics if a slice is shorter than the shape says (callers build them from the same shape).
 pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [f32]) {
     let KvView {
         k,
@@ -139,36 +248,103 @@ pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [
         kv_heads,
         len,
     } = kv;
+    if d == 0 || len == 0 {
+        return;
+    }
     let heads = q.len() / d;
-    let rep = heads / kv_heads.max(1);
-    let avx2 = has_avx2();
-    // AVX-512F comes with the VNNI check (the same CPUs), which is cached.
-    let avx512 = super::has_avx512_vnni();
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads) && q.len() == heads * d,
+        "queries: {} values for {kv_heads}-group heads of {d}",
+        q.len()
+    );
+    assert!(out.len() >= heads * d, "output too short");
+    for (name, c) in [("keys", k), ("values", v)] {
+        assert!(
+            (kv_heads - 1) * c.head_stride + len * d <= c.data.len(),
+            "{name}: {} values, too few for {kv_heads} heads of {len} positions",
+            c.data.len()
+        );
+    }
+    let rep = heads / kv_heads;
+    // About four tasks per thread, in whole 16-position blocks, 32 to 512 positions each.
+    let target = 4 * rayon::current_num_threads().max(1);
+    let run = (len * kv_heads)
+        .div_ceil(target)
+        .next_multiple_of(16)
+        .clamp(32, 512);
+    let runs = len.div_ceil(run);
+    let part_len = rep * (d + 2);
+    let mut parts = vec![0f32; kv_heads * runs * part_len];
+    #[cfg(target_arch = "x86_64")]
+    let (avx2, avx512) = (has_avx2(), super::has_avx512f());
     thread_local! {
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    out.par_chunks_mut(d).enumerate().for_each(|(h, o)| {
-        let g = h / rep;
-        let kh = &k.data[g * k.head_stride..g * k.head_stride + len * d];
-        let vh = &v.data[g * v.head_stride..g * v.head_stride + len * d];
-        let qh = &q[h * d..(h + 1) * d];
-        SCORES.with_borrow_mut(|scores| {
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above).
-                unsafe { head_avx512(qh, kh, vh, len, scale, scores, o) };
-                return;
+    parts
+        .par_chunks_mut(part_len)
+        .enumerate()
+        .for_each(|(task, part)| {
+            let (g, j0) = (task / runs, task % runs * run);
+            let n = run.min(len - j0);
+            let kr = &k.data[g * k.head_stride + j0 * d..][..n * d];
+            let vr = &v.data[g * v.head_stride + j0 * d..][..n * d];
+            let qg = &q[g * rep * d..(g + 1) * rep * d];
+            SCORES.with_borrow_mut(|scores| {
+                if scores.len() < rep * n {
+                    scores.resize(rep * n, 0.0);
+                }
+                let scores = &mut scores[..rep * n];
+                #[cfg(target_arch = "x86_64")]
+                if avx512 && d.is_multiple_of(16) && d <= 128 {
+                    // SAFETY: the CPU has AVX-512F, AVX2 and FMA; the slices hold the shapes
+                    // chunk::<DV> reads (d = 16 · DV).
+                    unsafe {
+                        match d / 16 {
+                            1 => avx512::chunk::<1>(qg, kr, vr, rep, n, scale, scores, part),
+                            2 => avx512::chunk::<2>(qg, kr, vr, rep, n, scale, scores, part),
+                            3 => avx512::chunk::<3>(qg, kr, vr, rep, n, scale, scores, part),
+                            4 => avx512::chunk::<4>(qg, kr, vr, rep, n, scale, scores, part),
+                            5 => avx512::chunk::<5>(qg, kr, vr, rep, n, scale, scores, part),
+                            6 => avx512::chunk::<6>(qg, kr, vr, rep, n, scale, scores, part),
+                            7 => avx512::chunk::<7>(qg, kr, vr, rep, n, scale, scores, part),
+                            _ => avx512::chunk::<8>(qg, kr, vr, rep, n, scale, scores, part),
+                        }
+                    }
+                    return;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    unsafe { chunk_avx2(qg, kr, vr, n, d, scale, scores, part) };
+                    return;
+                }
+                chunk(qg, kr, vr, n, d, scale, scores, part)
+            })
+        });
+    // Merge the runs of each head: rescale each to the overall maximum.
+    for (h, o) in out.chunks_exact_mut(d).take(heads).enumerate() {
+        let (g, r) = (h / rep, h % rep);
+        let head_parts = (0..runs).map(|c| {
+            let at = (g * runs + c) * part_len + r * (d + 2);
+            &parts[at..at + d + 2]
+        });
+        let max = head_parts
+            .clone()
+            .fold(f32::NEG_INFINITY, |m, p| m.max(p[0]));
+        o.fill(0.0);
+        let mut total = 0f32;
+        for p in head_parts {
+            let w = (p[0] - max).exp();
+            total += w * p[1];
+            for (x, &a) in o.iter_mut().zip(&p[2..]) {
+                *x += w * a;
             }
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { head_avx2(qh, kh, vh, len, scale, scores, o) };
-                return;
-            }
-            let _ = (avx2, avx512);
-            head(qh, kh, vh, len, scale, scores, o)
-        })
-    });
+        }
+        let inv = total.recip();
+        for x in o.iter_mut() {
+            *x *= inv;
+        }
+    }
 }
 
 /// Queries per prompt-attention task: the scores of 64 queries over 2,048 keys are 512 KB.
@@ -273,16 +449,26 @@ mod tests {
     use super::*;
 
     /// Against a direct f64 softmax-attention, with GQA (6 query heads over 2 KV heads) and a cache
-    /// whose capacity exceeds the attended length.
+    /// whose capacity exceeds the attended length: head sizes the AVX-512 kernel takes (multiples of
+    /// 16) and one it leaves to the others, lengths under one 16-position block, over several
+    /// blocks with a tail, and over several runs (merged).
     #[test]
     fn matches_reference() {
-        for (d, len) in [(40, 11), (64, 13), (64, 1)] {
+        for (d, len) in [
+            (40, 11),
+            (64, 13),
+            (64, 1),
+            (64, 300),
+            (128, 45),
+            (16, 33),
+            (40, 700),
+        ] {
             check(d, len);
         }
     }
 
     fn check(d: usize, len: usize) {
-        let (heads, kv, cap) = (6, 2, 13);
+        let (heads, kv, cap) = (6, 2, len + 3);
         let q: Vec<f32> = (0..heads * d)
             .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
             .collect();
@@ -325,7 +511,7 @@ mod tests {
                 let got = f64::from(out[h * d + i]);
                 assert!(
                     (got - want).abs() < 1e-5,
-                    "head {h} dim {i}: {got} vs {want}"
+                    "d {d} len {len} head {h} dim {i}: {got} vs {want}"
                 );
             }
         }
