@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--edgevlm", default=str(ROOT / "target" / "release" / "edgevlm"))
     ap.add_argument("--image", default=str(ROOT / "tests" / "fixtures" / "images" / "large.png"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--edgevlm-args", default="",
+                    help="extra `edgevlm run` flags, space-separated (e.g. --f16-kv-cache)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
@@ -87,7 +89,8 @@ def main():
     t0 = time.time()
     res = subprocess.run(
         [args.edgevlm, "run", "--model", str(CACHE), "--image", args.image, "--prompt", PROMPT,
-         "--max-tokens", str(STEPS), "--logprobs", str(TOP), "--threads", str(args.threads), "--verbose"],
+         "--max-tokens", str(STEPS), "--logprobs", str(TOP), "--threads", str(args.threads), "--verbose",
+         *args.edgevlm_args.split()],
         capture_output=True, text=True)
     ev_s = time.time() - t0
     if res.returncode != 0:

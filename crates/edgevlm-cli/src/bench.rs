@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// (faster, less exact; by default they stay f32).
     #[arg(long)]
     gpu_int8_activations: bool,
+    /// Keep the KV cache in f16 where the model computes in f32 on the CPU: half its memory and
+    /// faster decoding after long (image) prompts, logits within about 1e-2 of the f32 cache's.
+    #[arg(long)]
+    f16_kv_cache: bool,
     /// Image file to put in the prompt.
     #[arg(long, conflicts_with = "image_size")]
     image: Option<PathBuf>,
@@ -242,6 +246,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         skip_vision: a.skip_vision,
         vision_bf16_tiles: !a.f32_vision,
         gpu_int8_activations: a.gpu_int8_activations,
+        f16_kv_cache: a.f16_kv_cache,
         ..Default::default()
     };
     let t0 = Instant::now();

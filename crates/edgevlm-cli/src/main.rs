@@ -154,6 +154,10 @@ struct RunArgs {
     /// (faster, less exact; by default they stay f32).
     #[arg(long)]
     gpu_int8_activations: bool,
+    /// Keep the KV cache in f16 where the model computes in f32 on the CPU: half its memory and
+    /// faster decoding after long (image) prompts, logits within about 1e-2 of the f32 cache's.
+    #[arg(long)]
+    f16_kv_cache: bool,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -240,6 +244,7 @@ fn run(a: RunArgs) -> Result<()> {
         skip_vision: a.skip_vision,
         vision_bf16_tiles: !a.f32_vision,
         gpu_int8_activations: a.gpu_int8_activations,
+        f16_kv_cache: a.f16_kv_cache,
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -16,19 +16,63 @@ use super::has_avx2;
 use super::sgemm::{product, Strided};
 
 /// Keys or values of one layer: position `j` of KV head `h` starts at `h * head_stride + j * d`.
+/// Held in f32, or in f16 (a cache half the size; the decode kernel widens the values as it reads).
 #[derive(Clone, Copy)]
-pub struct CacheView<'a> {
-    pub data: &'a [f32],
+pub struct CacheView<'a, T = f32> {
+    pub data: &'a [T],
     pub head_stride: usize,
 }
 
 /// The cached keys and values one position attends to: `len` positions of `kv_heads` heads.
 #[derive(Clone, Copy)]
-pub struct KvView<'a> {
-    pub k: CacheView<'a>,
-    pub v: CacheView<'a>,
+pub struct KvView<'a, T = f32> {
+    pub k: CacheView<'a, T>,
+    pub v: CacheView<'a, T>,
     pub kv_heads: usize,
     pub len: usize,
+}
+
+/// A type the KV cache holds: f32, or f16 widened to f32 (exactly) as it is read.
+pub trait CacheElement: Copy + Send + Sync + 'static {
+    /// `src` in f32: `src` itself, or its values written into `scratch`.
+    fn as_f32<'s>(src: &'s [Self], scratch: &'s mut Vec<f32>) -> &'s [f32];
+
+    /// Sixteen values from `p`, in f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and `p` points at 16 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl CacheElement for f32 {
+    fn as_f32<'s>(src: &'s [f32], _: &'s mut Vec<f32>) -> &'s [f32] {
+        src
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: as the caller promises.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl CacheElement for half::f16 {
+    fn as_f32<'s>(src: &'s [half::f16], scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        use half::slice::HalfFloatSliceExt;
+        scratch.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(scratch);
+        scratch
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: as the caller promises (16 f16 values are 256 bits).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
 }
 
 // Plain loops, no closures: a closure's body would be compiled outside the `avx2,fma` wrapper below
@@ -111,6 +155,7 @@ unsafe fn chunk_avx2(
 /// 16 lane sums folded into one vector; the weighted sum of values in registers.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::CacheElement;
     use std::arch::x86_64::*;
 
     /// Lane `i` of the result is the sum of the 16 lanes of `v[i]` (45 shuffles and adds for 16
@@ -151,10 +196,10 @@ mod avx512 {
     /// `q · k` over `16 · DV` values, in one vector of partial sums.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn products<const DV: usize>(q: &[__m512; DV], k: *const f32) -> __m512 {
-        let mut a = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+    unsafe fn products<const DV: usize, T: CacheElement>(q: &[__m512; DV], k: *const T) -> __m512 {
+        let mut a = _mm512_mul_ps(q[0], T::load16(k));
         for (i, qi) in q.iter().enumerate().skip(1) {
-            a = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(k.add(16 * i)), a);
+            a = _mm512_fmadd_ps(*qi, T::load16(k.add(16 * i)), a);
         }
         a
     }
@@ -166,10 +211,10 @@ mod avx512 {
     /// `n · 16 · DV`, `scores` `rep · n` and `part` `rep · (16 · DV + 2)`.
     #[target_feature(enable = "avx2,fma,avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn chunk<const DV: usize>(
+    pub(super) unsafe fn chunk<const DV: usize, T: CacheElement>(
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[T],
+        v: &[T],
         rep: usize,
         n: usize,
         scale: f32,
@@ -213,8 +258,8 @@ mod avx512 {
                 let (p0, p1) = (_mm512_set1_ps(s[j]), _mm512_set1_ps(s[j + 1]));
                 let (v0, v1) = (v.as_ptr().add(j * d), v.as_ptr().add((j + 1) * d));
                 for i in 0..DV {
-                    even[i] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0.add(16 * i)), even[i]);
-                    odd[i] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1.add(16 * i)), odd[i]);
+                    even[i] = _mm512_fmadd_ps(p0, T::load16(v0.add(16 * i)), even[i]);
+                    odd[i] = _mm512_fmadd_ps(p1, T::load16(v1.add(16 * i)), odd[i]);
                 }
                 j += 2;
             }
@@ -222,7 +267,7 @@ mod avx512 {
                 let p0 = _mm512_set1_ps(s[j]);
                 let v0 = v.as_ptr().add(j * d);
                 for (i, x) in even.iter_mut().enumerate() {
-                    *x = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0.add(16 * i)), *x);
+                    *x = _mm512_fmadd_ps(p0, T::load16(v0.add(16 * i)), *x);
                 }
             }
             for i in 0..DV {
@@ -241,7 +286,13 @@ mod avx512 {
 /// the sum of exponentials and the weighted sum of values, which are merged here at the end.
 ///
 /// Panics if a slice is shorter than the shape says (callers build them from the same shape).
-pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [f32]) {
+pub fn decode_attention<T: CacheElement>(
+    q: &[f32],
+    kv: KvView<T>,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let KvView {
         k,
         v,
@@ -277,8 +328,15 @@ pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [
     let mut parts = vec![0f32; kv_heads * runs * part_len];
     #[cfg(target_arch = "x86_64")]
     let (avx2, avx512) = (has_avx2(), super::has_avx512f());
+    /// Per worker: scores, and keys and values widened to f32 for the kernels that read only f32.
+    #[derive(Default)]
+    struct Scratch {
+        scores: Vec<f32>,
+        keys: Vec<f32>,
+        values: Vec<f32>,
+    }
     thread_local! {
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
     }
     parts
         .par_chunks_mut(part_len)
@@ -289,7 +347,12 @@ pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [
             let kr = &k.data[g * k.head_stride + j0 * d..][..n * d];
             let vr = &v.data[g * v.head_stride + j0 * d..][..n * d];
             let qg = &q[g * rep * d..(g + 1) * rep * d];
-            SCORES.with_borrow_mut(|scores| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let Scratch {
+                    scores,
+                    keys,
+                    values,
+                } = scratch;
                 if scores.len() < rep * n {
                     scores.resize(rep * n, 0.0);
                 }
@@ -300,18 +363,19 @@ pub fn decode_attention(q: &[f32], kv: KvView, d: usize, scale: f32, out: &mut [
                     // chunk::<DV> reads (d = 16 · DV).
                     unsafe {
                         match d / 16 {
-                            1 => avx512::chunk::<1>(qg, kr, vr, rep, n, scale, scores, part),
-                            2 => avx512::chunk::<2>(qg, kr, vr, rep, n, scale, scores, part),
-                            3 => avx512::chunk::<3>(qg, kr, vr, rep, n, scale, scores, part),
-                            4 => avx512::chunk::<4>(qg, kr, vr, rep, n, scale, scores, part),
-                            5 => avx512::chunk::<5>(qg, kr, vr, rep, n, scale, scores, part),
-                            6 => avx512::chunk::<6>(qg, kr, vr, rep, n, scale, scores, part),
-                            7 => avx512::chunk::<7>(qg, kr, vr, rep, n, scale, scores, part),
-                            _ => avx512::chunk::<8>(qg, kr, vr, rep, n, scale, scores, part),
+                            1 => avx512::chunk::<1, T>(qg, kr, vr, rep, n, scale, scores, part),
+                            2 => avx512::chunk::<2, T>(qg, kr, vr, rep, n, scale, scores, part),
+                            3 => avx512::chunk::<3, T>(qg, kr, vr, rep, n, scale, scores, part),
+                            4 => avx512::chunk::<4, T>(qg, kr, vr, rep, n, scale, scores, part),
+                            5 => avx512::chunk::<5, T>(qg, kr, vr, rep, n, scale, scores, part),
+                            6 => avx512::chunk::<6, T>(qg, kr, vr, rep, n, scale, scores, part),
+                            7 => avx512::chunk::<7, T>(qg, kr, vr, rep, n, scale, scores, part),
+                            _ => avx512::chunk::<8, T>(qg, kr, vr, rep, n, scale, scores, part),
                         }
                     }
                     return;
                 }
+                let (kr, vr) = (T::as_f32(kr, keys), T::as_f32(vr, values));
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: the CPU has AVX2 and FMA.
@@ -463,34 +527,63 @@ mod tests {
             (16, 33),
             (40, 700),
         ] {
-            check(d, len);
+            check(d, len, false);
         }
     }
 
-    fn check(d: usize, len: usize) {
+    /// The same with the cache in f16 (the reference reads the f16 values).
+    #[test]
+    fn matches_reference_from_an_f16_cache() {
+        for (d, len) in [(40, 11), (64, 300), (128, 45)] {
+            check(d, len, true);
+        }
+    }
+
+    fn check(d: usize, len: usize, f16_cache: bool) {
+        use half::f16;
         let (heads, kv, cap) = (6, 2, len + 3);
         let q: Vec<f32> = (0..heads * d)
             .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
             .collect();
+        let stored = |x: f32| {
+            if f16_cache {
+                f16::from_f32(x).to_f32()
+            } else {
+                x
+            }
+        };
         let kd: Vec<f32> = (0..kv * cap * d)
-            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0)
+            .map(|i| stored(((i * 7 % 23) as f32 - 11.0) / 7.0))
             .collect();
         let vd: Vec<f32> = (0..kv * cap * d)
-            .map(|i| ((i * 5 % 19) as f32 - 9.0) / 3.0)
+            .map(|i| stored(((i * 5 % 19) as f32 - 9.0) / 3.0))
             .collect();
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; heads * d];
-        let view = |data| CacheView {
-            data,
-            head_stride: cap * d,
-        };
-        let kvv = KvView {
-            k: view(&kd),
-            v: view(&vd),
-            kv_heads: kv,
-            len,
-        };
-        decode_attention(&q, kvv, d, scale, &mut out);
+        fn view<T>(data: &[T], head_stride: usize) -> CacheView<'_, T> {
+            CacheView { data, head_stride }
+        }
+        if f16_cache {
+            let (kh, vh): (Vec<f16>, Vec<f16>) = (
+                kd.iter().map(|&x| f16::from_f32(x)).collect(),
+                vd.iter().map(|&x| f16::from_f32(x)).collect(),
+            );
+            let kvv = KvView {
+                k: view(&kh, cap * d),
+                v: view(&vh, cap * d),
+                kv_heads: kv,
+                len,
+            };
+            decode_attention(&q, kvv, d, scale, &mut out);
+        } else {
+            let kvv = KvView {
+                k: view(&kd, cap * d),
+                v: view(&vd, cap * d),
+                kv_heads: kv,
+                len,
+            };
+            decode_attention(&q, kvv, d, scale, &mut out);
+        }
         for h in 0..heads {
             let g = h / (heads / kv);
             let s: Vec<f64> = (0..len)

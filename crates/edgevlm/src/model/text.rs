@@ -189,6 +189,8 @@ impl DecoderLayer {
                 return self.mlp(x);
             }
         }
+        // The rest reads the cache in the queries' type (an f16 cache widened, exactly).
+        let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
         if mask.is_some() {
             if let Some(o) = prefill_attention(&q, &k, &v, self.kv_heads, d)? {
                 let x = (x + self.o.forward(&o)?)?;
@@ -306,11 +308,17 @@ fn attend_one(
     d: usize,
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    let out = with_cache_view(k, v, kv_heads, d, |kv| {
-        let mut out = vec![0f32; q.len()];
-        crate::kernels::attention::decode_attention(q, kv, d, (d as f32).powf(-0.5), &mut out);
-        out
-    })?;
+    let scale = (d as f32).powf(-0.5);
+    let mut out = vec![0f32; q.len()];
+    let done = match k.dtype() {
+        DType::F16 => with_cache_view::<half::f16, _>(k, v, kv_heads, d, |kv| {
+            crate::kernels::attention::decode_attention(q, kv, d, scale, &mut out)
+        })?,
+        _ => with_cache_view::<f32, _>(k, v, kv_heads, d, |kv| {
+            crate::kernels::attention::decode_attention(q, kv, d, scale, &mut out)
+        })?,
+    };
+    let out = done.map(|()| out);
     out.map(|out| {
         let n = out.len();
         Ok(Tensor::from_vec(out, (1, 1, n), device)?)
@@ -346,18 +354,18 @@ fn prefill_attention(
     }
 }
 
-/// Run `f` on the cached keys and values `(1, kv_heads, len, d)` read in place, where they are f32 CPU
-/// tensors with positions `d` apart (`None` otherwise).
-fn with_cache_view<R>(
+/// Run `f` on the cached keys and values `(1, kv_heads, len, d)` read in place, where they are CPU
+/// tensors of `T` with positions `d` apart (`None` otherwise).
+fn with_cache_view<T: candle_core::WithDType, R>(
     k: &Tensor,
     v: &Tensor,
     kv_heads: usize,
     d: usize,
-    f: impl FnOnce(crate::kernels::attention::KvView) -> R,
+    f: impl FnOnce(crate::kernels::attention::KvView<T>) -> R,
 ) -> Result<Option<R>> {
     use crate::kernels::attention::{CacheView, KvView};
     use candle_core::Storage;
-    if [k.dtype(), v.dtype()] != [DType::F32; 2] || kv_heads == 0 {
+    if [k.dtype(), v.dtype()] != [T::DTYPE; 2] || kv_heads == 0 {
         return Ok(None);
     }
     let len = k.dim(2)?;
@@ -374,13 +382,13 @@ fn with_cache_view<R>(
         return Ok(None);
     }
     // The last KV head's `len` positions must lie inside the storage.
-    fn view(
-        data: &[f32],
+    fn view<T>(
+        data: &[T],
         start: usize,
         head_stride: usize,
         last_head: usize,
         end: usize,
-    ) -> Option<CacheView<'_>> {
+    ) -> Option<CacheView<'_, T>> {
         (start + last_head * head_stride + end <= data.len()).then(|| CacheView {
             data: &data[start..],
             head_stride,
@@ -388,14 +396,14 @@ fn with_cache_view<R>(
     }
     let (Some(kview), Some(vview)) = (
         view(
-            kc.as_slice::<f32>()?,
+            kc.as_slice::<T>()?,
             kl.start_offset(),
             ks[1],
             kv_heads - 1,
             len * d,
         ),
         view(
-            vc.as_slice::<f32>()?,
+            vc.as_slice::<T>()?,
             vl.start_offset(),
             vs[1],
             kv_heads - 1,
@@ -507,6 +515,11 @@ impl TextModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The type the decoder computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// A KV cache for this model holding up to `capacity` positions.
