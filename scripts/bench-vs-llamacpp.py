@@ -95,7 +95,7 @@ def edgevlm_bench(binary, model, a):
     def run(prompt_tokens):
         return timed([binary, "bench", "--model", model, "--prompt-tokens", prompt_tokens,
                       "--gen-tokens", a.gen_tokens, "--threads", a.threads,
-                      "--repetitions", a.repetitions, "--json"])
+                      "--repetitions", a.repetitions, "--json", *a.edgevlm_args.split()])
     out, rss = run(a.prompt_tokens)
     r = json.loads(out)
     empty, _ = run(1)
@@ -215,7 +215,7 @@ def llama_mtmd(bin_dir, text, mmproj, image, a):
 def edgevlm_vlm(binary, model, image, a):
     out, rss = timed([binary, "bench", "--model", model, "--quant", "q4", "--skip-vision",
                       "--image", image, "--gen-tokens", a.gen_tokens, "--threads", a.threads,
-                      "--repetitions", 1, "--no-warmup", "--json"])
+                      "--repetitions", 1, "--no-warmup", "--json", *a.edgevlm_args.split()])
     r = json.loads(out)
     return {
         "image_tiles": r["image_tiles"],
@@ -243,6 +243,9 @@ def main():
     ap.add_argument("--models", default="smollm2,smolvlm")
     ap.add_argument("--vlm-text-quant", default="Q4_1")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--edgevlm-args", default="",
+                    help="extra `edgevlm bench` flags, space-separated (e.g. --f16-kv-cache: llama.cpp's "
+                         "KV cache is f16 by default)")
     a = ap.parse_args()
     models = a.models.split(",")
 
@@ -279,6 +282,7 @@ def main():
               f"({vlm['edgevlm']['image_tiles']:.0f} / {vlm['llama.cpp']['image_tiles']:.0f} tiles), "
               f"tg{a.gen_tokens}; text {a.vlm_text_quant} (llama.cpp) / q4 groups of 32 (edgevlm); "
               f"vision f16 (llama.cpp) / bf16 weights, {edgevlm_vision_math()} (edgevlm); "
+              f"KV cache f16 (llama.cpp) / {'f16' if '--f16-kv-cache' in a.edgevlm_args else 'f32'} (edgevlm); "
               f"{a.rounds} alternating rounds (medians)")
         print("| metric | edgevlm | llama.cpp | edgevlm / llama.cpp |")
         print("| --- | --- | --- | --- |")
