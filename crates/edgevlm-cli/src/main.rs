@@ -304,7 +304,7 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    edgevlm::engine::use_one_allocator_heap();
+    edgevlm::engine::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(*a),
