@@ -127,7 +127,8 @@ pub struct EngineOptions {
     /// prompt (full-size SmolVLM-256M q4, 2 threads, 1,024-token prompt: 109.5 -> 144.5 tokens/s).
     /// Off by default, as the text decoder's other products keep to f32 accuracy: against
     /// transformers' f32, top-5 logprobs move by up to 1.9e-4 (5e-6 with an f32 cache) on that
-    /// model, and SmolLM2-135M's first-step logits by up to 7.5e-3 (1.0e-3 with f32).
+    /// model, and SmolLM2-135M's first-step logits by up to 7.5e-3 (1.0e-3 with f32). Keys or values
+    /// beyond f16's range (±65504) would become infinite.
     pub f16_kv_cache: bool,
 }
 
