@@ -539,6 +539,30 @@ mod tests {
         }
     }
 
+    /// [`decode_attention`] of `q` over `len` positions of keys and values held as `T`, `kv` heads
+    /// of `k.len() / kv` values each.
+    fn attend<T: CacheElement>(
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        kv: usize,
+        len: usize,
+        d: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let head_stride = k.len() / kv;
+        let view = |data| CacheView { data, head_stride };
+        let mut out = vec![0f32; q.len()];
+        let kvv = KvView {
+            k: view(k),
+            v: view(v),
+            kv_heads: kv,
+            len,
+        };
+        decode_attention(q, kvv, d, scale, &mut out);
+        out
+    }
+
     fn check(d: usize, len: usize, f16_cache: bool) {
         use half::f16;
         let (heads, kv, cap) = (6, 2, len + 3);
@@ -559,31 +583,12 @@ mod tests {
             .map(|i| stored(((i * 5 % 19) as f32 - 9.0) / 3.0))
             .collect();
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; heads * d];
-        fn view<T>(data: &[T], head_stride: usize) -> CacheView<'_, T> {
-            CacheView { data, head_stride }
-        }
-        if f16_cache {
-            let (kh, vh): (Vec<f16>, Vec<f16>) = (
-                kd.iter().map(|&x| f16::from_f32(x)).collect(),
-                vd.iter().map(|&x| f16::from_f32(x)).collect(),
-            );
-            let kvv = KvView {
-                k: view(&kh, cap * d),
-                v: view(&vh, cap * d),
-                kv_heads: kv,
-                len,
-            };
-            decode_attention(&q, kvv, d, scale, &mut out);
+        let out = if f16_cache {
+            let half = |x: &[f32]| -> Vec<f16> { x.iter().map(|&x| f16::from_f32(x)).collect() };
+            attend(&q, &half(&kd), &half(&vd), kv, len, d, scale)
         } else {
-            let kvv = KvView {
-                k: view(&kd, cap * d),
-                v: view(&vd, cap * d),
-                kv_heads: kv,
-                len,
-            };
-            decode_attention(&q, kvv, d, scale, &mut out);
-        }
+            attend(&q, &kd, &vd, kv, len, d, scale)
+        };
         for h in 0..heads {
             let g = h / (heads / kv);
             let s: Vec<f64> = (0..len)

@@ -308,22 +308,19 @@ fn attend_one(
     d: usize,
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    let scale = (d as f32).powf(-0.5);
-    let mut out = vec![0f32; q.len()];
+    use crate::kernels::attention::decode_attention;
+    let (scale, n) = ((d as f32).powf(-0.5), q.len());
+    let mut out = vec![0f32; n];
     let done = match k.dtype() {
         DType::F16 => with_cache_view::<half::f16, _>(k, v, kv_heads, d, |kv| {
-            crate::kernels::attention::decode_attention(q, kv, d, scale, &mut out)
+            decode_attention(q, kv, d, scale, &mut out)
         })?,
         _ => with_cache_view::<f32, _>(k, v, kv_heads, d, |kv| {
-            crate::kernels::attention::decode_attention(q, kv, d, scale, &mut out)
+            decode_attention(q, kv, d, scale, &mut out)
         })?,
     };
-    let out = done.map(|()| out);
-    out.map(|out| {
-        let n = out.len();
-        Ok(Tensor::from_vec(out, (1, 1, n), device)?)
-    })
-    .transpose()
+    done.map(|()| Ok(Tensor::from_vec(out, (1, 1, n), device)?))
+        .transpose()
 }
 
 /// The `t` new positions of `q` `(1, heads, t, d)` over the cached keys and values
