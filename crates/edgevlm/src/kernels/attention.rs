@@ -156,6 +156,7 @@ unsafe fn chunk_avx2(
 /// lane sums folded into one vector; the weighted sum of values in registers.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::kernels::x86::{hmax256, hsum256};
     use std::arch::x86_64::*;
 
     /// Lane `i` of the result is the sum of the 8 lanes of `v[i]`.
@@ -176,14 +177,6 @@ mod avx2 {
             _mm256_permute2f128_ps::<0x20>(q0, q1),
             _mm256_permute2f128_ps::<0x31>(q0, q1),
         )
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_hadd_ps(s, s))
     }
 
     /// `q · k` over `8 · DV` values, in one vector of partial sums.
@@ -234,14 +227,9 @@ mod avx2 {
                 maxes = _mm256_max_ps(maxes, block);
                 j += 8;
             }
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), maxes);
-            let mut max = f32::NEG_INFINITY;
-            for x in lanes {
-                max = max.max(x);
-            }
+            let mut max = hmax256(maxes);
             while j < n {
-                s[j] = sum(products(&qv, k.as_ptr().add(j * d))) * scale;
+                s[j] = hsum256(products(&qv, k.as_ptr().add(j * d))) * scale;
                 max = max.max(s[j]);
                 j += 1;
             }

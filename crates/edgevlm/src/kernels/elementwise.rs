@@ -165,12 +165,7 @@ mod avx2 {
             m8 = _mm256_max_ps(m8, _mm256_loadu_ps(p.add(i)));
             i += 8;
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m8);
-        let mut max = f32::NEG_INFINITY;
-        for v in lanes {
-            max = max.max(v);
-        }
+        let mut max = crate::kernels::x86::hmax256(m8);
         for &v in &row[n8..] {
             max = max.max(v);
         }

@@ -8,6 +8,33 @@ pub mod matvec;
 pub mod qmatvec;
 pub(crate) mod sgemm;
 
+/// Horizontal reductions of 8-lane vectors, shared by the AVX2 kernels (inlined into their
+/// `target_feature` functions; the CPU has AVX).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The sum of the 8 lanes of `v`.
+    #[inline(always)]
+    pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// The largest of the 8 lanes of `v` (as `f32::max` folds them: a NaN lane is passed over).
+    #[inline(always)]
+    pub(crate) unsafe fn hmax256(v: __m256) -> f32 {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        let mut max = f32::NEG_INFINITY;
+        for x in lanes {
+            max = max.max(x);
+        }
+        max
+    }
+}
+
 /// Whether the CPU has AVX2, FMA and F16C, which the x86 kernels are compiled for (checked at run
 /// time).
 pub(crate) fn has_avx2() -> bool {

@@ -297,14 +297,6 @@ mod avx2 {
     use super::{row_tile, AffineWeight, QuantizedInputs, TileMath, BLOCK, INPUT_TILE};
     use std::arch::x86_64::*;
 
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
     /// The 32 codes of block `b` of a packed row, widened to 16 bits: for 4-bit codes the 16 even
     /// elements then the 16 odd ones, for 8-bit codes in order.
     #[inline(always)]
@@ -368,7 +360,7 @@ mod avx2 {
                 .enumerate()
                 .map(|(g, s)| w.biases.get(r * groups + g) * s)
                 .sum();
-            out[j] = hsum(acc[j]) + bias;
+            out[j] = crate::kernels::x86::hsum256(acc[j]) + bias;
         }
     }
 
@@ -562,9 +554,7 @@ mod vnni {
 
         #[inline(always)]
         unsafe fn sum(v: __m256) -> f32 {
-            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
+            crate::kernels::x86::hsum256(v)
         }
     }
 
