@@ -41,6 +41,18 @@ pub enum Error {
     #[error("invalid request: {0}")]
     Request(String),
 
+    /// A request over one of the operator's [`crate::limits::Limits`].
+    #[error("limit: {0}")]
+    Limit(String),
+
+    /// Tensors or ids handed to a model that do not fit it (a library caller's mistake).
+    #[error("model input: {0}")]
+    ModelInput(String),
+
+    /// A broken invariant: a bug in edgevlm, never the caller's input.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
+
     #[error("prompt is {prompt_tokens} tokens but the context holds {context} (max_tokens {max_tokens} included)")]
     ContextOverflow {
         prompt_tokens: usize,
@@ -51,8 +63,28 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    /// A tensor operation failed; the message is candle's, on one line, without the backtrace candle
+    /// attaches under `RUST_BACKTRACE` (which would cost a symbolisation and a screenful).
     #[error("tensor op: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(candle_message(&e))
+    }
+}
+
+/// candle's error as one line: backtraces dropped, context and path kept.
+fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, .. } => candle_message(inner),
+        C::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        C::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        C::WrappedContext { wrapped, context } => format!("{context}: {wrapped}"),
+        other => other.to_string().replace('\n', "; "),
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -63,5 +95,23 @@ impl Error {
             path: path.into(),
             message: message.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_lose_their_backtrace() {
+        let inner = candle_core::Error::Msg("shapes differ".into());
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner.context("in layer 3")),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(
+            Error::from(e).to_string(),
+            "tensor op: in layer 3: shapes differ"
+        );
     }
 }

@@ -187,7 +187,7 @@ pub fn process_image(
     split: bool,
 ) -> Result<ProcessedImage> {
     if img.channels != 3 {
-        return Err(Error::Request(format!(
+        return Err(Error::ModelInput(format!(
             "image processor expects RGB, got {} channels",
             img.channels
         )));
@@ -227,7 +227,7 @@ pub fn process_image(
     let mut pixel_values = Vec::with_capacity(tiles.len() * 3 * height * width);
     for tile in &tiles {
         if (tile.height, tile.width) != (height, width) {
-            return Err(Error::Request("tiles of one image differ in size".into()));
+            return Err(Error::Internal("tiles of one image differ in size".into()));
         }
         for ch in 0..3 {
             pixel_values.extend(tile.data.iter().skip(ch).step_by(3).map(|&v| {

@@ -103,7 +103,7 @@ impl Idefics3 {
         let feats = match image_features {
             None if n_image_tokens == 0 => return Ok(text.unsqueeze(0)?),
             None => {
-                return Err(Error::Request(format!(
+                return Err(Error::ModelInput(format!(
                     "prompt has {n_image_tokens} <image> tokens but no image was given"
                 )))
             }
@@ -111,7 +111,7 @@ impl Idefics3 {
         };
         let rows = feats.dim(0)?;
         if rows != n_image_tokens {
-            return Err(Error::Request(format!(
+            return Err(Error::ModelInput(format!(
                 "image features and image tokens do not match: {n_image_tokens} <image> tokens, {rows} feature rows"
             )));
         }

@@ -49,7 +49,7 @@ impl KvCache {
         let (b, h, t, d) = k.dims4()?;
         let end = self.len + t;
         if end > self.capacity {
-            return Err(Error::Request(format!(
+            return Err(Error::ModelInput(format!(
                 "KV cache holds {} positions, {end} needed",
                 self.capacity
             )));
@@ -61,7 +61,7 @@ impl KvCache {
         }
         let (kc, vc) = slot
             .as_ref()
-            .ok_or_else(|| Error::Request("KV cache slot missing".into()))?;
+            .ok_or_else(|| Error::Internal("KV cache slot missing".into()))?;
         kc.slice_set(&k, 2, self.len)?;
         vc.slice_set(&v, 2, self.len)?;
         // Views of the valid prefix: the matmuls read them strided, nothing is copied per token.

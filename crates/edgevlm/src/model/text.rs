@@ -70,7 +70,7 @@ impl Rope {
     fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
         if offset + t > self.max_len {
-            return Err(Error::Request(format!(
+            return Err(Error::ModelInput(format!(
                 "position {} is beyond the model's {} positions",
                 offset + t,
                 self.max_len
@@ -177,7 +177,7 @@ impl DecoderLayer {
         };
         let mut qkv = self.qkv.forward_each(&y)?.into_iter();
         let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
-            return Err(Error::Request("attention projections missing".into()));
+            return Err(Error::Internal("attention projections missing".into()));
         };
         let q = rope.apply(&heads(q, self.heads)?, offset)?;
         let k = rope.apply(&heads(k, self.kv_heads)?, offset)?;
@@ -255,7 +255,7 @@ impl DecoderLayer {
         let (k, v) = cache.append(layer, &k, &v)?;
         match attend_one(&q, &k, &v, kv, d, dev)? {
             Some(out) => Ok(Some(out)),
-            None => Err(Error::Request(
+            None => Err(Error::Internal(
                 "KV cache layout changed under the decode step".into(),
             )),
         }
@@ -270,7 +270,7 @@ impl DecoderLayer {
             }
             ProjectionGroup::Separate(ls) => {
                 let (Some(g), Some(u)) = (ls.first(), ls.get(1)) else {
-                    return Err(Error::Request("MLP projections missing".into()));
+                    return Err(Error::Internal("MLP projections missing".into()));
                 };
                 (candle_nn::ops::silu(&g.forward(&y)?)? * u.forward(&y)?)?
             }
@@ -527,7 +527,7 @@ impl TextModel {
     /// Token embeddings `(n, hidden)` for `ids`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(Error::Request(format!(
+            return Err(Error::ModelInput(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.cfg.vocab_size
             )));

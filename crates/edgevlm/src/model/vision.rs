@@ -71,7 +71,7 @@ impl EncoderLayer {
         }
         .into_iter();
         let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(Error::Request("attention projections missing".into()));
+            return Err(Error::Internal("attention projections missing".into()));
         };
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n, self.heads, self.head_dim))?
@@ -204,7 +204,7 @@ impl VisionTransformer {
         let (b, c, hgt, wid) = pixel_values.dims4()?;
         let p = self.cfg.patch_size;
         if c != self.cfg.num_channels || hgt < p || wid < p {
-            return Err(Error::Request(format!(
+            return Err(Error::ModelInput(format!(
                 "pixel values of shape {:?} do not fit {}-channel {p}x{p} patches",
                 pixel_values.dims(),
                 self.cfg.num_channels
@@ -266,7 +266,7 @@ fn position_ids(nh: usize, nw: usize, side: usize, mask: Option<&Vec<bool>>) -> 
     let mask = match mask {
         Some(m) if m.len() == nh * nw => m,
         Some(m) => {
-            return Err(Error::Request(format!(
+            return Err(Error::ModelInput(format!(
                 "patch mask has {} entries for a {nh}x{nw} patch grid",
                 m.len()
             )))
@@ -344,7 +344,7 @@ impl Connector {
         let side = (seq as f64).sqrt() as usize;
         let s = self.scale;
         if side * side != seq || !side.is_multiple_of(s) {
-            return Err(Error::Request(format!(
+            return Err(Error::ModelInput(format!(
                 "pixel shuffle needs a square patch grid divisible by {s}, got {seq} patches"
             )));
         }
