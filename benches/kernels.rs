@@ -227,7 +227,7 @@ fn image_processor(c: &mut Criterion) {
     g.sample_size(10);
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/large.png");
-    let img = load_image_path(&path).expect("fixture image");
+    let img = load_image_path(&path, &Default::default()).expect("fixture image");
     let cfg = ImageProcessorConfig::default();
     g.bench_function("2300x1500_to_13_tiles", |b| {
         b.iter(|| process_image(black_box(&img), &cfg, true).expect("process"))

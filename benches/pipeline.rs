@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use edgevlm::image::{load_image_path, process_image};
+use edgevlm::prompt::PromptText;
 use edgevlm::{Engine, EngineOptions};
 
 fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
@@ -23,21 +24,21 @@ fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
     t[t.len() / 2]
 }
 
-fn model_dir() -> Option<PathBuf> {
+fn model_dir() -> PathBuf {
     match std::env::var("EDGEVLM_BENCH_MODEL") {
-        Ok(d) => Some(PathBuf::from(d)),
+        Ok(d) => PathBuf::from(d),
         Err(_) => common::tiny_model_dir("bench"),
     }
 }
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let img =
-        load_image_path(&root.join("tests/fixtures/images/large.png")).expect("fixture image");
-    let Some(dir) = model_dir() else {
-        eprintln!("SKIPPED: no model folder (../shared is absent and EDGEVLM_BENCH_MODEL unset)");
-        return;
-    };
+    let img = load_image_path(
+        &root.join("tests/fixtures/images/large.png"),
+        &Default::default(),
+    )
+    .expect("fixture image");
+    let dir = model_dir();
     let engine = Engine::load_dir(&dir, "bench", EngineOptions::default()).expect("load model");
     let cfg = engine.image_config().expect("a vision model").clone();
     let ms = median_ms(|| drop(process_image(&img, &cfg, true).unwrap()), 5);
@@ -56,7 +57,7 @@ fn main() {
     println!("vision encoder + connector, one 512x512 tile: {ms:.1} ms");
 
     let prompt = engine
-        .prepare_with_images(&"word ".repeat(500), &[])
+        .prepare_with_images(&PromptText::template("word ".repeat(500)), &[])
         .expect("tokenize");
     let ids = &prompt.ids[..512.min(prompt.ids.len())];
     let model = engine.model();

@@ -87,17 +87,20 @@ fn openai_request(v: &Value, images: &[String]) -> ChatRequest {
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn image_processor_and_input_ids_match_transformers() {
-    let Some(engine) = tiny_engine("processor") else {
-        return;
-    };
+    let engine = smolvlm_tiny_engine("processor");
     let golden = read_json(&fixtures().join("golden/processor.json"));
     let cases = golden.as_array().unwrap();
     assert!(cases.len() >= 12);
     for case in cases {
         let name = case["image"].as_str().unwrap();
         let split = case["split"].as_bool().unwrap();
-        let img = load_image_path(&fixtures().join("images").join(name)).unwrap();
+        let img =
+            load_image_path(&fixtures().join("images").join(name), &Default::default()).unwrap();
         let p = process_image(&img, engine.image_config().unwrap(), split).unwrap();
         let shape: Vec<usize> = serde_json::from_value(case["pixel_values_shape"].clone()).unwrap();
         assert_eq!(
@@ -125,20 +128,25 @@ fn image_processor_and_input_ids_match_transformers() {
             p.num_tiles * p.height * p.width
         );
         let prompt = case["prompt"].as_str().unwrap();
-        let text =
-            image::expand_image_tokens(prompt, &[p], engine.image_config().unwrap().image_seq_len)
-                .unwrap();
-        let ids = engine.tokenizer().encode(&text).unwrap();
+        let text = image::expand_image_tokens(
+            &edgevlm::prompt::PromptText::template(prompt),
+            &[p],
+            engine.image_config().unwrap().image_seq_len,
+        )
+        .unwrap();
+        let ids = engine.tokenizer().encode_prompt(&text).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         assert_eq!(ids, want, "{name} split={split}: input ids differ");
     }
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn known_token_facts_hold() {
-    let Some(engine) = tiny_engine("facts") else {
-        return;
-    };
+    let engine = smolvlm_tiny_engine("facts");
     let golden = read_json(&fixtures().join("golden/processor.json"));
     let small = golden
         .as_array()
@@ -166,10 +174,12 @@ fn known_token_facts_hold() {
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn chat_template_matches_transformers() {
-    let Some(engine) = tiny_engine("template") else {
-        return;
-    };
+    let engine = smolvlm_tiny_engine("template");
     let golden = read_json(&fixtures().join("golden/template.json"));
     for case in golden.as_array().unwrap() {
         let msgs = hf_messages(&case["messages"]);
@@ -185,7 +195,7 @@ fn chat_template_matches_transformers() {
                 .count();
             let req = openai_request(&case["messages"], &vec!["x.png".to_string(); n_images]);
             assert_eq!(
-                engine.render_prompt(&req).unwrap(),
+                engine.render_prompt(&req).unwrap().text,
                 ours,
                 "{}",
                 case["name"]
@@ -202,7 +212,7 @@ fn chat_template_matches_transformers() {
         .find(|c| c["name"] == "text_only" && c["add_generation_prompt"] == true)
         .unwrap();
     assert_eq!(
-        engine.render_prompt(&req).unwrap(),
+        engine.render_prompt(&req).unwrap().text,
         text_only["rendered"].as_str().unwrap()
     );
 }
@@ -257,10 +267,12 @@ fn last_prompt_logit_diff(
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn teacher_forced_logits_match_transformers() {
-    let Some(engine) = tiny_engine("logits") else {
-        return;
-    };
+    let engine = smolvlm_tiny_engine("logits");
     let g = golden_tensors();
     for case in logit_cases() {
         let mut forced = engine.prepare(&case.request).unwrap();
@@ -314,14 +326,16 @@ fn teacher_forced_logits_match_transformers() {
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn greedy_generation_with_kv_cache_follows_transformers() {
-    let Some(engine) = tiny_engine("greedy") else {
-        return;
-    };
+    let engine = smolvlm_tiny_engine("greedy");
     for case in logit_cases() {
         let prepared = engine.prepare(&case.request).unwrap();
         let mut settings: GenerationSettings = engine.settings(&case.request).unwrap();
-        settings.max_tokens = Some(case.continuation.len());
+        settings.max_tokens = Some(case.continuation.len() as u64);
         settings.stop_at_eos = false;
         let out = engine.generate(&prepared, &settings, |_, _| {}).unwrap();
         assert_eq!(
@@ -342,8 +356,11 @@ fn masked_tile_feature_diff(engine: &Engine) -> f32 {
         m["rows"].as_u64().unwrap() as usize,
         m["cols"].as_u64().unwrap() as usize,
     );
-    let img =
-        load_image_path(&fixtures().join("images").join(m["image"].as_str().unwrap())).unwrap();
+    let img = load_image_path(
+        &fixtures().join("images").join(m["image"].as_str().unwrap()),
+        &Default::default(),
+    )
+    .unwrap();
     let p = process_image(&img, engine.image_config().unwrap(), false).unwrap();
     let (h, w) = (p.height, p.width);
     let mut mask = vec![0u8; h * w];
@@ -379,10 +396,12 @@ fn masked_tile_feature_diff(engine: &Engine) -> f32 {
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn masked_tile_vision_features_match_transformers() {
-    let Some(engine) = tiny_engine("masked") else {
-        return;
-    };
+    let engine = smolvlm_tiny_engine("masked");
     let d = masked_tile_feature_diff(&engine);
     println!("masked tile: max |Δfeature| = {d:.3e}");
     assert!(d < LOGIT_TOL, "masked tile features differ by {d}");
@@ -392,14 +411,16 @@ fn masked_tile_vision_features_match_transformers() {
 /// measured error bound of that path against transformers' f32 (features 7.9e-3, last-prompt logits
 /// 2.9e-4 on this tiny model when measured).
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn bf16_tile_vision_stays_close_to_transformers() {
     if !edgevlm::kernels::amx::available() {
         eprintln!("skipped: this CPU has no AMX-BF16 (the vision products are f32 already)");
         return;
     }
-    let Some(dir) = tiny_model_dir("tiles") else {
-        return;
-    };
+    let dir = smolvlm_tiny_dir("tiles");
     let engine =
         Engine::load_dir(&dir, "tiny-idefics3", edgevlm::EngineOptions::default()).unwrap();
     let d = masked_tile_feature_diff(&engine);
@@ -417,10 +438,12 @@ fn bf16_tile_vision_stays_close_to_transformers() {
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn engine_answers_with_a_chat_completion() {
-    let Some(engine) = tiny_engine("completion") else {
-        return;
-    };
+    let engine = smolvlm_tiny_engine("completion");
     let img = fixtures().join("images/wide.png").display().to_string();
     let mut req = ChatRequest::simple(None, "Describe this image.", &[img]);
     req.max_tokens = Some(5);
@@ -470,4 +493,23 @@ fn engine_answers_with_a_chat_completion() {
         .all(|ch| ch.id == c.id && ch.object == "chat.completion.chunk"));
     assert_eq!(timings.image_tiles, 5);
     let _ = Engine::template_messages(&req).unwrap();
+}
+
+#[test]
+fn the_shipped_tiny_models_tokenizer_and_template_match_transformers() {
+    // scripts/make_tiny_tokenizer.py: transformers' own reload of models/tiny-idefics3.
+    let golden = read_json(&fixtures().join("golden/tiny_tokenizer.json"));
+    let engine = tiny_engine("tiny-tokenizer");
+    let req = openai_request(&golden["messages"], &["x.png".to_string()]);
+    let prompt = engine.render_prompt(&req).unwrap();
+    assert_eq!(prompt.text, golden["prompt"].as_str().unwrap());
+    let want: Vec<u32> = serde_json::from_value(golden["input_ids"].clone()).unwrap();
+    assert_eq!(engine.tokenizer().encode_prompt(&prompt).unwrap(), want);
+    for (id, text) in golden["decoded_sample"].as_object().unwrap() {
+        let id: u32 = id.parse().unwrap();
+        assert_eq!(
+            engine.tokenizer().decode(&[id], false).unwrap(),
+            text.as_str().unwrap()
+        );
+    }
 }

@@ -176,10 +176,13 @@ fn bad_quantized_tensors_are_named() {
 }
 
 #[test]
+#[cfg_attr(
+    shared_missing,
+    ignore = "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)"
+)]
 fn quantize_on_load_stays_close_to_full_precision() {
-    let Some(dir) = tiny_model_dir("quantize-on-load") else {
-        return;
-    };
+    // The golden logits were made with the real SmolVLM tokenizer.
+    let dir = smolvlm_tiny_dir("quantize-on-load");
     let golden =
         candle_core::safetensors::load(fixtures().join("golden/logits.safetensors"), &Device::Cpu)
             .unwrap();
@@ -222,9 +225,7 @@ fn quantize_on_load_stays_close_to_full_precision() {
 
 #[test]
 fn written_checkpoint_reloads_as_quantized() {
-    let Some(src) = tiny_model_dir("quantize-src") else {
-        return;
-    };
+    let src = tiny_model_dir("quantize-src");
     let out = scratch_dir("quantize-out").join("q4");
     let spec = edgevlm::quant::QuantSpec::new(4, 32).unwrap();
     let report = edgevlm::quant::quantize_checkpoint(&src, &out, spec, false).unwrap();
@@ -307,9 +308,7 @@ fn mlx_vlm_name(hf: &str) -> String {
 /// config.json) loads and answers exactly as the same values in the Hugging Face layout.
 #[test]
 fn mlx_vlm_layout_answers_like_the_hf_layout() {
-    let Some(src) = tiny_model_dir("mlx-vlm-src") else {
-        return;
-    };
+    let src = tiny_model_dir("mlx-vlm-src");
     let scratch = scratch_dir("mlx-vlm");
     let hf = scratch.join("hf");
     let spec = edgevlm::quant::QuantSpec::new(4, 32).unwrap();

@@ -13,18 +13,21 @@ pub fn fixtures() -> PathBuf {
     repo_root().join("tests").join("fixtures")
 }
 
+/// Why a test is ignored when `../shared` is absent (`build.rs` sets `shared_missing`).
+pub const NEEDS_SHARED: &str =
+    "needs ../shared/models/smolvlm-256m-instruct (the real SmolVLM tokenizer files; see README)";
+
 /// The real SmolVLM-256M-Instruct tokenizer/template/processor files (no weights), beside the repo.
-pub fn shared_smolvlm() -> Option<PathBuf> {
+/// Tests that call this carry `#[cfg_attr(shared_missing, ignore = ...)]`, so they run only where
+/// the files are, or under `CI=true`, where their absence fails the test with this message.
+pub fn shared_smolvlm() -> PathBuf {
     let p = repo_root().join("../shared/models/smolvlm-256m-instruct");
-    if p.join("tokenizer.json").is_file() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIPPED: {} is absent (the real SmolVLM tokenizer files live there)",
-            p.display()
-        );
-        None
-    }
+    assert!(
+        p.join("tokenizer.json").is_file(),
+        "{} is absent: the parity tests need the real SmolVLM tokenizer files there (CI runs with ../shared beside the repository)",
+        p.display()
+    );
+    p
 }
 
 pub const SHARED_FILES: &[&str] = &[
@@ -47,10 +50,23 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Assemble a model folder: the tiny model's config and weights plus the real tokenizer files.
-/// Files are linked (copied where links are unavailable), never written into the repo.
-pub fn tiny_model_dir(name: &str) -> Option<PathBuf> {
-    let shared = shared_smolvlm()?;
+/// The shipped tiny model (`models/tiny-idefics3`: random weights, its own tokenizer, template and
+/// processor files) in a scratch folder a test may change. Files are linked, never written into the
+/// repo.
+pub fn tiny_model_dir(name: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    let tiny = repo_root().join("models/tiny-idefics3");
+    for entry in std::fs::read_dir(&tiny).expect("models/tiny-idefics3") {
+        let src = entry.expect("model file").path();
+        link(&src, &dir.join(src.file_name().expect("file name")));
+    }
+    dir
+}
+
+/// The tiny model's weights with the real SmolVLM tokenizer, template and processor files: what the
+/// transformers goldens were made with ([`shared_smolvlm`]).
+pub fn smolvlm_tiny_dir(name: &str) -> PathBuf {
+    let shared = shared_smolvlm();
     let dir = scratch_dir(name);
     let tiny = repo_root().join("models/tiny-idefics3");
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
@@ -59,7 +75,7 @@ pub fn tiny_model_dir(name: &str) -> Option<PathBuf> {
     for f in SHARED_FILES {
         link(&shared.join(f), &dir.join(f));
     }
-    Some(dir)
+    dir
 }
 
 pub fn link(src: &Path, dst: &Path) {
@@ -80,9 +96,16 @@ pub fn exact_options() -> EngineOptions {
     }
 }
 
-pub fn tiny_engine(name: &str) -> Option<Engine> {
-    let dir = tiny_model_dir(name)?;
-    Some(Engine::load_dir(&dir, "tiny-idefics3", exact_options()).expect("load tiny model"))
+/// The shipped tiny model, exact f32 options.
+pub fn tiny_engine(name: &str) -> Engine {
+    let dir = tiny_model_dir(name);
+    Engine::load_dir(&dir, "tiny-idefics3", exact_options()).expect("load tiny model")
+}
+
+/// The tiny weights with the real SmolVLM files ([`smolvlm_tiny_dir`]), exact f32 options.
+pub fn smolvlm_tiny_engine(name: &str) -> Engine {
+    let dir = smolvlm_tiny_dir(name);
+    Engine::load_dir(&dir, "tiny-idefics3", exact_options()).expect("load tiny model")
 }
 
 pub fn read_json(path: &Path) -> serde_json::Value {

@@ -9,8 +9,9 @@ use clap::Args;
 use edgevlm::engine::PreparedPrompt;
 use edgevlm::image::Image8;
 use edgevlm::openai::ChatRequest;
+use edgevlm::prompt::PromptText;
 use edgevlm::sampling::SamplingParams;
-use edgevlm::{DeviceKind, Engine, EngineOptions, GenerationSettings, Precision, Timings};
+use edgevlm::{DeviceKind, Engine, EngineOptions, GenerationSettings, Limits, Precision, Timings};
 use serde::Serialize;
 
 use crate::{parse_quant, set_threads};
@@ -23,7 +24,7 @@ pub struct BenchArgs {
     /// Quantize full-precision weights while loading.
     #[arg(long, value_parser = ["q8", "q4"])]
     quant: Option<String>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = edgevlm::quant::DEFAULT_GROUP_SIZE)]
     group_size: usize,
     /// With --quant: keep the vision encoder in full precision.
     #[arg(long, requires = "quant")]
@@ -144,7 +145,7 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 struct Workload {
-    prompt: String,
+    prompt: PromptText,
     image: Option<Image8>,
     image_path: Option<PathBuf>,
     /// Text-only prompts are token ids given as they are (no chat template), as llama-bench does.
@@ -155,7 +156,7 @@ impl Workload {
     fn prepare(&self, engine: &Engine) -> Result<PreparedPrompt> {
         if let Some(ids) = &self.ids {
             return Ok(PreparedPrompt {
-                text: String::new(),
+                text: PromptText::default(),
                 ids: ids.clone(),
                 images: Vec::new(),
                 preprocess_ms: 0.0,
@@ -163,7 +164,7 @@ impl Workload {
         }
         let t0 = Instant::now();
         let img = match (&self.image_path, &self.image) {
-            (Some(p), _) => edgevlm::image::load_image_path(p)?,
+            (Some(p), _) => edgevlm::image::load_image_path(p, &Limits::default())?,
             (None, Some(img)) => img.clone(),
             (None, None) => bail!("internal: a templated prompt without an image"),
         };
@@ -187,7 +188,7 @@ fn workload(engine: &Engine, a: &BenchArgs) -> Result<Workload> {
             ids.extend(piece.iter().take(n - ids.len()));
         }
         return Ok(Workload {
-            prompt: String::new(),
+            prompt: PromptText::default(),
             image: None,
             image_path: None,
             ids: Some(ids),
@@ -256,7 +257,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let work = workload(&engine, &a)?;
     let settings = GenerationSettings {
         sampling: SamplingParams::default(),
-        max_tokens: Some(a.gen_tokens),
+        max_tokens: Some(a.gen_tokens as u64),
         stop: Vec::new(),
         top_logprobs: None,
         stop_at_eos: false,

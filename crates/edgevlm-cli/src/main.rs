@@ -1,6 +1,7 @@
 //! `edgevlm`: ask a local vision-language model about images from the command line.
 
 mod bench;
+mod options;
 mod quant_eval;
 
 use std::io::{Read, Write};
@@ -12,7 +13,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgevlm::openai::StopField;
 use edgevlm::quant::QuantSpec;
-use edgevlm::{ChatRequest, DeviceKind, Engine, EngineOptions, Precision, DEFAULT_MODEL};
+use edgevlm::{ChatRequest, Engine, ImageSources, DEFAULT_MODEL};
+use options::{LimitArgs, LoadArgs};
 
 #[derive(Parser)]
 #[command(
@@ -68,7 +70,7 @@ struct QuantizeArgs {
     model: String,
     #[arg(long, value_parser = ["4", "8"])]
     bits: String,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = edgevlm::quant::DEFAULT_GROUP_SIZE)]
     group_size: usize,
     /// Keep the vision encoder in full precision.
     #[arg(long)]
@@ -97,9 +99,10 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Model: a local folder in the Hugging Face layout, or a Hugging Face repo id.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: String,
+    #[command(flatten)]
+    load: LoadArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Image file (JPEG, PNG, WebP, GIF, BMP); repeat for several. They precede the prompt.
     #[arg(long = "image", value_name = "PATH")]
     images: Vec<PathBuf>,
@@ -109,22 +112,25 @@ struct RunArgs {
     /// A system message.
     #[arg(long)]
     system: Option<String>,
-    /// A whole OpenAI chat request as JSON (`-` for stdin); prints the chat.completion JSON.
+    /// A whole OpenAI chat request as JSON (`-` for stdin); prints the chat.completion JSON. The
+    /// sampling flags below override its fields.
     #[arg(long, value_name = "FILE|-", conflicts_with_all = ["images", "prompt", "system"])]
     request: Option<String>,
-    #[arg(long, default_value_t = 512)]
-    max_tokens: usize,
-    /// 0 is greedy (the default for SmolVLM).
+    /// Completion tokens (default: the request's, else 1024 or what the context has room for).
     #[arg(long)]
+    max_tokens: Option<u64>,
+    /// 0 is greedy (the default for SmolVLM); at most 2.
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     #[arg(long)]
     top_k: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_p: Option<f32>,
-    #[arg(long = "repeat-penalty")]
+    #[arg(long = "repeat-penalty", allow_negative_numbers = true)]
     repeat_penalty: Option<f32>,
+    /// Sampling seed (default: a random one, as OpenAI's API).
     #[arg(long)]
     seed: Option<u64>,
     /// Stop when this text appears (up to 4).
@@ -133,37 +139,6 @@ struct RunArgs {
     /// Return the log-probabilities of the N most likely tokens at each step (implies --json).
     #[arg(long, value_name = "N")]
     logprobs: Option<usize>,
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    dtype: String,
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
-    device: String,
-    /// Quantize linear weights while loading: q8 (8-bit) or q4 (4-bit), in affine groups as MLX does.
-    #[arg(long, value_parser = ["q8", "q4"])]
-    quant: Option<String>,
-    /// Group size for --quant (32, 64 or 128).
-    #[arg(long, default_value_t = 32)]
-    group_size: usize,
-    /// With --quant: keep the vision encoder in full precision.
-    #[arg(long, requires = "quant")]
-    skip_vision: bool,
-    /// Compute the vision encoder's products and attention in f32 even on CPUs with AMX, where they
-    /// otherwise run on bf16 tiles (exact, about 2x slower there).
-    #[arg(long)]
-    f32_vision: bool,
-    /// CUDA: let candle's quantized products round activations to 8 bits (Q8_1), as llama.cpp does
-    /// (faster, less exact; by default they stay f32).
-    #[arg(long)]
-    gpu_int8_activations: bool,
-    /// Keep the KV cache in f16 where the model computes in f32 on the CPU: half its memory and
-    /// faster decoding after long (image) prompts, logits within about 1e-2 of the f32 cache's.
-    #[arg(long)]
-    f16_kv_cache: bool,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Do not split large images into tiles (one 512x512 view per image).
-    #[arg(long)]
-    no_image_splitting: bool,
     /// Print one chat.completion JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -208,14 +183,13 @@ fn build_request(a: &RunArgs) -> Result<ChatRequest> {
                 }
             }
             let images: Vec<String> = a.images.iter().map(|p| p.display().to_string()).collect();
-            let mut r = ChatRequest::simple(a.system.as_deref(), &prompt, &images);
-            r.max_tokens = Some(a.max_tokens);
-            r
+            ChatRequest::simple(a.system.as_deref(), &prompt, &images)
         }
     };
-    // Command-line sampling flags override the request's.
-    if a.request.is_some() && req.max_tokens.is_none() && req.max_completion_tokens.is_none() {
-        req.max_tokens = Some(a.max_tokens);
+    // Command-line flags override the request's fields.
+    if let Some(m) = a.max_tokens {
+        req.max_tokens = Some(m);
+        req.max_completion_tokens = None;
     }
     req.temperature = a.temperature.or(req.temperature);
     req.top_p = a.top_p.or(req.top_p);
@@ -233,57 +207,66 @@ fn build_request(a: &RunArgs) -> Result<ChatRequest> {
     Ok(req)
 }
 
+/// A write to stdout that failed because the reader went away (`| head`): not an error, the
+/// answer is simply no longer wanted.
+fn reader_gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::BrokenPipe
+}
+
 fn run(a: RunArgs) -> Result<()> {
-    set_threads(a.threads)?;
+    let limits = a.limits.limits(ImageSources::Anywhere);
+    let opts = a.load.engine_options(limits.clone())?;
     let req = build_request(&a)?;
-    let opts = EngineOptions {
-        precision: a.dtype.parse::<Precision>()?,
-        device: a.device.parse::<DeviceKind>()?,
-        image_splitting: a.no_image_splitting.then_some(false),
-        quantize: parse_quant(a.quant.as_deref(), a.group_size)?,
-        skip_vision: a.skip_vision,
-        vision_bf16_tiles: !a.f32_vision,
-        gpu_int8_activations: a.gpu_int8_activations,
-        f16_kv_cache: a.f16_kv_cache,
-        ..Default::default()
-    };
+    // What can be checked without the model is checked before loading it.
+    req.validate()?;
+    let (_, image_refs) = req.template_messages()?;
+    limits.check_image_count(image_refs.len())?;
+    for r in &image_refs {
+        edgevlm::image::probe_image_ref(r, &limits)?;
+    }
     let t0 = Instant::now();
-    let engine = Engine::load(&a.model, opts)?;
+    let engine = Engine::load(&a.load.model, opts)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let json_out = a.json || a.request.is_some() || a.logprobs.is_some();
     let stream_json = a.request.is_some() && req.stream == Some(true);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let (completion, timings) = if json_out && !stream_json {
-        engine.chat_streaming(&req, |_| Ok(()))?
-    } else if stream_json {
-        engine.chat_streaming(&req, |chunk| {
-            let line =
-                serde_json::to_string(chunk).map_err(|e| edgevlm::Error::Request(e.to_string()))?;
-            writeln!(out, "{line}")
-                .and_then(|_| out.flush())
-                .map_err(|e| edgevlm::Error::Request(format!("writing stdout: {e}")))
-        })?
-    } else {
-        let r = engine.chat_streaming(&req, |chunk| {
-            if let Some(text) = chunk
+    let mut stream = engine.chat_stream(&req)?;
+    while let Some(chunk) = stream.next_chunk()? {
+        let written = if stream_json {
+            let line = serde_json::to_string(&chunk)?;
+            writeln!(out, "{line}").and_then(|_| out.flush())
+        } else if json_out {
+            Ok(())
+        } else {
+            match chunk
                 .choices
                 .first()
                 .and_then(|c| c.delta.content.as_deref())
             {
-                write!(out, "{text}")
-                    .and_then(|_| out.flush())
-                    .map_err(|e| edgevlm::Error::Request(format!("writing stdout: {e}")))?;
+                Some(text) if !text.is_empty() => write!(out, "{text}").and_then(|_| out.flush()),
+                _ => Ok(()),
             }
-            Ok(())
-        })?;
-        writeln!(out).ok();
-        r
+        };
+        match written {
+            Ok(()) => {}
+            // Dropping the stream stops generation.
+            Err(e) if reader_gone(&e) => return Ok(()),
+            Err(e) => return Err(e).context("writing stdout"),
+        }
+    }
+    let (completion, timings) = stream.into_completion();
+    let tail = if json_out && !stream_json {
+        serde_json::to_string_pretty(&completion)? + "\n"
+    } else if !json_out {
+        "\n".to_string()
+    } else {
+        String::new()
     };
-    if json_out && !stream_json {
-        let s = serde_json::to_string_pretty(&completion)?;
-        writeln!(out, "{s}").context("writing stdout")?;
+    match out.write_all(tail.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if !reader_gone(&e) => return Err(e).context("writing stdout"),
+        _ => {}
     }
     if a.verbose {
         eprintln!(

@@ -1,4 +1,4 @@
-//! The `edgevlm` binary end to end, on the tiny model with the real SmolVLM tokenizer files.
+//! The `edgevlm` binary end to end, on the tiny model as shipped in `models/tiny-idefics3`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,40 +8,9 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The tiny model's weights beside the real tokenizer files, linked into a scratch folder.
-fn model_dir(name: &str) -> Option<PathBuf> {
-    let shared = root().join("../shared/models/smolvlm-256m-instruct");
-    if !shared.join("tokenizer.json").is_file() {
-        eprintln!("SKIPPED: {} is absent", shared.display());
-        return None;
-    }
-    let dir = root()
-        .join("target/test-scratch")
-        .join(format!("cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let tiny = root().join("models/tiny-idefics3");
-    let files = [
-        (tiny.join("config.json"), "config.json"),
-        (
-            tiny.join("generation_config.json"),
-            "generation_config.json",
-        ),
-        (tiny.join("model.safetensors"), "model.safetensors"),
-    ];
-    for (src, dst) in files {
-        std::fs::copy(src, dir.join(dst)).unwrap();
-    }
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.json",
-        "preprocessor_config.json",
-        "processor_config.json",
-    ] {
-        std::fs::copy(shared.join(f), dir.join(f)).unwrap();
-    }
-    Some(dir)
+/// The tiny random-weight model as shipped (its own tokenizer, template and processor files).
+fn tiny_model() -> String {
+    root().join("models/tiny-idefics3").display().to_string()
 }
 
 fn image(name: &str) -> String {
@@ -85,8 +54,7 @@ fn assert_one_line_error(out: &Output, needle: &str) {
 
 #[test]
 fn json_answer_matches_the_streamed_answer() {
-    let Some(dir) = model_dir("json") else { return };
-    let d = dir.to_str().unwrap();
+    let d = &tiny_model();
     let img = image("wide.png");
     let base = [
         "run",
@@ -108,7 +76,7 @@ fn json_answer_matches_the_streamed_answer() {
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
     assert_eq!(v["object"], "chat.completion");
-    assert_eq!(v["usage"]["prompt_tokens"], 344);
+    assert_eq!(v["usage"]["prompt_tokens"], 345);
     assert_eq!(v["usage"]["completion_tokens"], 8);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     let content = v["choices"][0]["message"]["content"]
@@ -128,17 +96,14 @@ fn json_answer_matches_the_streamed_answer() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("prompt: 344 tokens") && err.contains("tok/s"),
+        err.contains("prompt: 345 tokens") && err.contains("tok/s"),
         "{err}"
     );
 }
 
 #[test]
 fn prompt_from_stdin_and_request_file() {
-    let Some(dir) = model_dir("stdin") else {
-        return;
-    };
-    let d = dir.to_str().unwrap();
+    let d = &tiny_model();
     let out = edgevlm(
         &["run", "--model", d, "--max-tokens", "3", "--json"],
         Some("What is 2+2?\n"),
@@ -150,7 +115,7 @@ fn prompt_from_stdin_and_request_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["usage"]["prompt_tokens"], 15);
+    assert_eq!(v["usage"]["prompt_tokens"], 16);
 
     let req = serde_json::json!({
         "messages": [
@@ -220,10 +185,7 @@ fn prompt_from_stdin_and_request_file() {
 
 #[test]
 fn errors_are_one_line_with_nonzero_exit() {
-    let Some(dir) = model_dir("errors") else {
-        return;
-    };
-    let d = dir.to_str().unwrap();
+    let d = &tiny_model();
     let out = edgevlm(
         &[
             "run",
@@ -276,6 +238,153 @@ fn errors_are_one_line_with_nonzero_exit() {
     if !cfg!(feature = "cuda") {
         assert_one_line_error(&out, "cuda");
     }
+
+    // Negative numbers are values, and out of range.
+    let out = edgevlm(
+        &["run", "--model", d, "--prompt", "x", "--temperature", "-1"],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "temperature must be in [0, 2], got -1");
+    let out = edgevlm(
+        &["run", "--model", d, "--prompt", "x", "--temperature", "1e9"],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "temperature must be in [0, 2]");
+    // The largest u64 is refused clearly, not wrapped.
+    let out = edgevlm(
+        &[
+            "run",
+            "--model",
+            d,
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "18446744073709551615",
+        ],
+        None,
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert_one_line_error(&out, "max_tokens 18446744073709551615 included");
+    // --max-tokens overrides a request's own.
+    let out = edgevlm(
+        &[
+            "run",
+            "--model",
+            d,
+            "--request",
+            "-",
+            "--max-tokens",
+            "99999",
+        ],
+        Some(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":3}"#),
+        &[],
+    );
+    assert_one_line_error(&out, "context holds 4096");
+    // A relative path shaped like a repo id, whose first part is a folder here.
+    let missing = format!("{d}x");
+    let out = edgevlm(&["run", "--model", &missing, "--prompt", "x"], None, &[]);
+    assert_one_line_error(&out, "no such folder");
+    // Limits are checked before the model loads: an image over --max-image-pixels.
+    let out = edgevlm(
+        &[
+            "run",
+            "--model",
+            "/no/model/loaded/before/this",
+            "--image",
+            &image("large.png"),
+            "--prompt",
+            "x",
+            "--max-image-pixels",
+            "1000",
+        ],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "over the limit of 1000 (--max-image-pixels)");
+}
+
+#[test]
+fn the_shipped_tiny_model_answers_as_is() {
+    let out = edgevlm(
+        &[
+            "run",
+            "--model",
+            &tiny_model(),
+            "--image",
+            &image("small.png"),
+            "--prompt",
+            "What is this?",
+            "--max-tokens",
+            "8",
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    // One 40x30 image: one tile of 64 image tokens plus the template.
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 64);
+}
+
+#[test]
+fn a_closed_pipe_ends_the_run_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgevlm"))
+        .args([
+            "run",
+            "--model",
+            &tiny_model(),
+            "--prompt",
+            "Count to a thousand.",
+            "--max-tokens",
+            "4000",
+            "--temperature",
+            "1",
+            "--seed",
+            "1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read a little, then hang up as `| head -c 1` does.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no error printed");
+}
+
+#[test]
+fn an_unreachable_hub_names_an_offline_step() {
+    let home = root().join("target/test-scratch/unreachable-hf-home");
+    std::fs::create_dir_all(&home).unwrap();
+    // Nothing listens on the discard port: the hub client fails at once, as offline.
+    let out = edgevlm(
+        &["run", "--prompt", "x"],
+        None,
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("HF_HOME", home.to_str().unwrap()),
+        ],
+    );
+    assert_one_line_error(
+        &out,
+        "could not fetch config.json from the Hugging Face hub",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--model models/tiny-idefics3"), "{err}");
+    assert!(err.contains("scripts/fetch-smollm2.sh"), "{err}");
 }
 
 #[test]

@@ -113,7 +113,50 @@ fn nonzero(name: &str, n: usize) -> Result<usize> {
     }
 }
 
+/// Most positions a model may declare: the RoPE tables are built for all of them at load (1M
+/// positions of 128-wide heads take 512 MB), so a larger claim is refused instead of allocated.
+pub const MAX_POSITIONS: usize = 1 << 20;
+
 impl TextConfig {
+    /// Check the sizes a model declares before anything is allocated for them: every dimension
+    /// positive, heads even, and the position count at most [`MAX_POSITIONS`].
+    pub fn validate(&self) -> Result<()> {
+        let dims = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in dims {
+            if v == 0 {
+                return Err(Error::Config(format!("text {name} is 0")));
+            }
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(Error::Config(format!(
+                "text head_dim {} is odd (RoPE rotates pairs)",
+                self.head_dim
+            )));
+        }
+        if self.max_position_embeddings > MAX_POSITIONS {
+            return Err(Error::Unsupported(format!(
+                "a context of {} positions (at most {MAX_POSITIONS})",
+                self.max_position_embeddings
+            )));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0)
+        {
+            return Err(Error::Config(format!(
+                "rms_norm_eps {} / rope_theta {} are not usable numbers",
+                self.rms_norm_eps, self.rope_theta
+            )));
+        }
+        Ok(())
+    }
+
     /// Parse a Llama `text_config` (defaults of `transformers.LlamaConfig`).
     pub fn from_value(v: &Value) -> Result<Self> {
         let hidden_size = nonzero("text_config.hidden_size", usize_or(v, "hidden_size", 4096)?)?;
@@ -256,6 +299,7 @@ impl Idefics3Config {
         let vision_v = get(v, "vision_config")
             .ok_or_else(|| Error::Config("config.json has no `vision_config`".into()))?;
         let text = TextConfig::from_value(text_v)?;
+        text.validate()?;
         let vision = VisionConfig::from_value(vision_v)?;
         let scale_factor = nonzero("scale_factor", usize_or(v, "scale_factor", 2)?)?;
         if vision.patches_per_side() % scale_factor != 0 {

@@ -9,15 +9,17 @@ use serde_json::Value;
 
 use crate::config::{eos_token_ids, Idefics3Config};
 use crate::error::{Error, Result};
-use crate::image::{self, ImageProcessorConfig, ProcessedImage};
+use crate::image::{self, ImageProcessorConfig, ProcessedImage, IMAGE_PLACEHOLDER};
+use crate::limits::Limits;
 use crate::model::nn::{CheckpointQuant, LoadOptions, Weights};
 use crate::model::text::TextModel;
 use crate::model::vision::patch_mask_from_pixels;
 use crate::model::{Idefics3, KvCache};
 use crate::openai::*;
+use crate::prompt::{random_u64, PromptText};
 use crate::quant::QuantSpec;
 use crate::sampling::{log_softmax, Sampler, SamplingParams};
-use crate::template::{ChatTemplate, TemplateMessage, TemplatePart};
+use crate::template::{ChatTemplate, TemplateMessage};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
 
@@ -81,7 +83,8 @@ impl DeviceKind {
     pub fn open(self) -> Result<Device> {
         let feature_hint = |name: &str, e: candle_core::Error| {
             Error::Device(format!(
-                "cannot open {name} device ({e}); is this build compiled with `--features {name}`?"
+                "cannot open {name} device ({}); is this build compiled with `--features {name}`?",
+                crate::error::candle_message(&e)
             ))
         };
         match self {
@@ -130,6 +133,8 @@ pub struct EngineOptions {
     /// model, and SmolLM2-135M's first-step logits by up to 7.5e-3 (1.0e-3 with f32). Keys or values
     /// beyond f16's range (±65504) would become infinite.
     pub f16_kv_cache: bool,
+    /// What one request may ask for (image sizes and sources, token counts).
+    pub limits: Limits,
 }
 
 impl Default for EngineOptions {
@@ -145,6 +150,7 @@ impl Default for EngineOptions {
             vision_bf16_tiles: true,
             gpu_int8_activations: false,
             f16_kv_cache: false,
+            limits: Limits::default(),
         }
     }
 }
@@ -189,7 +195,8 @@ impl Timings {
 
 /// A request turned into model inputs.
 pub struct PreparedPrompt {
-    pub text: String,
+    /// The prompt text with images expanded (message text marked where it spells special tokens).
+    pub text: PromptText,
     pub ids: Vec<u32>,
     pub images: Vec<ProcessedImage>,
     pub preprocess_ms: f64,
@@ -199,7 +206,9 @@ pub struct PreparedPrompt {
 #[derive(Clone, Debug)]
 pub struct GenerationSettings {
     pub sampling: SamplingParams,
-    pub max_tokens: Option<usize>,
+    /// Completion tokens asked for; `None`: [`Limits::default_max_tokens`], fewer where the context
+    /// has less room.
+    pub max_tokens: Option<u64>,
     pub stop: Vec<String>,
     pub top_logprobs: Option<usize>,
     /// Stop at the model's end-of-sequence tokens (a benchmark turns this off).
@@ -325,6 +334,7 @@ impl Engine {
     /// Load a llama-architecture GGUF file as a text chat model, with the tokenizer and chat template
     /// its metadata holds.
     pub fn load_gguf(path: &Path, opts: EngineOptions) -> Result<Self> {
+        opts.limits.validate()?;
         let mut file = crate::gguf::GgufFile::open(path)?;
         let cfg = crate::gguf::llama_config(&file)?;
         // The tokenizer first: building it takes a few MB for a moment (the vocabulary and merges as
@@ -381,23 +391,11 @@ impl Engine {
             Error::Config(m) | Error::Unsupported(m) => Error::file(&config_path, m),
             other => other,
         })?;
-        let device = opts.open_device()?;
-        let store = WeightStore::open_dir(dir)?;
+        opts.limits.validate()?;
         let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
-        let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
-        load_opts.bf16_tiles = opts.vision_bf16_tiles;
-        load_opts.checkpoint_quant =
-            CheckpointQuant::from_config(&cfg_json).map_err(|e| Error::file(&config_path, e))?;
-        if let Some(spec) = opts.quantize {
-            // On CUDA / Metal each quantized layer is placed in the form candle runs there
-            // (`Linear::place`).
-            load_opts.quantize = Some(spec);
-            load_opts.skip_vision = opts.skip_vision;
-        }
-        let model = Idefics3::load(&Weights::new(&store, &load_opts), &cfg)?;
-        drop(store);
-        return_freed_memory();
 
+        // Everything small first (tokenizer, template, processor and generation settings), so that a
+        // missing or broken file is reported before the weights load.
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let template = ChatTemplate::new(
@@ -406,8 +404,16 @@ impl Engine {
             &token_field(&tok_cfg, "eos_token"),
         )?;
 
-        let pre = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
         let proc_cfg = read_json_opt(&dir.join("processor_config.json"))?;
+        // transformers 5 writes the image processor's settings inside processor_config.json.
+        let pre = match read_json_opt(&dir.join("preprocessor_config.json"))? {
+            Some(v) => v,
+            None => proc_cfg
+                .as_ref()
+                .and_then(|v| v.get("image_processor"))
+                .cloned()
+                .unwrap_or(Value::Null),
+        };
         let tokens_per_tile = cfg.image_tokens_per_tile();
         let seq_len = proc_cfg
             .as_ref()
@@ -438,12 +444,28 @@ impl Engine {
         eos_ids.sort_unstable();
         eos_ids.dedup();
 
-        if tokenizer.token_to_id("<image>") != Some(cfg.image_token_id) {
+        if tokenizer.token_to_id(IMAGE_PLACEHOLDER) != Some(cfg.image_token_id) {
             return Err(Error::Tokenizer(format!(
                 "<image> is not token {} in tokenizer.json, as config.json's image_token_id says",
                 cfg.image_token_id
             )));
         }
+
+        let device = opts.open_device()?;
+        let store = WeightStore::open_dir(dir)?;
+        let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
+        load_opts.bf16_tiles = opts.vision_bf16_tiles;
+        load_opts.checkpoint_quant =
+            CheckpointQuant::from_config(&cfg_json).map_err(|e| Error::file(&config_path, e))?;
+        if let Some(spec) = opts.quantize {
+            // On CUDA / Metal each quantized layer is placed in the form candle runs there
+            // (`Linear::place`).
+            load_opts.quantize = Some(spec);
+            load_opts.skip_vision = opts.skip_vision;
+        }
+        let model = Idefics3::load(&Weights::new(&store, &load_opts), &cfg)?;
+        drop(store);
+        return_freed_memory();
         Ok(Self {
             model: Model::Idefics3(Box::new(model)),
             tokenizer,
@@ -494,63 +516,36 @@ impl Engine {
         }
     }
 
-    /// Messages in the template's shape, plus the image references in prompt order.
+    /// Messages in the template's shape, plus the image references in prompt order
+    /// ([`ChatRequest::template_messages`]).
     pub fn template_messages(req: &ChatRequest) -> Result<(Vec<TemplateMessage>, Vec<String>)> {
-        if req.messages.is_empty() {
-            return Err(Error::Request("`messages` is empty".into()));
-        }
-        let mut out = Vec::with_capacity(req.messages.len());
-        let mut images = Vec::new();
-        for (i, m) in req.messages.iter().enumerate() {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(Error::Request(format!(
-                        "messages[{i}]: role `{other}` is not supported (system, user, assistant)"
-                    )))
-                }
-            };
-            let content = match &m.content {
-                None => return Err(Error::Request(format!("messages[{i}] has no content"))),
-                Some(MessageContent::Text(t)) => vec![TemplatePart::Text { text: t.clone() }],
-                Some(MessageContent::Parts(parts)) => parts
-                    .iter()
-                    .map(|p| match p {
-                        ContentPart::Text { text } => TemplatePart::Text { text: text.clone() },
-                        ContentPart::ImageUrl { image_url } => {
-                            images.push(image_url.url().to_string());
-                            TemplatePart::Image
-                        }
-                    })
-                    .collect(),
-            };
-            out.push(TemplateMessage {
-                role: role.to_string(),
-                content,
-            });
-        }
-        Ok((out, images))
+        req.template_messages()
     }
 
-    /// Render the chat template for a request (with the generation prompt).
-    pub fn render_prompt(&self, req: &ChatRequest) -> Result<String> {
+    /// Render the chat template for a request (with the generation prompt), marking message text
+    /// that spells a special token or the image placeholder so that it is tokenized as text.
+    pub fn render_prompt(&self, req: &ChatRequest) -> Result<PromptText> {
         let (messages, _) = Self::template_messages(req)?;
-        self.template.render(&messages, true)
+        self.render_messages(&messages)
+    }
+
+    fn render_messages(&self, messages: &[TemplateMessage]) -> Result<PromptText> {
+        self.template.render_prompt(messages, true, |text| {
+            text.contains(IMAGE_PLACEHOLDER) || self.tokenizer.spells_special(text)
+        })
     }
 
     /// Process images given as decoded RGB and expand a rendered prompt into token ids.
     pub fn prepare_with_images(
         &self,
-        prompt: &str,
+        prompt: &PromptText,
         images: &[image::Image8],
     ) -> Result<PreparedPrompt> {
         let t0 = Instant::now();
         if images.is_empty() && self.image_cfg.is_none() {
-            let ids = self.tokenizer.encode(prompt)?;
+            let ids = self.tokenizer.encode_prompt(prompt)?;
             return Ok(PreparedPrompt {
-                text: prompt.to_string(),
+                text: prompt.clone(),
                 ids,
                 images: Vec::new(),
                 preprocess_ms: 0.0,
@@ -564,7 +559,7 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
         let text = image::expand_image_tokens(prompt, &processed, cfg.image_seq_len)?;
-        let ids = self.tokenizer.encode(&text)?;
+        let ids = self.tokenizer.encode_prompt(&text)?;
         Ok(PreparedPrompt {
             text,
             ids,
@@ -573,17 +568,19 @@ impl Engine {
         })
     }
 
-    /// Render, load images and tokenize a request.
+    /// Render, load images and tokenize a request. Images are checked against the engine's
+    /// [`Limits`] (count, source, size from the header) before any is decoded.
     pub fn prepare(&self, req: &ChatRequest) -> Result<PreparedPrompt> {
         let (messages, refs) = Self::template_messages(req)?;
         if !refs.is_empty() {
             self.vision()?;
         }
-        let prompt = self.template.render(&messages, true)?;
+        self.opts.limits.check_image_count(refs.len())?;
+        let prompt = self.render_messages(&messages)?;
         let t0 = Instant::now();
         let decoded = refs
             .iter()
-            .map(|r| image::load_image_ref(r))
+            .map(|r| image::load_image_ref(r, &self.opts.limits))
             .collect::<Result<Vec<_>>>()?;
         let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
         let mut p = self.prepare_with_images(&prompt, &decoded)?;
@@ -656,11 +653,10 @@ impl Engine {
         text.forward(&embeds, &mut cache, all_positions)
     }
 
-    /// Resolve a request's generation settings against the model's defaults.
+    /// Resolve a request's generation settings against the model's defaults ([`ChatRequest::validate`]
+    /// first). Without a `seed`, sampling draws a random one, as OpenAI's API does.
     pub fn settings(&self, req: &ChatRequest) -> Result<GenerationSettings> {
-        if req.n.unwrap_or(1) != 1 {
-            return Err(Error::Request("only n = 1 is supported".into()));
-        }
+        req.validate()?;
         let default_sample = self
             .gen_defaults
             .get("do_sample")
@@ -672,18 +668,7 @@ impl Engine {
             None if default_sample => gd("temperature").unwrap_or(1.0) as f32,
             None => 0.0,
         };
-        let top_logprobs = match (req.logprobs, req.top_logprobs) {
-            (Some(true), n) => Some(n.unwrap_or(0)),
-            (_, Some(_)) => {
-                return Err(Error::Request(
-                    "top_logprobs requires logprobs: true".into(),
-                ))
-            }
-            _ => None,
-        };
-        if top_logprobs.is_some_and(|n| n > 20) {
-            return Err(Error::Request("top_logprobs must be at most 20".into()));
-        }
+        let top_logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
         let sampling = SamplingParams {
             temperature,
             top_k: req.top_k.unwrap_or(0),
@@ -693,27 +678,17 @@ impl Engine {
                 .repetition_penalty
                 .or(gd("repetition_penalty").map(|x| x as f32))
                 .unwrap_or(1.0),
-            seed: req.seed.unwrap_or(0),
+            seed: req.seed.unwrap_or_else(random_u64),
         };
         sampling.validate()?;
-        let stop = req
-            .stop
-            .clone()
-            .map(StopField::into_vec)
-            .unwrap_or_default();
-        if stop.len() > 4 || stop.iter().any(String::is_empty) {
-            return Err(Error::Request(
-                "`stop` takes up to 4 non-empty strings".into(),
-            ));
-        }
-        let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-        if max_tokens == Some(0) {
-            return Err(Error::Request("max_tokens must be at least 1".into()));
-        }
         Ok(GenerationSettings {
             sampling,
-            max_tokens,
-            stop,
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
+            stop: req
+                .stop
+                .clone()
+                .map(StopField::into_vec)
+                .unwrap_or_default(),
             top_logprobs,
             stop_at_eos: true,
         })
@@ -725,135 +700,83 @@ impl Engine {
     }
 
     /// Answer a request, calling `on_chunk` with each `chat.completion.chunk` as text is produced; returns
-    /// the assembled completion and the request's timings.
+    /// the assembled completion and the request's timings. An error from `on_chunk` stops generation
+    /// at once and is returned.
     pub fn chat_streaming(
         &self,
         req: &ChatRequest,
         mut on_chunk: impl FnMut(&ChatCompletionChunk) -> Result<()>,
     ) -> Result<(ChatCompletion, Timings)> {
+        let mut stream = self.chat_stream(req)?;
+        while let Some(chunk) = stream.next_chunk()? {
+            on_chunk(&chunk)?;
+        }
+        Ok(stream.into_completion())
+    }
+
+    /// Start answering a request as a stream of `chat.completion.chunk`s pulled with
+    /// [`ChatStream::next_chunk`]; the prompt (images included) has run when this returns.
+    pub fn chat_stream(&self, req: &ChatRequest) -> Result<ChatStream<'_>> {
         let settings = self.settings(req)?;
         let prepared = self.prepare(req)?;
-        let id = completion_id();
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let chunk =
-            |delta: Delta, finish: Option<FinishReason>, logprobs: Option<ChoiceLogprobs>| {
-                ChatCompletionChunk {
-                    id: id.clone(),
-                    object: "chat.completion.chunk".into(),
-                    created,
-                    model: self.name.clone(),
-                    choices: vec![ChunkChoice {
-                        index: 0,
-                        delta,
-                        logprobs,
-                        finish_reason: finish,
-                    }],
-                    usage: None,
-                }
-            };
-        on_chunk(&chunk(
-            Delta {
-                role: Some("assistant".into()),
-                content: Some(String::new()),
-            },
-            None,
-            None,
-        ))?;
-        let mut emit_err = None;
-        let out = self.generate(&prepared, &settings, |piece, lp| {
-            if emit_err.is_some() {
-                return;
-            }
-            let logprobs = lp.map(|l| ChoiceLogprobs {
-                content: l.to_vec(),
-            });
-            if let Err(e) = on_chunk(&chunk(
-                Delta {
-                    role: None,
-                    content: Some(piece.to_string()),
-                },
-                None,
-                logprobs,
-            )) {
-                emit_err = Some(e);
-            }
-        })?;
-        if let Some(e) = emit_err {
-            return Err(e);
-        }
-        let usage = Usage {
-            prompt_tokens: prepared.ids.len(),
-            completion_tokens: out.tokens.len(),
-            total_tokens: prepared.ids.len() + out.tokens.len(),
-        };
-        let mut last = chunk(Delta::default(), Some(out.finish_reason), None);
+        let generation = self.start(&prepared, &settings)?;
         let include_usage = req
             .stream_options
             .as_ref()
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        if include_usage {
-            last.usage = Some(usage.clone());
-        }
-        on_chunk(&last)?;
-        let completion = ChatCompletion {
-            id: id.clone(),
-            object: "chat.completion".into(),
-            created,
-            model: self.name.clone(),
-            choices: vec![Choice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: out.text,
-                },
-                logprobs: settings.top_logprobs.map(|_| ChoiceLogprobs {
-                    content: out.logprobs,
-                }),
-                finish_reason: out.finish_reason,
-            }],
-            usage,
-            system_fingerprint: Some(format!("edgevlm-{}", env!("CARGO_PKG_VERSION"))),
-        };
-        Ok((completion, out.timings))
+        Ok(ChatStream {
+            generation,
+            id: completion_id(),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            logprobs: settings.top_logprobs.is_some(),
+            include_usage,
+            prompt_tokens: prepared.ids.len(),
+            sent_role: false,
+            sent_last: false,
+        })
     }
 
-    /// Run the model on a prepared prompt. `on_text` receives each new piece of answer text (stop strings
-    /// held back until they can be ruled out) and, when logprobs were asked for, the entries of the tokens
-    /// that completed it.
+    /// Run the model on a prepared prompt to the end of the answer. `on_text` receives each new piece
+    /// of answer text (stop strings held back until they can be ruled out) and, when logprobs were
+    /// asked for, the entries of the tokens that completed it. [`Engine::start`] is the same
+    /// generation pulled a piece at a time.
     pub fn generate(
         &self,
         prepared: &PreparedPrompt,
         settings: &GenerationSettings,
         mut on_text: impl FnMut(&str, Option<&[TokenLogprob]>),
     ) -> Result<GenerationOutput> {
+        let mut generation = self.start(prepared, settings)?;
+        while let Some(piece) = generation.next_piece()? {
+            let lp = settings.top_logprobs.map(|_| piece.logprobs.as_slice());
+            on_text(&piece.text, lp);
+        }
+        Ok(generation.into_output())
+    }
+
+    /// Start answering a prepared prompt: checks its length against the context and the limits,
+    /// encodes its images and runs the prompt through the model. The answer is then pulled with
+    /// [`Generation::next_piece`]; dropping the generation stops it.
+    pub fn start(
+        &self,
+        prepared: &PreparedPrompt,
+        settings: &GenerationSettings,
+    ) -> Result<Generation<'_>> {
         let ctx = self.context_length();
         let n_prompt = prepared.ids.len();
         if n_prompt == 0 {
             return Err(Error::Request("the prompt has no tokens".into()));
         }
-        if n_prompt >= ctx {
-            return Err(Error::ContextOverflow {
-                prompt_tokens: n_prompt,
-                max_tokens: settings.max_tokens.unwrap_or(1),
-                context: ctx,
-            });
-        }
-        let max_tokens = match settings.max_tokens {
-            Some(m) if n_prompt + m > ctx => {
-                return Err(Error::ContextOverflow {
-                    prompt_tokens: n_prompt,
-                    max_tokens: m,
-                    context: ctx,
-                })
-            }
-            Some(m) => m,
-            None => ctx - n_prompt,
-        };
+        let max_tokens = self
+            .opts
+            .limits
+            .completion_budget(settings.max_tokens, n_prompt, ctx)?;
+        let sampler = Sampler::new(settings.sampling.clone())?;
         let mut timings = Timings {
             image_preprocess_ms: prepared.preprocess_ms,
             image_tiles: prepared.images.iter().map(|i| i.num_tiles).sum(),
@@ -866,12 +789,13 @@ impl Engine {
 
         let t1 = Instant::now();
         let embeds = self.model.embed_prompt(&prepared.ids, feats.as_ref())?;
+        drop(feats);
         let decoder = self.model.text();
         let mut cache = self.new_cache(n_prompt + max_tokens);
         // The prompt goes through in chunks: the attention scores of a chunk are `chunk × context`
         // instead of `prompt × prompt`, which bounds the memory of long (image) prompts.
         let mut start = 0;
-        let mut logits = loop {
+        let logits = loop {
             let len = PREFILL_CHUNK.min(n_prompt - start);
             let l = decoder.forward(&embeds.narrow(1, start, len)?, &mut cache, false)?;
             start += len;
@@ -879,69 +803,26 @@ impl Engine {
                 break l;
             }
         };
+        let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
         timings.prompt_ms = t1.elapsed().as_secs_f64() * 1e3;
-
-        let t2 = Instant::now();
-        let mut sampler = Sampler::new(settings.sampling.clone())?;
-        let mut context: Vec<u32> = prepared.ids.clone();
-        let mut tokens = Vec::new();
-        let mut text = TextAssembler::new(&settings.stop);
-        let mut all_logprobs = Vec::new();
-        let mut pending_logprobs = Vec::new();
-        let mut lsm = Vec::new();
-        let mut finish = FinishReason::Length;
-        let mut logit_buf: Vec<f32>;
-        loop {
-            logit_buf = logits.squeeze(0)?.to_vec1::<f32>()?;
-            sampler.apply_repetition_penalty(&mut logit_buf, &context);
-            let next = sampler.sample(&logit_buf);
-            tokens.push(next);
-            context.push(next);
-            let is_eos = settings.stop_at_eos && self.eos_ids.contains(&next);
-            if is_eos {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let Some(n) = settings.top_logprobs {
-                log_softmax(&logit_buf, &mut lsm);
-                pending_logprobs.push(self.token_logprob(next, &lsm, n));
-            }
-            let (emit, stopped) = text.push(&self.tokenizer, next)?;
-            if !emit.is_empty() || stopped {
-                let lp = settings.top_logprobs.map(|_| pending_logprobs.as_slice());
-                if !emit.is_empty() {
-                    on_text(&emit, lp);
-                }
-                all_logprobs.append(&mut pending_logprobs);
-            }
-            if stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if tokens.len() >= max_tokens {
-                break;
-            }
-            let emb = decoder.embed(&[next])?.unsqueeze(0)?;
-            logits = decoder.forward(&emb, &mut cache, false)?;
-        }
-        let rest = text.finish();
-        if !rest.is_empty() {
-            let lp = settings.top_logprobs.map(|_| pending_logprobs.as_slice());
-            on_text(&rest, lp);
-        }
-        all_logprobs.append(&mut pending_logprobs);
-        timings.completion_tokens = tokens.len();
-        timings.generation_ms = t2.elapsed().as_secs_f64() * 1e3;
-        // The request's cache and the activations it freed go back to the system: with
-        // `tune_allocator` the allocator keeps freed memory until asked.
-        drop(cache);
-        return_freed_memory();
-        Ok(GenerationOutput {
-            text: text.into_text(),
-            tokens,
-            finish_reason: finish,
-            logprobs: all_logprobs,
+        Ok(Generation {
+            engine: self,
+            text: TextAssembler::new(&settings.stop),
+            settings: settings.clone(),
+            cache,
+            sampler,
+            context: prepared.ids.clone(),
+            tokens: Vec::new(),
+            logits,
+            unfed: None,
+            lsm: Vec::new(),
+            pending_logprobs: Vec::new(),
+            logprobs: Vec::new(),
+            max_tokens,
+            finish: None,
+            flushed: false,
             timings,
+            decode_start: Instant::now(),
         })
     }
 
@@ -1015,6 +896,264 @@ pub struct GenerationOutput {
     pub finish_reason: FinishReason,
     pub logprobs: Vec<TokenLogprob>,
     pub timings: Timings,
+}
+
+/// A chat request being answered as OpenAI `chat.completion.chunk`s ([`Engine::chat_stream`]): the
+/// role first, then the text as it is produced, then the finish reason (with the usage when the
+/// request's `stream_options.include_usage` asks). Dropping it stops generation.
+pub struct ChatStream<'e> {
+    generation: Generation<'e>,
+    id: String,
+    created: u64,
+    logprobs: bool,
+    include_usage: bool,
+    prompt_tokens: usize,
+    sent_role: bool,
+    sent_last: bool,
+}
+
+impl ChatStream<'_> {
+    fn chunk(
+        &self,
+        delta: Delta,
+        finish_reason: Option<FinishReason>,
+        logprobs: Option<ChoiceLogprobs>,
+    ) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.generation.engine.name.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs,
+                finish_reason,
+            }],
+            usage: None,
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        let completion_tokens = self.generation.tokens().len();
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens,
+            total_tokens: self.prompt_tokens + completion_tokens,
+        }
+    }
+
+    /// The next chunk, or `None` after the last.
+    pub fn next_chunk(&mut self) -> Result<Option<ChatCompletionChunk>> {
+        if !self.sent_role {
+            self.sent_role = true;
+            let delta = Delta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+            };
+            return Ok(Some(self.chunk(delta, None, None)));
+        }
+        if self.sent_last {
+            return Ok(None);
+        }
+        if let Some(piece) = self.generation.next_piece()? {
+            let logprobs = self.logprobs.then_some(ChoiceLogprobs {
+                content: piece.logprobs,
+            });
+            let delta = Delta {
+                role: None,
+                content: Some(piece.text),
+            };
+            return Ok(Some(self.chunk(delta, None, logprobs)));
+        }
+        self.sent_last = true;
+        let finish = self
+            .generation
+            .finish_reason()
+            .unwrap_or(FinishReason::Length);
+        let mut last = self.chunk(Delta::default(), Some(finish), None);
+        if self.include_usage {
+            last.usage = Some(self.usage());
+        }
+        Ok(Some(last))
+    }
+
+    /// The whole answer as one `chat.completion`, and the request's timings.
+    pub fn into_completion(self) -> (ChatCompletion, Timings) {
+        let usage = self.usage();
+        let (id, created, logprobs) = (self.id, self.created, self.logprobs);
+        let model = self.generation.engine.name.clone();
+        let out = self.generation.into_output();
+        let completion = ChatCompletion {
+            id,
+            object: "chat.completion".into(),
+            created,
+            model,
+            choices: vec![Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: out.text,
+                },
+                logprobs: logprobs.then_some(ChoiceLogprobs {
+                    content: out.logprobs,
+                }),
+                finish_reason: out.finish_reason,
+            }],
+            usage,
+            system_fingerprint: Some(format!("edgevlm-{}", env!("CARGO_PKG_VERSION"))),
+        };
+        (completion, out.timings)
+    }
+}
+
+/// One answer in progress ([`Engine::start`]): pull it with [`Generation::next_piece`]. Nothing runs
+/// between calls, so a caller that stops pulling (a closed pipe, a client gone) stops the model;
+/// dropping the generation frees its KV cache.
+pub struct Generation<'e> {
+    engine: &'e Engine,
+    settings: GenerationSettings,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Prompt and answer ids (the repetition penalty's context).
+    context: Vec<u32>,
+    tokens: Vec<u32>,
+    text: TextAssembler,
+    /// Logits for the next token, when `unfed` is None.
+    logits: Vec<f32>,
+    /// The last token sampled, not yet run through the model.
+    unfed: Option<u32>,
+    /// Log-softmax scratch.
+    lsm: Vec<f32>,
+    /// Logprob entries of tokens whose text is not shown yet.
+    pending_logprobs: Vec<TokenLogprob>,
+    logprobs: Vec<TokenLogprob>,
+    max_tokens: usize,
+    finish: Option<FinishReason>,
+    /// Whether the text held back at the end has been handed out.
+    flushed: bool,
+    timings: Timings,
+    decode_start: Instant,
+}
+
+/// A piece of answer text and the logprob entries of the tokens that completed it (empty unless
+/// logprobs were asked for).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Piece {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+impl Generation<'_> {
+    /// The next piece of answer text, or `None` once the answer is complete. Runs the model for as
+    /// many tokens as it takes to show more text (stop strings and partial characters held back).
+    pub fn next_piece(&mut self) -> Result<Option<Piece>> {
+        loop {
+            if self.finish.is_some() {
+                return Ok(self.flush());
+            }
+            if let Some(token) = self.unfed.take() {
+                let decoder = self.engine.model.text();
+                let emb = decoder.embed(&[token])?.unsqueeze(0)?;
+                let logits = decoder.forward(&emb, &mut self.cache, false)?;
+                self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+            }
+            if let Some(piece) = self.sample()? {
+                return Ok(Some(piece));
+            }
+        }
+    }
+
+    /// Sample a token from the current logits and advance the answer text.
+    fn sample(&mut self) -> Result<Option<Piece>> {
+        self.sampler
+            .apply_repetition_penalty(&mut self.logits, &self.context);
+        let next = self.sampler.sample(&self.logits);
+        self.tokens.push(next);
+        self.context.push(next);
+        if self.settings.stop_at_eos && self.engine.eos_ids.contains(&next) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        if let Some(n) = self.settings.top_logprobs {
+            log_softmax(&self.logits, &mut self.lsm);
+            let entry = self.engine.token_logprob(next, &self.lsm, n);
+            self.pending_logprobs.push(entry);
+        }
+        let (emit, stopped) = self.text.push(&self.engine.tokenizer, next)?;
+        if stopped {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.tokens.len() >= self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+        } else {
+            self.unfed = Some(next);
+        }
+        if emit.is_empty() {
+            if stopped {
+                self.logprobs.append(&mut self.pending_logprobs);
+            }
+            return Ok(None);
+        }
+        Ok(Some(self.piece(emit)))
+    }
+
+    /// `text` with the pending logprob entries (also kept for the whole answer).
+    fn piece(&mut self, text: String) -> Piece {
+        let logprobs = std::mem::take(&mut self.pending_logprobs);
+        self.logprobs.extend_from_slice(&logprobs);
+        Piece { text, logprobs }
+    }
+
+    /// The text held back at the end (no stop string followed), once.
+    fn flush(&mut self) -> Option<Piece> {
+        if self.flushed {
+            return None;
+        }
+        self.flushed = true;
+        self.timings.completion_tokens = self.tokens.len();
+        self.timings.generation_ms = self.decode_start.elapsed().as_secs_f64() * 1e3;
+        let rest = self.text.finish();
+        if rest.is_empty() {
+            self.logprobs.append(&mut self.pending_logprobs);
+            return None;
+        }
+        Some(self.piece(rest))
+    }
+
+    /// Why the answer ended; `None` while it goes on.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The whole answer: call after [`Self::next_piece`] returned `None` (earlier, the answer so
+    /// far, finished for length).
+    pub fn into_output(mut self) -> GenerationOutput {
+        if !self.flushed {
+            self.timings.completion_tokens = self.tokens.len();
+            self.timings.generation_ms = self.decode_start.elapsed().as_secs_f64() * 1e3;
+        }
+        GenerationOutput {
+            text: std::mem::replace(&mut self.text, TextAssembler::new(&[])).into_text(),
+            tokens: std::mem::take(&mut self.tokens),
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            logprobs: std::mem::take(&mut self.logprobs),
+            timings: std::mem::take(&mut self.timings),
+        }
+    }
+}
+
+impl Drop for Generation<'_> {
+    /// The cache and the activations it freed go back to the system: with `tune_allocator` the
+    /// allocator keeps freed memory until asked.
+    fn drop(&mut self) {
+        self.cache = KvCache::new(0, 0);
+        return_freed_memory();
+    }
 }
 
 fn completion_id() -> String {

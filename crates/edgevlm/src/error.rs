@@ -76,14 +76,14 @@ impl From<candle_core::Error> for Error {
 }
 
 /// candle's error as one line: backtraces dropped, context and path kept.
-fn candle_message(e: &candle_core::Error) -> String {
+pub fn candle_message(e: &candle_core::Error) -> String {
     use candle_core::Error as C;
     match e {
         C::WithBacktrace { inner, .. } => candle_message(inner),
         C::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
         C::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
         C::WrappedContext { wrapped, context } => format!("{context}: {wrapped}"),
-        other => other.to_string().replace('\n', "; "),
+        other => one_line(other),
     }
 }
 
@@ -93,9 +93,22 @@ impl Error {
     pub fn file(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
         Error::File {
             path: path.into(),
-            message: message.to_string(),
+            message: one_line(message),
         }
     }
+}
+
+/// A message from another library (a decoder, a parser) on one line: line breaks become `; `.
+pub fn one_line(message: impl std::fmt::Display) -> String {
+    let s = message.to_string();
+    if !s.contains(['\n', '\r']) {
+        return s;
+    }
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]

@@ -16,8 +16,10 @@ pub mod error;
 pub mod gguf;
 pub mod image;
 pub mod kernels;
+pub mod limits;
 pub mod model;
 pub mod openai;
+pub mod prompt;
 pub mod quant;
 pub mod sampling;
 pub mod source;
@@ -27,5 +29,6 @@ pub mod weights;
 
 pub use engine::{DeviceKind, Engine, EngineOptions, GenerationSettings, Precision, Timings};
 pub use error::{Error, Result};
+pub use limits::{ImageSources, Limits};
 pub use openai::{ChatCompletion, ChatCompletionChunk, ChatRequest};
 pub use source::DEFAULT_MODEL;

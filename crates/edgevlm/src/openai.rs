@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::template::{TemplateMessage, TemplatePart};
 
 /// A chat completion request (the subset of OpenAI's that a local engine can honour).
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -13,10 +14,10 @@ pub struct ChatRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
-    pub max_tokens: Option<usize>,
+    pub max_tokens: Option<u64>,
     /// OpenAI's newer name for `max_tokens`.
     #[serde(default)]
-    pub max_completion_tokens: Option<usize>,
+    pub max_completion_tokens: Option<u64>,
     #[serde(default)]
     pub temperature: Option<f32>,
     #[serde(default)]
@@ -107,7 +108,109 @@ impl ImageUrl {
     }
 }
 
+/// OpenAI's sampling temperature range.
+pub const MAX_TEMPERATURE: f32 = 2.0;
+/// OpenAI's largest `top_logprobs`.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 impl ChatRequest {
+    /// Check what can be checked without a model: message shapes and roles, number ranges (as
+    /// OpenAI's API bounds them), `stop`, `n` and logprob settings. Cheap: run it before loading.
+    pub fn validate(&self) -> Result<()> {
+        self.template_messages()?;
+        let bad = |m: String| Err(Error::Request(m));
+        if let Some(n) = self.n {
+            if n != 1 {
+                return bad(format!(
+                    "n = {n}: one choice per request is supported (n = 1)"
+                ));
+            }
+        }
+        let in_range = |name: &str, v: Option<f32>, lo: f32, hi: f32, lo_open: bool| match v {
+            Some(x) if !(x <= hi && (x > lo || (!lo_open && x == lo))) => {
+                Err(Error::Request(format!(
+                    "{name} must be in {}{lo}, {hi}], got {x}",
+                    if lo_open { "(" } else { "[" }
+                )))
+            }
+            _ => Ok(()),
+        };
+        in_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE, false)?;
+        in_range("top_p", self.top_p, 0.0, 1.0, true)?;
+        in_range("min_p", self.min_p, 0.0, 1.0, false)?;
+        in_range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            0.0,
+            100.0,
+            true,
+        )?;
+        match (self.logprobs, self.top_logprobs) {
+            (Some(true), _) | (_, None) => {}
+            (_, Some(_)) => return bad("top_logprobs requires logprobs: true".into()),
+        }
+        if let Some(n) = self.top_logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return bad(format!(
+                    "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+                ));
+            }
+        }
+        if let Some(stop) = &self.stop {
+            let stops: &[String] = match stop {
+                StopField::One(s) => std::slice::from_ref(s),
+                StopField::Many(v) => v,
+            };
+            if stops.len() > 4 || stops.iter().any(String::is_empty) {
+                return bad("`stop` takes up to 4 non-empty strings".into());
+            }
+        }
+        if self.max_completion_tokens.or(self.max_tokens) == Some(0) {
+            return bad("max_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Messages in a chat template's shape, plus the image references in prompt order.
+    pub fn template_messages(&self) -> Result<(Vec<TemplateMessage>, Vec<String>)> {
+        if self.messages.is_empty() {
+            return Err(Error::Request("`messages` is empty".into()));
+        }
+        let mut out = Vec::with_capacity(self.messages.len());
+        let mut images = Vec::new();
+        for (i, m) in self.messages.iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(Error::Request(format!(
+                        "messages[{i}]: role `{other}` is not supported (system, user, assistant)"
+                    )))
+                }
+            };
+            let content = match &m.content {
+                None => return Err(Error::Request(format!("messages[{i}] has no content"))),
+                Some(MessageContent::Text(t)) => vec![TemplatePart::Text { text: t.clone() }],
+                Some(MessageContent::Parts(parts)) => parts
+                    .iter()
+                    .map(|p| match p {
+                        ContentPart::Text { text } => TemplatePart::Text { text: text.clone() },
+                        ContentPart::ImageUrl { image_url } => {
+                            images.push(image_url.url().to_string());
+                            TemplatePart::Image
+                        }
+                    })
+                    .collect(),
+            };
+            out.push(TemplateMessage {
+                role: role.to_string(),
+                content,
+            });
+        }
+        Ok((out, images))
+    }
+
     /// Parse a JSON request, with a one-line error on malformed input.
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| Error::Request(format!("request JSON: {e}")))

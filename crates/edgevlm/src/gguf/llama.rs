@@ -69,7 +69,7 @@ pub fn llama_config(f: &GgufFile) -> Result<TextConfig> {
             .map(|t| t.len())
             .ok_or_else(|| Error::file(f.path(), "no llama.vocab_size and no tokenizer"))?,
     };
-    Ok(TextConfig {
+    let cfg = TextConfig {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: f.require_usize("llama.feed_forward_length")?,
@@ -85,7 +85,10 @@ pub fn llama_config(f: &GgufFile) -> Result<TextConfig> {
         hidden_act: "silu".into(),
         attention_bias: f.contains("blk.0.attn_q.bias"),
         mlp_bias: f.contains("blk.0.ffn_up.bias"),
-    })
+    };
+    cfg.validate()
+        .map_err(|e| Error::file(f.path(), e.to_string()))?;
+    Ok(cfg)
 }
 
 /// Bytes per row of `cols` values of `dtype`.

@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
 
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 
 pub use llama::{llama_config, load_llama};
 pub use tokenizer::tokenizer_from_gguf;
@@ -41,8 +41,12 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::file(path, e))?;
-        let content = Content::read(&mut file)
-            .map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            Error::file(
+                path,
+                format!("not a readable GGUF file: {}", candle_message(&e)),
+            )
+        })?;
         // SAFETY: the file is opened read-only; a concurrent writer could change the bytes under us, as
         // with any memory-mapped model file (llama.cpp and candle map weights the same way).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
@@ -54,30 +58,40 @@ impl GgufFile {
         infos.sort_by_key(|(name, info)| (info.offset, name.as_str()));
         for (name, info) in infos {
             let shape = info.shape.dims().to_vec();
-            let elems: usize = shape.iter().product();
+            let bad = |message: String| Error::Tensor {
+                tensor: name.clone(),
+                file: path.display().to_string(),
+                message,
+            };
             let block = info.ggml_dtype.block_size();
             let inner = shape.last().copied().unwrap_or(1);
             if !inner.is_multiple_of(block) {
-                return Err(Error::Tensor {
-                    tensor: name.clone(),
-                    file: path.display().to_string(),
-                    message: format!(
-                        "{:?} rows of {inner} values are not whole blocks of {block}",
-                        info.ggml_dtype
-                    ),
-                });
+                return Err(bad(format!(
+                    "{:?} rows of {inner} values are not whole blocks of {block}",
+                    info.ggml_dtype
+                )));
             }
-            let bytes = elems / block * info.ggml_dtype.type_size();
-            let start = content.tensor_data_offset as usize + info.offset as usize;
+            // Sizes from the file are checked, never trusted to fit: a crafted shape or offset must
+            // not wrap around.
+            let bytes = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|elems| (elems / block).checked_mul(info.ggml_dtype.type_size()));
+            let start = usize::try_from(content.tensor_data_offset)
+                .ok()
+                .zip(usize::try_from(info.offset).ok())
+                .and_then(|(a, b)| a.checked_add(b));
+            let (Some(bytes), Some(start)) = (bytes, start) else {
+                return Err(bad(format!(
+                    "shape {shape:?} at offset {} does not fit in memory",
+                    info.offset
+                )));
+            };
             let end = start.saturating_add(bytes);
             if end > len {
-                return Err(Error::Tensor {
-                    tensor: name.clone(),
-                    file: path.display().to_string(),
-                    message: format!(
-                        "data runs to byte {end} but the file has {len} bytes (truncated?)"
-                    ),
-                });
+                return Err(bad(format!(
+                    "data runs to byte {end} but the file has {len} bytes (truncated?)"
+                )));
             }
             tensors.insert(
                 name.clone(),

@@ -5,6 +5,10 @@ use serde_json::Value;
 
 use super::resample::{resize, Filter, Image8};
 use crate::error::{Error, Result};
+use crate::prompt::PromptText;
+
+/// What a chat template writes where an image goes.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
 /// transformers' `MAX_IMAGE_SIZE`: no side is resized beyond this.
 const MAX_IMAGE_SIZE: usize = 4096;
@@ -278,28 +282,18 @@ pub fn image_prompt_string(rows: usize, cols: usize, image_seq_len: usize) -> St
     s
 }
 
-/// Replace the `<image>` placeholders of a rendered prompt, in order, with each image's expansion.
+/// Replace the `<image>` placeholders of a rendered prompt's template text, in order, with each
+/// image's expansion; `<image>` in message text stays text.
 pub fn expand_image_tokens(
-    prompt: &str,
+    prompt: &PromptText,
     images: &[ProcessedImage],
     image_seq_len: usize,
-) -> Result<String> {
-    let parts: Vec<&str> = prompt.split("<image>").collect();
-    if parts.len() - 1 != images.len() {
-        return Err(Error::Request(format!(
-            "the prompt has {} <image> placeholders but {} images were given",
-            parts.len() - 1,
-            images.len()
-        )));
-    }
-    let mut out = String::with_capacity(prompt.len() + images.len() * image_seq_len * 8 * 17);
-    for (i, part) in parts.iter().enumerate() {
-        out.push_str(part);
-        if let Some(img) = images.get(i) {
-            out.push_str(&image_prompt_string(img.rows, img.cols, image_seq_len));
-        }
-    }
-    Ok(out)
+) -> Result<PromptText> {
+    let expansions: Vec<String> = images
+        .iter()
+        .map(|img| image_prompt_string(img.rows, img.cols, image_seq_len))
+        .collect();
+    prompt.expand(IMAGE_PLACEHOLDER, &expansions)
 }
 
 #[cfg(test)]
@@ -356,10 +350,10 @@ mod tests {
             rows: 0,
             cols: 0,
         };
-        assert!(expand_image_tokens("a <image> b", &[], 64).is_err());
-        let s = expand_image_tokens("a<image>b", &[img], 2).unwrap();
+        assert!(expand_image_tokens(&PromptText::template("a <image> b"), &[], 64).is_err());
+        let s = expand_image_tokens(&PromptText::template("a<image>b"), &[img], 2).unwrap();
         assert_eq!(
-            s,
+            s.text,
             "a<fake_token_around_image><global-img><image><image><fake_token_around_image>b"
         );
     }

@@ -3,5 +3,7 @@
 pub mod affine;
 pub mod writer;
 
-pub use affine::{AffineParts, AffineWeight, GroupValues, QuantSpec, ScaleType, StoredSpec};
+pub use affine::{
+    AffineParts, AffineWeight, GroupValues, QuantSpec, ScaleType, StoredSpec, DEFAULT_GROUP_SIZE,
+};
 pub use writer::{quantize_checkpoint, QuantizeReport};

@@ -154,14 +154,17 @@ pub fn quantize_checkpoint(
         }
     }
 
+    // A folder of this run's own beside `out`, renamed into place when complete: a run that fails
+    // leaves nothing, and two runs to one `out` never share it (the second rename finds `out`).
     let tmp: PathBuf = out.with_file_name(format!(
-        ".{}.partial",
+        ".{}.{}-{:08x}.partial",
         out.file_name()
             .and_then(|n| n.to_str())
-            .unwrap_or("quantized")
+            .unwrap_or("quantized"),
+        std::process::id(),
+        crate::prompt::random_u64() as u32
     ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::create_dir(&tmp).map_err(|e| Error::file(&tmp, e))?;
     let result = (|| -> Result<()> {
         let views = tensors
             .iter()
@@ -195,7 +198,17 @@ pub fn quantize_checkpoint(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, e))?;
+    if out.exists() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::file(
+            out,
+            "was created by another run while this one worked; choose a new output folder",
+        ));
+    }
+    if let Err(e) = std::fs::rename(&tmp, out) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::file(out, e));
+    }
     report.output_bytes = std::fs::metadata(out.join("model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
