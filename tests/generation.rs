@@ -85,3 +85,25 @@ fn reduced_precision_runs_close_to_f32() {
         "bf16 logits too far from f32: {d} vs scale {scale}"
     );
 }
+
+#[test]
+fn batched_decoding_answers_exactly_as_alone() {
+    let engine = tiny_engine("batched");
+    let reqs = eight_requests(12);
+    let alone = generate_alone(&engine, &reqs);
+    assert_eq!(generate_batched(&engine, &reqs), alone, "f32 tiny model");
+    // 4-bit weights: the batch reads each weight once for all rows.
+    let opts = edgevlm::EngineOptions {
+        quantize: Some(edgevlm::quant::QuantSpec::new(4, 32).unwrap()),
+        ..exact_options()
+    };
+    let q4 = edgevlm::Engine::load_dir(&tiny_model_dir("batched-q4"), "q4", opts).unwrap();
+    let alone = generate_alone(&q4, &reqs);
+    assert_eq!(generate_batched(&q4, &reqs), alone, "q4 tiny model");
+    // And any subset, in any order, gives each request the same answer.
+    let subset = vec![reqs[5].clone(), reqs[2].clone(), reqs[7].clone()];
+    assert_eq!(
+        generate_batched(&q4, &subset),
+        vec![alone[5].clone(), alone[2].clone(), alone[7].clone()]
+    );
+}

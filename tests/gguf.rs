@@ -287,3 +287,10 @@ fn a_forged_assistant_turn_stays_user_text() {
     let answer = e.chat(&req).unwrap().choices[0].message.content.clone();
     println!("answer to the forged turn: {answer:?}");
 }
+
+#[test]
+fn batched_decoding_answers_exactly_as_alone() {
+    let reqs = eight_requests(16);
+    let alone = generate_alone(engine(), &reqs);
+    assert_eq!(generate_batched(engine(), &reqs), alone);
+}

@@ -151,3 +151,81 @@ pub fn smollm2_gguf() -> PathBuf {
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
+
+/// Generate the answers to `requests` together, as a server's decode loop does: every generation
+/// polled until it needs the model, then one batched step for all that do. Returns each answer's
+/// tokens.
+pub fn generate_batched(engine: &Engine, requests: &[edgevlm::ChatRequest]) -> Vec<Vec<u32>> {
+    use edgevlm::engine::Poll;
+    let prepared: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            (
+                engine.prepare(r).expect("prepare"),
+                engine.settings(r).expect("settings"),
+            )
+        })
+        .collect();
+    let mut gens: Vec<_> = prepared
+        .iter()
+        .map(|(p, s)| engine.start(p, s).expect("start"))
+        .collect();
+    let mut done = vec![false; gens.len()];
+    while done.iter().any(|d| !d) {
+        for (g, d) in gens.iter_mut().zip(done.iter_mut()) {
+            while !*d {
+                match g.poll().expect("poll") {
+                    Poll::Piece(_) => {}
+                    Poll::NeedsStep => break,
+                    Poll::Done => *d = true,
+                }
+            }
+        }
+        let mut waiting: Vec<_> = gens
+            .iter_mut()
+            .zip(&done)
+            .filter(|(_, d)| !**d)
+            .map(|(g, _)| g)
+            .collect();
+        engine.step_batch(&mut waiting).expect("batched step");
+    }
+    gens.into_iter().map(|g| g.into_output().tokens).collect()
+}
+
+/// Each request's answer tokens, generated alone.
+pub fn generate_alone(engine: &Engine, requests: &[edgevlm::ChatRequest]) -> Vec<Vec<u32>> {
+    requests
+        .iter()
+        .map(|r| {
+            let p = engine.prepare(r).expect("prepare");
+            let s = engine.settings(r).expect("settings");
+            engine.generate(&p, &s, |_, _| {}).expect("generate").tokens
+        })
+        .collect()
+}
+
+/// Eight different requests: prompts, lengths, seeds, temperatures.
+pub fn eight_requests(max_tokens: u64) -> Vec<edgevlm::ChatRequest> {
+    let prompts = [
+        "What is 2+2?",
+        "Name three colours.",
+        "Write a haiku about the sea.",
+        "Why is the sky blue? Answer in detail, please, with physics.",
+        "hi",
+        "Translate 'good morning' into French.",
+        "List the planets of the solar system in order.",
+        "What is the capital of France?",
+    ];
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut r = edgevlm::ChatRequest::simple(None, p, &[]);
+            r.max_tokens = Some(max_tokens + i as u64);
+            r.seed = Some(i as u64 * 7919);
+            r.temperature = Some(if i % 3 == 0 { 0.0 } else { 0.9 });
+            r.top_p = Some(0.95);
+            r
+        })
+        .collect()
+}

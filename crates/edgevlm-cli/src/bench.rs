@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use edgevlm::engine::PreparedPrompt;
+use edgevlm::engine::{Poll, PreparedPrompt};
 use edgevlm::image::Image8;
 use edgevlm::openai::ChatRequest;
 use edgevlm::prompt::PromptText;
@@ -56,6 +56,10 @@ pub struct BenchArgs {
     gen_tokens: usize,
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
+    /// Also time decoding N copies of the prompt together in one batch per step (as `serve` does
+    /// with N clients): aggregate decode tokens/s over all N.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -219,6 +223,43 @@ fn workload(engine: &Engine, a: &BenchArgs) -> Result<Workload> {
     Ok(w)
 }
 
+/// Aggregate decode speed of `n` copies of the workload decoded together, one batched step per
+/// token ([`Engine::step_batch`]), after each has run its prompt.
+fn batched_decode_tokens_per_s(
+    engine: &Engine,
+    work: &Workload,
+    settings: &GenerationSettings,
+    n: usize,
+) -> Result<f64> {
+    let prepared = work.prepare(engine)?;
+    let mut gens = (0..n)
+        .map(|_| engine.start(&prepared, settings))
+        .collect::<edgevlm::Result<Vec<_>>>()?;
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    loop {
+        let mut waiting = Vec::with_capacity(n);
+        for g in gens.iter_mut() {
+            loop {
+                match g.poll()? {
+                    Poll::Piece(_) => {}
+                    Poll::NeedsStep => {
+                        waiting.push(g);
+                        break;
+                    }
+                    Poll::Done => break,
+                }
+            }
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        tokens += waiting.len();
+        engine.step_batch(&mut waiting)?;
+    }
+    Ok(tokens as f64 / t0.elapsed().as_secs_f64())
+}
+
 fn measure(t: &Timings) -> Run {
     let tiles = t.image_tiles.max(1) as f64;
     Run {
@@ -279,6 +320,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         tiles = out.timings.image_tiles;
         runs.push(measure(&out.timings));
     }
+    let batched = if a.batch > 1 {
+        let rates = (0..a.repetitions)
+            .map(|_| batched_decode_tokens_per_s(&engine, &work, &settings, a.batch))
+            .collect::<Result<Vec<_>>>()?;
+        Some(stat(rates.into_iter()))
+    } else {
+        None
+    };
     let peak = peak_rss_mb();
     let get = |f: fn(&Run) -> f64| stat(runs.iter().map(f));
     let image = tiles > 0;
@@ -295,6 +344,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "decode_tokens_per_s": get(|r| r.decode_tokens_per_s).median,
         "vision_ms_per_tile": image.then(|| get(|r| r.vision_ms_per_tile).median),
         "ttft_ms": get(|r| r.ttft_ms).median,
+        "batch": a.batch,
+        "batched_decode_tokens_per_s": batched.as_ref().map(|s| s.median),
         "peak_rss_mb": peak,
         "rss_after_load_mb": rss_after_load,
         "stats": {
@@ -334,6 +385,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     row("prompt tokens/s", get(|r| r.prompt_tokens_per_s));
     row("decode tokens/s", get(|r| r.decode_tokens_per_s));
     row("time to first token ms", get(|r| r.ttft_ms));
+    if let Some(b) = batched {
+        row(
+            &format!("decode tokens/s, {} sequences batched (all)", a.batch),
+            b,
+        );
+    }
     if let Some(p) = peak {
         println!(
             "peak RSS {p:.0} MB (after load {:.0} MB)",

@@ -826,6 +826,39 @@ impl Engine {
         })
     }
 
+    /// Run one decode step for every generation that needs one ([`Poll::NeedsStep`]), all in one
+    /// pass: each weight is read once for the whole batch, and each generation's logits are
+    /// bit-identical to running it alone, so its answer does not depend on the batch. All must be
+    /// generations of this engine.
+    pub fn step_batch(&self, generations: &mut [&mut Generation<'_>]) -> Result<()> {
+        let mut tokens = Vec::with_capacity(generations.len());
+        let mut caches = Vec::with_capacity(generations.len());
+        let mut rows = Vec::with_capacity(generations.len());
+        for (i, g) in generations.iter_mut().enumerate() {
+            if !std::ptr::eq(g.engine, self) {
+                return Err(Error::ModelInput(
+                    "a generation of another engine in a decode batch".into(),
+                ));
+            }
+            if let Some(t) = g.unfed {
+                tokens.push(t);
+                caches.push(&mut g.cache);
+                rows.push(i);
+            }
+        }
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let logits = self.model.text().decode_batch(&tokens, &mut caches)?;
+        drop(caches);
+        for (r, &i) in rows.iter().enumerate() {
+            let g = &mut generations[i];
+            g.logits = logits.get(r)?.to_vec1::<f32>()?;
+            g.unfed = None;
+        }
+        Ok(())
+    }
+
     fn token_logprob(&self, token: u32, logprobs: &[f32], top: usize) -> TokenLogprob {
         let entry = |id: u32| TopLogprob {
             token: self.tokenizer.token_text(id),
@@ -1044,24 +1077,61 @@ pub struct Piece {
     pub logprobs: Vec<TokenLogprob>,
 }
 
+/// What [`Generation::poll`] found.
+#[derive(Debug, PartialEq)]
+pub enum Poll {
+    /// More answer text.
+    Piece(Piece),
+    /// The model must run on the last token first ([`Generation::step`] alone, or
+    /// [`Engine::step_batch`] with others).
+    NeedsStep,
+    /// The answer is complete.
+    Done,
+}
+
 impl Generation<'_> {
     /// The next piece of answer text, or `None` once the answer is complete. Runs the model for as
     /// many tokens as it takes to show more text (stop strings and partial characters held back).
     pub fn next_piece(&mut self) -> Result<Option<Piece>> {
         loop {
-            if self.finish.is_some() {
-                return Ok(self.flush());
-            }
-            if let Some(token) = self.unfed.take() {
-                let decoder = self.engine.model.text();
-                let emb = decoder.embed(&[token])?.unsqueeze(0)?;
-                let logits = decoder.forward(&emb, &mut self.cache, false)?;
-                self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
-            }
-            if let Some(piece) = self.sample()? {
-                return Ok(Some(piece));
+            match self.poll()? {
+                Poll::Piece(p) => return Ok(Some(p)),
+                Poll::Done => return Ok(None),
+                Poll::NeedsStep => self.step()?,
             }
         }
+    }
+
+    /// Advance without running the model: sample from the logits at hand until text shows, the
+    /// answer ends, or the model must run on the sampled token.
+    pub fn poll(&mut self) -> Result<Poll> {
+        loop {
+            if self.finish.is_some() {
+                return Ok(match self.flush() {
+                    Some(p) => Poll::Piece(p),
+                    None => Poll::Done,
+                });
+            }
+            if self.unfed.is_some() {
+                return Ok(Poll::NeedsStep);
+            }
+            if let Some(piece) = self.sample()? {
+                return Ok(Poll::Piece(piece));
+            }
+        }
+    }
+
+    /// Run the model on the last sampled token (this generation alone).
+    pub fn step(&mut self) -> Result<()> {
+        let Some(token) = self.unfed else {
+            return Ok(());
+        };
+        let decoder = self.engine.model.text();
+        let emb = decoder.embed(&[token])?.unsqueeze(0)?;
+        let logits = decoder.forward(&emb, &mut self.cache, false)?;
+        self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+        self.unfed = None;
+        Ok(())
     }
 
     /// Sample a token from the current logits and advance the answer text.

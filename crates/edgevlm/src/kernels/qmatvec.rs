@@ -209,45 +209,48 @@ trait TileMath {
     type Acc: Copy;
     /// One block of 32 activation codes, loaded.
     type X;
+    /// The codes of one block of a weight row, widened.
+    type W;
     unsafe fn zero() -> Self::Acc;
     unsafe fn load_x(codes: *const i16) -> Self::X;
-    /// `acc + (codes of block b of the packed row) · x · scale`.
-    unsafe fn fma_block<const BITS: u32>(
-        acc: Self::Acc,
-        row: *const u8,
-        b: usize,
-        x: &Self::X,
-        scale: f32,
-    ) -> Self::Acc;
+    /// The codes of block `b` of the packed row.
+    unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> Self::W;
+    /// `acc + w · x · scale`.
+    unsafe fn fma_block(acc: Self::Acc, w: &Self::W, x: &Self::X, scale: f32) -> Self::Acc;
     unsafe fn sum(acc: Self::Acc) -> f32;
 }
 
-/// Rows `r .. r + ROW_TILE` of `w` for input 0 (one token): each block of activations is loaded once
-/// and serves all the tile's rows, whose sums stay in registers; scales are staged to f32 per tile,
-/// and the bias term is one vector dot per row at the end. The next tile's rows, scales and biases
-/// follow this tile's in memory: they are fetched a line per block while this one computes, so that
-/// the loads rarely wait on memory (single-thread speed on out-of-cache weights 4.2 -> 2.9 ns per row
-/// and block on Zen 1).
+/// Rows `r .. r + ROW_TILE` of `w` for inputs `i0 .. i0 + INPUTS`: each block of activations is
+/// loaded once and serves all the tile's rows, whose sums stay in registers; scales are staged to
+/// f32 per tile, and the bias term is one vector dot per row at the end. The next tile's rows,
+/// scales and biases follow this tile's in memory: they are fetched a line per block while this one
+/// computes, so that the loads rarely wait on memory (single-thread speed on out-of-cache weights 4.2
+/// -> 2.9 ns per row and block on Zen 1). Every (row, input) pair goes through the same operations
+/// in the same order whatever `INPUTS` is, so an input's outputs are bit-identical alone and in a
+/// batch; with several inputs the weight rows are read from memory once for all of them.
+/// `out[i * ROW_TILE + j]` receives row `r + j` for input `i0 + i`.
 ///
 /// # Safety
-/// Rows `r..r + ROW_TILE` exist; `qi` was made for `w`; the caller is compiled with the features
-/// `M`'s arithmetic and F16C need.
+/// Rows `r..r + ROW_TILE` and inputs `i0..i0 + INPUTS` exist; `qi` was made for `w`; the caller is
+/// compiled with the features `M`'s arithmetic and F16C need.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool>(
+unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool, const INPUTS: usize>(
     w: &AffineWeight,
     r: usize,
     qi: &QuantizedInputs,
+    i0: usize,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     const ROWS: usize = ROW_TILE;
     let k = w.in_dim;
     let groups = k / w.spec.group_size;
+    let blocks = k / BLOCK;
     let blocks_per_group = w.spec.group_size / BLOCK;
     let row_bytes = k * BITS as usize / 8;
     // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds `row_bytes`
-    // packed bytes, `groups` scales and biases, and the input `k` codes, `k / 32` block scales and
+    // packed bytes, `groups` scales and biases, and each input `k` codes, `k / 32` block scales and
     // `groups` sums.
     let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
     let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
@@ -263,7 +266,9 @@ unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool>(
     let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
     let mut stage: ScaleStage = [std::mem::MaybeUninit::uninit(); ROWS * MAX_STAGED_GROUPS];
     let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
-    let mut acc = [M::zero(); ROWS];
+    let mut acc = [[M::zero(); ROWS]; INPUTS];
+    let codes = qi.codes.as_ptr().add(i0 * k);
+    let in_scales = qi.scales.as_ptr().add(i0 * blocks);
     for g in 0..groups {
         if g % MAX_STAGED_GROUPS == 0 {
             let n = MAX_STAGED_GROUPS.min(groups - g);
@@ -279,16 +284,24 @@ unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool>(
             if BITS == 8 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             }
-            let x = M::load_x(qi.codes.as_ptr().add(b * BLOCK));
-            let sx = *qi.scales.as_ptr().add(b);
+            let xs: [M::X; INPUTS] =
+                std::array::from_fn(|i| M::load_x(codes.add(i * k + b * BLOCK)));
+            let sx: [f32; INPUTS] = std::array::from_fn(|i| *in_scales.add(i * blocks + b));
             for j in 0..ROWS {
-                acc[j] = M::fma_block::<BITS>(acc[j], rows[j], b, &x, sw[j] * sx);
+                // Each block of codes is widened once for all the inputs.
+                let wj = M::unpack::<BITS>(rows[j], b);
+                for i in 0..INPUTS {
+                    acc[i][j] = M::fma_block(acc[i][j], &wj, &xs[i], sw[j] * sx[i]);
+                }
             }
         }
     }
-    for j in 0..ROWS {
-        out[j] = M::sum(acc[j])
-            + bias_term::<HALF>(biases.add(j * groups * vb), qi.sums.as_ptr(), groups);
+    for (i, acc) in acc.iter().enumerate() {
+        let sums = qi.sums.as_ptr().add((i0 + i) * groups);
+        for j in 0..ROWS {
+            out[i * ROWS + j] =
+                M::sum(acc[j]) + bias_term::<HALF>(biases.add(j * groups * vb), sums, groups);
+        }
     }
 }
 
@@ -441,6 +454,7 @@ mod avx2 {
     impl TileMath for Sse {
         type Acc = __m128;
         type X = [__m128i; 4];
+        type W = [__m128i; 4];
 
         #[inline(always)]
         unsafe fn zero() -> __m128 {
@@ -459,14 +473,17 @@ mod avx2 {
         }
 
         #[inline(always)]
-        unsafe fn fma_block<const BITS: u32>(
+        unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> [__m128i; 4] {
+            unpack_128::<BITS>(row, b)
+        }
+
+        #[inline(always)]
+        unsafe fn fma_block(
             acc: __m128,
-            row: *const u8,
-            b: usize,
+            q: &[__m128i; 4],
             xs: &[__m128i; 4],
             scale: f32,
         ) -> __m128 {
-            let q = unpack_128::<BITS>(row, b);
             let dot = _mm_add_epi32(
                 _mm_add_epi32(_mm_madd_epi16(q[0], xs[0]), _mm_madd_epi16(q[1], xs[1])),
                 _mm_add_epi32(_mm_madd_epi16(q[2], xs[2]), _mm_madd_epi16(q[3], xs[3])),
@@ -481,15 +498,16 @@ mod avx2 {
         }
     }
 
-    /// Rows `r .. r + ROW_TILE` for input 0 (one token), see [`row_tile`].
+    /// Rows `r .. r + ROW_TILE` for inputs `i0 .. i0 + INPUTS`, see [`row_tile`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool>(
+    pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool, const INPUTS: usize>(
         w: &AffineWeight,
         r: usize,
         qi: &QuantizedInputs,
+        i0: usize,
         out: &mut [f32],
     ) {
-        row_tile::<Sse, BITS, HALF>(w, r, qi, out)
+        row_tile::<Sse, BITS, HALF, INPUTS>(w, r, qi, i0, out)
     }
 }
 
@@ -526,6 +544,7 @@ mod vnni {
     impl TileMath for Vnni {
         type Acc = __m256;
         type X = [__m256i; 2];
+        type W = (__m256i, __m256i);
 
         #[inline(always)]
         unsafe fn zero() -> __m256 {
@@ -539,14 +558,18 @@ mod vnni {
         }
 
         #[inline(always)]
-        unsafe fn fma_block<const BITS: u32>(
+        unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
+            unpack::<BITS>(row, b)
+        }
+
+        #[inline(always)]
+        unsafe fn fma_block(
             acc: __m256,
-            row: *const u8,
-            b: usize,
+            w: &(__m256i, __m256i),
             xs: &[__m256i; 2],
             scale: f32,
         ) -> __m256 {
-            let (lo, hi) = unpack::<BITS>(row, b);
+            let (lo, hi) = *w;
             let zero = _mm256_setzero_si256();
             let dot = _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(zero, lo, xs[0]), hi, xs[1]);
             _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc)
@@ -558,34 +581,35 @@ mod vnni {
         }
     }
 
-    /// Rows `r .. r + ROW_TILE` for input 0, see [`row_tile`].
+    /// Rows `r .. r + ROW_TILE` for inputs `i0 .. i0 + INPUTS`, see [`row_tile`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool>(
+    pub unsafe fn dot_row_tile<const BITS: u32, const HALF: bool, const INPUTS: usize>(
         w: &AffineWeight,
         r: usize,
         qi: &QuantizedInputs,
+        i0: usize,
         out: &mut [f32],
     ) {
-        row_tile::<Vnni, BITS, HALF>(w, r, qi, out)
+        row_tile::<Vnni, BITS, HALF, INPUTS>(w, r, qi, i0, out)
     }
 }
 
-/// The single-input row-tile kernel for a layer's code width and group-value type: the AVX-512 VNNI
-/// one where `vnni`, else the AVX2 one. Calling it needs AVX2, FMA and F16C (and AVX-512 VNNI).
+/// The row-tile kernel for `INPUTS` inputs, a layer's code width and group-value type: the AVX-512
+/// VNNI one where `vnni`, else the AVX2 one. Calling it needs AVX2, FMA and F16C (and AVX-512 VNNI).
 #[cfg(target_arch = "x86_64")]
-type TileKernel = unsafe fn(&AffineWeight, usize, &QuantizedInputs, &mut [f32]);
+type TileKernel = unsafe fn(&AffineWeight, usize, &QuantizedInputs, usize, &mut [f32]);
 
 #[cfg(target_arch = "x86_64")]
-fn tile_kernel(w: &AffineWeight, vnni: bool) -> TileKernel {
+fn tile_kernel<const INPUTS: usize>(w: &AffineWeight, vnni: bool) -> TileKernel {
     match (vnni, w.spec.bits == 4, w.scales.is_f16()) {
-        (true, true, true) => vnni::dot_row_tile::<4, true>,
-        (true, true, false) => vnni::dot_row_tile::<4, false>,
-        (true, false, true) => vnni::dot_row_tile::<8, true>,
-        (true, false, false) => vnni::dot_row_tile::<8, false>,
-        (false, true, true) => avx2::dot_row_tile::<4, true>,
-        (false, true, false) => avx2::dot_row_tile::<4, false>,
-        (false, false, true) => avx2::dot_row_tile::<8, true>,
-        (false, false, false) => avx2::dot_row_tile::<8, false>,
+        (true, true, true) => vnni::dot_row_tile::<4, true, INPUTS>,
+        (true, true, false) => vnni::dot_row_tile::<4, false, INPUTS>,
+        (true, false, true) => vnni::dot_row_tile::<8, true, INPUTS>,
+        (true, false, false) => vnni::dot_row_tile::<8, false, INPUTS>,
+        (false, true, true) => avx2::dot_row_tile::<4, true, INPUTS>,
+        (false, true, false) => avx2::dot_row_tile::<4, false, INPUTS>,
+        (false, false, true) => avx2::dot_row_tile::<8, true, INPUTS>,
+        (false, false, false) => avx2::dot_row_tile::<8, false, INPUTS>,
     }
 }
 
@@ -623,7 +647,7 @@ pub fn affine_matmul_with(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inp
         let qi = quantize_inputs(w, xs);
         let four = w.spec.bits == 4;
         if t == 1 {
-            let tile = tile_kernel(w, has_avx512_vnni());
+            let tile = tile_kernel::<1>(w, has_avx512_vnni());
             // One token: tiles of ROW_TILE rows share each activation load.
             ys.par_chunks_mut(chunk).enumerate().for_each(|(c, y)| {
                 let r0 = c * chunk;
@@ -631,7 +655,7 @@ pub fn affine_matmul_with(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inp
                 for (ti, yt) in y.chunks_exact_mut(ROW_TILE).enumerate() {
                     // SAFETY: the kernel's CPU features were detected above; rows r0 + 4ti .. + 4
                     // exist.
-                    unsafe { tile(w, r0 + ti * ROW_TILE, &qi, yt) }
+                    unsafe { tile(w, r0 + ti * ROW_TILE, &qi, 0, yt) }
                 }
                 let mut out = [0f32; INPUT_TILE];
                 for (r, yr) in y.iter_mut().enumerate().skip(tiles * ROW_TILE) {
@@ -689,6 +713,82 @@ pub fn affine_matmul_with(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inp
             *v = dot_row_f32(w, r, x, s);
         }
     });
+}
+
+/// `ys (t × n) = xs (t × k) · Wᵀ` for the tokens of a decode batch, each input's outputs
+/// bit-identical to [`affine_matmul`] of that input alone (so a sequence answers the same alone or
+/// batched), with each weight row read from memory once per four inputs instead of once per input.
+pub fn affine_matmul_batch(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
+    let (k, n) = (w.in_dim, w.out_dim);
+    let t = xs.len() / k;
+    debug_assert_eq!(xs.len(), t * k);
+    debug_assert_eq!(ys.len(), t * n);
+    if t <= 1 {
+        affine_matmul(w, xs, ys);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let qi = quantize_inputs(w, xs);
+        let vnni = has_avx512_vnni();
+        let four = w.spec.bits == 4;
+        let kernels = [
+            tile_kernel::<1>(w, vnni),
+            tile_kernel::<2>(w, vnni),
+            tile_kernel::<3>(w, vnni),
+            tile_kernel::<4>(w, vnni),
+        ];
+        // As the one-input product: rows in whole tiles of ROW_TILE through the tile kernel, the
+        // last few through `dot_rows` (both compute each input on its own).
+        let tiled = n / ROW_TILE * ROW_TILE;
+        let chunk = rows_per_task(n);
+        let ys_addr = ys.as_mut_ptr() as usize;
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
+            // SAFETY: each task writes only the outputs of its own rows r0..r1, for every input.
+            let ys = unsafe { std::slice::from_raw_parts_mut(ys_addr as *mut f32, t * n) };
+            let mut out = [0f32; ROW_TILE * INPUT_TILE];
+            let mut r = r0;
+            while r < r1.min(tiled) {
+                let mut i0 = 0;
+                while i0 < t {
+                    let m = INPUT_TILE.min(t - i0);
+                    // SAFETY: AVX2, FMA and F16C (and VNNI where chosen) were detected; rows
+                    // r..r + ROW_TILE and inputs i0..i0 + m exist.
+                    unsafe { kernels[m - 1](w, r, &qi, i0, &mut out) };
+                    for i in 0..m {
+                        ys[(i0 + i) * n + r..][..ROW_TILE]
+                            .copy_from_slice(&out[i * ROW_TILE..(i + 1) * ROW_TILE]);
+                    }
+                    i0 += m;
+                }
+                r += ROW_TILE;
+            }
+            let mut one = [0f32; INPUT_TILE];
+            for r in r.max(tiled)..r1 {
+                let mut i0 = 0;
+                while i0 < t {
+                    let m = INPUT_TILE.min(t - i0);
+                    // SAFETY: AVX2 and FMA were detected; row r and inputs i0..i0 + m exist.
+                    unsafe {
+                        if four {
+                            avx2::dot_rows::<4>(w, r, &qi, i0, m, &mut one)
+                        } else {
+                            avx2::dot_rows::<8>(w, r, &qi, i0, m, &mut one)
+                        }
+                    }
+                    for (i, &v) in one.iter().take(m).enumerate() {
+                        ys[(i0 + i) * n + r] = v;
+                    }
+                    i0 += m;
+                }
+            }
+        });
+        return;
+    }
+    for (x, y) in xs.chunks_exact(k).zip(ys.chunks_exact_mut(n)) {
+        affine_matmul(w, x, y);
+    }
 }
 
 /// Inputs from which a product runs on dequantized weight panels and an f32 GEMM: each panel is
@@ -829,6 +929,38 @@ mod tests {
     /// sums over the dequantized rows, for every bit width and group size.
     #[cfg(target_arch = "x86_64")]
     #[test]
+    fn batched_products_equal_each_input_alone() {
+        for (bits, store) in [4u32, 8]
+            .into_iter()
+            .flat_map(|b| [(b, ScaleType::F32), (b, ScaleType::F16)])
+        {
+            // 70 rows: tiles of 4 and two left over, in several tasks.
+            let (n, k) = (70, 256);
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3)
+                .collect();
+            let q = AffineWeight::quantize(&w, n, k, QuantSpec::new(bits, 32).unwrap(), store, "t")
+                .unwrap();
+            for t in [2, 3, 5, 8, 9] {
+                let xs: Vec<f32> = (0..t * k)
+                    .map(|i| ((i * 13 % 29) as f32 / 7.0) - 2.0 + (i / k) as f32 * 0.37)
+                    .collect();
+                let mut batch = vec![0f32; t * n];
+                affine_matmul_batch(&q, &xs, &mut batch);
+                for (i, x) in xs.chunks_exact(k).enumerate() {
+                    let mut alone = vec![0f32; n];
+                    affine_matmul(&q, x, &mut alone);
+                    assert_eq!(
+                        &batch[i * n..(i + 1) * n],
+                        &alone[..],
+                        "bits {bits} {store:?}: input {i} of {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn row_tile_kernels_equal_dequantized_product() {
         if !has_avx2() {
             eprintln!("skipped: this CPU has no AVX2");
@@ -857,9 +989,9 @@ mod tests {
                     let mut got = [[0f32; ROW_TILE]; 2];
                     // SAFETY: AVX2 (and VNNI for the second) were detected; rows r0..r0 + 4 exist.
                     unsafe {
-                        tile_kernel(&q, false)(&q, r0, &qi, &mut got[0]);
+                        tile_kernel::<1>(&q, false)(&q, r0, &qi, 0, &mut got[0]);
                         if has_avx512_vnni() {
-                            tile_kernel(&q, true)(&q, r0, &qi, &mut got[1]);
+                            tile_kernel::<1>(&q, true)(&q, r0, &qi, 0, &mut got[1]);
                         } else {
                             got[1] = got[0];
                         }

@@ -521,6 +521,33 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x` `(rows, in)` holding one row of each sequence of a decode batch: every row's output is
+    /// bit-identical to [`Self::forward`] of that row alone, so a sequence answers the same alone or
+    /// batched. Affine-quantized weights are read once per four rows; other forms run row by row.
+    pub fn forward_batch(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        if rows == 1 {
+            return self.forward(x);
+        }
+        let y = match &self.weight {
+            LinearWeight::Affine(q) if x.device().is_cpu() => affine_forward_by(q, x, |xs, y| {
+                crate::kernels::qmatvec::affine_matmul_batch(q, xs, y)
+            })?,
+            _ => {
+                let outs = (0..rows)
+                    .map(|i| self.forward(&x.narrow(0, i, 1)?))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&outs, 0)?);
+            }
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
 /// Projections that read the same input (Q/K/V, gate/up): one stacked product `[y₁ | y₂ | …]` where
 /// the weights can be stacked, separate products otherwise (GGML block types).
 #[derive(Debug, Clone)]
@@ -552,9 +579,22 @@ impl ProjectionGroup {
 
     /// Each projection's output `(..., width)` (views into the stacked output when fused).
     pub fn forward_each(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        self.each_by(x, Linear::forward)
+    }
+
+    /// [`Self::forward_each`] for the rows of a decode batch ([`Linear::forward_batch`]).
+    pub fn forward_each_batch(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        self.each_by(x, Linear::forward_batch)
+    }
+
+    fn each_by(
+        &self,
+        x: &Tensor,
+        forward: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         match self {
             Self::Fused { linear, widths } => {
-                let y = linear.forward(x)?;
+                let y = forward(linear, x)?;
                 let last = y.rank() - 1;
                 let mut start = 0;
                 let mut out = Vec::with_capacity(widths.len());
@@ -564,7 +604,7 @@ impl ProjectionGroup {
                 }
                 Ok(out)
             }
-            Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+            Self::Separate(ls) => ls.iter().map(|l| forward(l, x)).collect(),
         }
     }
 }
@@ -965,6 +1005,17 @@ fn tiles_forward(t: &crate::kernels::amx::TileWeight, x: &Tensor) -> Result<Tens
 
 /// `x (..., in)` times an affine-quantized weight, on the CPU in f32 (see [`crate::kernels::qmatvec`]).
 fn affine_forward(q: &AffineWeight, x: &Tensor, tile_inputs: TileInputs) -> Result<Tensor> {
+    affine_forward_by(q, x, |xs, y| {
+        crate::kernels::qmatvec::affine_matmul_with(q, xs, y, tile_inputs)
+    })
+}
+
+/// `x (..., in)` times an affine-quantized weight, the f32 rows multiplied by `product(xs, ys)`.
+fn affine_forward_by(
+    q: &AffineWeight,
+    x: &Tensor,
+    product: impl FnOnce(&[f32], &mut [f32]),
+) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return Err(Error::Device(
             "an affine-quantized layer reached a non-CPU device without Linear::place".into(),
@@ -981,7 +1032,7 @@ fn affine_forward(q: &AffineWeight, x: &Tensor, tile_inputs: TileInputs) -> Resu
             _ => return Err(Error::Device("quantized weights run on the CPU".into())),
         };
         let xs = &xs[layout.start_offset()..layout.start_offset() + rows * k];
-        crate::kernels::qmatvec::affine_matmul_with(q, xs, &mut y, tile_inputs);
+        product(xs, &mut y);
     }
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {

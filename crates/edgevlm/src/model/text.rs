@@ -167,10 +167,17 @@ impl DecoderLayer {
         let d = self.head_dim;
         let y = self.input_norm.forward(x)?;
         if t == 1 && b == 1 && mask.is_none() {
-            if let Some(o) = self.decode_step(&y, rope, cache, layer, offset)? {
-                let x = (x + self.o.forward(&o)?)?;
-                return self.mlp(x);
-            }
+            let o = match &self.qkv {
+                ProjectionGroup::Fused { linear, .. } => {
+                    self.attend_row(&linear.forward(&y)?, rope, cache, layer, offset)?
+                }
+                ProjectionGroup::Separate(_) => {
+                    let qkv = self.qkv.forward_each(&y)?;
+                    self.attend_row_parts(&qkv, rope, cache, layer, offset)?
+                }
+            };
+            let x = (x + self.o.forward(&o)?)?;
+            return self.mlp(x, Linear::forward);
         }
         let heads = |t_: Tensor, n: usize| -> Result<Tensor> {
             Ok(t_.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
@@ -183,18 +190,12 @@ impl DecoderLayer {
         let k = rope.apply(&heads(k, self.kv_heads)?, offset)?;
         let v = heads(v, self.kv_heads)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        if t == 1 && b == 1 && mask.is_none() {
-            if let Some(o) = decode_attention(&q, &k, &v, self.kv_heads, d)? {
-                let x = (x + self.o.forward(&o)?)?;
-                return self.mlp(x);
-            }
-        }
         // The rest reads the cache in the queries' type (an f16 cache widened, exactly).
         let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
         if mask.is_some() {
             if let Some(o) = prefill_attention(&q, &k, &v, self.kv_heads, d)? {
                 let x = (x + self.o.forward(&o)?)?;
-                return self.mlp(x);
+                return self.mlp(x, Linear::forward);
             }
         }
         // Grouped-query attention without copying K/V per query head: fold the `rep` query heads that
@@ -218,27 +219,113 @@ impl DecoderLayer {
             .transpose(1, 2)?
             .reshape((b, t, self.heads * d))?;
         let x = (x + self.o.forward(&o)?)?;
-        self.mlp(x)
+        self.mlp(x, Linear::forward)
     }
 
-    /// Attention of one new position on f32 CPU tensors with the fused QKV product, without the
-    /// general path's tensor reshapes: RoPE applied to the projection's row in place of candle's op
-    /// (the same arithmetic), keys and values written to the cache, the decode kernel run on the
-    /// rotated query; `(1, 1, heads·d)`. `None` where it does not apply.
+    /// One new position of each sequence of a decode batch: `x` `(sequences, hidden)`, one row per
+    /// cache, each at its own position. Products read each weight once for all rows
+    /// ([`Linear::forward_batch`]); attention runs per sequence on its own cache. Every row comes out
+    /// bit-identical to [`Self::forward`] of that sequence alone.
+    fn decode_batch(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let y = self.input_norm.forward(x)?;
+        let (fused, parts) = match &self.qkv {
+            ProjectionGroup::Fused { linear, .. } => (Some(linear.forward_batch(&y)?), Vec::new()),
+            ProjectionGroup::Separate(_) => (None, self.qkv.forward_each_batch(&y)?),
+        };
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let offset = cache.len();
+            let o = match &fused {
+                Some(all) => self.attend_row(&all.narrow(0, i, 1)?, rope, cache, layer, offset)?,
+                None => {
+                    let row = parts
+                        .iter()
+                        .map(|p| p.narrow(0, i, 1))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    self.attend_row_parts(&row, rope, cache, layer, offset)?
+                }
+            };
+            outs.push(o.reshape((1, self.heads * self.head_dim))?);
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        let x = (x + self.o.forward_batch(&o)?)?;
+        self.mlp(x, Linear::forward_batch)
+    }
+
+    /// Attention of one new position from its stacked `[q | k | v]` projection row: the fast path on
+    /// f32 CPU tensors ([`Self::decode_step`]), else the general one on the row's three parts.
+    fn attend_row(
+        &self,
+        qkv: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        offset: usize,
+    ) -> Result<Tensor> {
+        if let Some(o) = self.decode_step(qkv, rope, cache, layer, offset)? {
+            return Ok(o);
+        }
+        let (q_w, kv_w) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let last = qkv.rank() - 1;
+        let parts = [
+            qkv.narrow(last, 0, q_w)?,
+            qkv.narrow(last, q_w, kv_w)?,
+            qkv.narrow(last, q_w + kv_w, kv_w)?,
+        ];
+        self.attend_row_parts(&parts, rope, cache, layer, offset)
+    }
+
+    /// Attention of one new position from its separate q, k and v rows, on any device or type:
+    /// RoPE, the cache append, the decode kernel where it applies, else plain attention;
+    /// `(1, 1, heads·d)`.
+    fn attend_row_parts(
+        &self,
+        qkv: &[Tensor],
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let d = self.head_dim;
+        let [q, k, v] = qkv else {
+            return Err(Error::Internal("attention projections missing".into()));
+        };
+        let heads =
+            |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((1, n, 1, d))?.contiguous()?) };
+        let q = rope.apply(&heads(q, self.heads)?, offset)?;
+        let k = rope.apply(&heads(k, self.kv_heads)?, offset)?;
+        let v = heads(v, self.kv_heads)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        if let Some(o) = decode_attention(&q, &k, &v, self.kv_heads, d)? {
+            return Ok(o);
+        }
+        let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
+        let rep = self.heads / self.kv_heads;
+        let q = q.reshape((1, self.kv_heads, rep, d))?;
+        let o = attention(&q, &k, &v, (d as f64).powf(-0.5), None)?;
+        Ok(o.reshape((1, 1, self.heads * d))?)
+    }
+
+    /// Attention of one new position from its stacked `[q | k | v]` row on f32 CPU tensors, without
+    /// the general path's tensor reshapes: RoPE applied to the row in place of candle's op (the same
+    /// arithmetic), keys and values written to the cache, the decode kernel run on the rotated query;
+    /// `(1, 1, heads·d)`. `None` where it does not apply.
     fn decode_step(
         &self,
-        y: &Tensor,
+        qkv: &Tensor,
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
         offset: usize,
     ) -> Result<Option<Tensor>> {
-        let ProjectionGroup::Fused { linear, .. } = &self.qkv else {
-            return Ok(None);
-        };
         let (d, heads, kv) = (self.head_dim, self.heads, self.kv_heads);
-        let qkv = linear.forward(y)?;
-        let Some((q, k, v)) = with_cpu_f32(&qkv, |row| -> Option<_> {
+        let Some((q, k, v)) = with_cpu_f32(qkv, |row| -> Option<_> {
             let (q, rest) = row.split_at(heads * d);
             let (k, v) = rest.split_at(kv * d);
             let mut q = q.to_vec();
@@ -249,7 +336,7 @@ impl DecoderLayer {
         .flatten() else {
             return Ok(None);
         };
-        let dev = y.device();
+        let dev = qkv.device();
         let k = Tensor::from_vec(k, (1, kv, 1, d), dev)?;
         let v = Tensor::from_vec(v, (1, kv, 1, d), dev)?;
         let (k, v) = cache.append(layer, &k, &v)?;
@@ -261,21 +348,22 @@ impl DecoderLayer {
         }
     }
 
-    /// The residual MLP half of the block.
-    fn mlp(&self, x: Tensor) -> Result<Tensor> {
+    /// The residual MLP half of the block, its products run by `forward` ([`Linear::forward`], or
+    /// [`Linear::forward_batch`] for a decode batch).
+    fn mlp(&self, x: Tensor, forward: fn(&Linear, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let y = self.post_norm.forward(&x)?;
         let act = match &self.gate_up {
             ProjectionGroup::Fused { linear, .. } => {
-                silu_mul_stacked(&linear.forward(&y)?, self.intermediate)?
+                silu_mul_stacked(&forward(linear, &y)?, self.intermediate)?
             }
             ProjectionGroup::Separate(ls) => {
                 let (Some(g), Some(u)) = (ls.first(), ls.get(1)) else {
                     return Err(Error::Internal("MLP projections missing".into()));
                 };
-                (candle_nn::ops::silu(&g.forward(&y)?)? * u.forward(&y)?)?
+                (candle_nn::ops::silu(&forward(g, &y)?)? * forward(u, &y)?)?
             }
         };
-        let y = self.down.forward(&act)?;
+        let y = forward(&self.down, &act)?;
         Ok((x + y)?)
     }
 }
@@ -547,6 +635,31 @@ impl TextModel {
         // other workers directly, instead of each of the ~200 products per token being handed over
         // from (and back to) a thread outside the pool.
         rayon::scope(|_| self.forward_in_pool(embeds, cache, all_logits))
+    }
+
+    /// One decode step for several sequences at once: `tokens[i]` goes in at position
+    /// `caches[i].len()` of its own cache; returns logits `(sequences, vocab)` in f32. Each row is
+    /// bit-identical to [`Self::forward`] of that token alone on that cache, so a sequence's answer
+    /// does not depend on what it was batched with; the weights are read once for all of them.
+    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(Error::ModelInput(format!(
+                "{} tokens for {} caches",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        rayon::scope(|_| {
+            let mut x = self.embed(tokens)?;
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = layer.decode_batch(&x, &self.rope, caches, i)?;
+            }
+            for c in caches.iter_mut() {
+                c.advance(1);
+            }
+            let x = self.norm.forward(&x)?;
+            Ok(self.lm_head.forward_batch(&x)?.to_dtype(DType::F32)?)
+        })
     }
 
     fn forward_in_pool(
