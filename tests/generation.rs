@@ -107,3 +107,89 @@ fn batched_decoding_answers_exactly_as_alone() {
         vec![alone[5].clone(), alone[2].clone(), alone[7].clone()]
     );
 }
+
+/// A two-turn conversation about one image, as a chat client sends it: the second request repeats
+/// the first turn, the answer and a new question.
+fn conversation(first_answer: Option<&str>) -> edgevlm::ChatRequest {
+    let img = fixtures().join("images/large.png").display().to_string();
+    let mut req =
+        edgevlm::ChatRequest::simple(Some("You describe images."), "Describe this image.", &[img]);
+    if let Some(answer) = first_answer {
+        req.messages.push(edgevlm::openai::ChatMessage {
+            role: "assistant".into(),
+            content: Some(edgevlm::openai::MessageContent::Text(answer.into())),
+            name: None,
+        });
+        req.messages.push(edgevlm::openai::ChatMessage {
+            role: "user".into(),
+            content: Some(edgevlm::openai::MessageContent::Text(
+                "What colour is the largest shape?".into(),
+            )),
+            name: None,
+        });
+    }
+    req.max_tokens = Some(16);
+    req
+}
+
+#[test]
+fn the_reuse_cache_never_changes_an_answer() {
+    let cached = edgevlm::Engine::load_dir(
+        &tiny_model_dir("reuse-cached"),
+        "tiny",
+        edgevlm::EngineOptions {
+            reuse_cache_bytes: 256 << 20,
+            ..exact_options()
+        },
+    )
+    .unwrap();
+    let plain = tiny_engine("reuse-plain");
+    let turn = |e: &edgevlm::Engine, r: &edgevlm::ChatRequest| {
+        let p = e.prepare(r).unwrap();
+        let out = e.generate(&p, &e.settings(r).unwrap(), |_, _| {}).unwrap();
+        (out.text, out.tokens, out.timings)
+    };
+    let first = conversation(None);
+    let (text, tokens, t1) = turn(&cached, &first);
+    assert_eq!(tokens, turn(&plain, &first).1);
+    assert_eq!(t1.reused_prompt_tokens, 0);
+    // 13 tiles of 64 image tokens and the text: whole chunks of 256 positions are kept.
+    assert!(cached.reuse_cache().used() > 0);
+    let second = conversation(Some(&text));
+    let (_, again, t2) = turn(&cached, &second);
+    let (_, fresh, t0) = turn(&plain, &second);
+    assert_eq!(
+        again, fresh,
+        "the second turn answers the same with the cache"
+    );
+    assert!(
+        t2.reused_prompt_tokens >= 768,
+        "{}",
+        t2.reused_prompt_tokens
+    );
+    assert!(t2.image_encode_ms < 1.0, "the image is not encoded again");
+    println!(
+        "second turn: {} of {} prompt tokens reused; image {:.1} ms + prompt {:.1} ms (without the cache {:.1} + {:.1})",
+        t2.reused_prompt_tokens,
+        t2.prompt_tokens,
+        t2.image_encode_ms,
+        t2.prompt_ms,
+        t0.image_encode_ms,
+        t0.prompt_ms
+    );
+    // A different image in the same place shares only the text before it.
+    let mut other = second.clone();
+    if let Some(edgevlm::openai::MessageContent::Parts(parts)) = &mut other.messages[1].content {
+        parts[0] = edgevlm::openai::ContentPart::ImageUrl {
+            image_url: edgevlm::openai::ImageUrl::Plain(
+                fixtures().join("images/wide.png").display().to_string(),
+            ),
+        };
+    }
+    let (_, o, t3) = turn(&cached, &other);
+    assert_eq!(o, turn(&plain, &other).1);
+    assert_eq!(
+        t3.reused_prompt_tokens, 0,
+        "the image comes within the first chunk"
+    );
+}

@@ -160,10 +160,8 @@ impl Workload {
     fn prepare(&self, engine: &Engine) -> Result<PreparedPrompt> {
         if let Some(ids) = &self.ids {
             return Ok(PreparedPrompt {
-                text: PromptText::default(),
                 ids: ids.clone(),
-                images: Vec::new(),
-                preprocess_ms: 0.0,
+                ..Default::default()
             });
         }
         let t0 = Instant::now();

@@ -62,10 +62,8 @@ struct Score {
 /// Logits `(t, vocab)` of every position of `ids` (teacher-forced).
 fn all_logits(engine: &Engine, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     let prompt = PreparedPrompt {
-        text: Default::default(),
         ids: ids.to_vec(),
-        images: Vec::new(),
-        preprocess_ms: 0.0,
+        ..Default::default()
     };
     Ok(engine.logits(&prompt, true)?.to_vec2::<f32>()?)
 }

@@ -274,6 +274,9 @@ pub struct Choice {
 pub struct AssistantMessage {
     pub role: String,
     pub content: String,
+    /// Always `null`: the model's text is its answer (OpenAI sends a refusal message here).
+    #[serde(default)]
+    pub refusal: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -317,9 +320,147 @@ pub struct ChatCompletionChunk {
     pub object: String,
     pub created: u64,
     pub model: String,
+    #[serde(default)]
+    pub system_fingerprint: Option<String>,
     pub choices: Vec<ChunkChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
+    /// Absent unless the request asked for usage (`stream_options.include_usage`); then `null` on
+    /// every chunk but a last one, whose `choices` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+/// What every response object of one completion shares, and how each is built: the role chunk, text
+/// chunks, the closing chunks and the whole `chat.completion` (the OpenAI mapping the CLI, the
+/// library and the server all use).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionBuilder {
+    pub id: String,
+    pub created: u64,
+    /// The name responses carry: the request's, or the name the model is served under.
+    pub model: String,
+    pub system_fingerprint: String,
+    /// Whether the request asked for logprobs.
+    pub logprobs: bool,
+    /// Whether the request asked for usage in the stream (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+impl CompletionBuilder {
+    pub fn new(model: &str, req: &ChatRequest) -> Self {
+        Self {
+            id: completion_id(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            model: model.to_string(),
+            system_fingerprint: format!("edgevlm-{}", env!("CARGO_PKG_VERSION")),
+            logprobs: req.logprobs == Some(true),
+            include_usage: req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        }
+    }
+
+    fn chunk(&self, choices: Vec<ChunkChoice>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: Some(self.system_fingerprint.clone()),
+            choices,
+            usage: self.include_usage.then_some(None),
+        }
+    }
+
+    fn choice(
+        delta: Delta,
+        logprobs: Option<ChoiceLogprobs>,
+        finish: Option<FinishReason>,
+    ) -> ChunkChoice {
+        ChunkChoice {
+            index: 0,
+            delta,
+            logprobs,
+            finish_reason: finish,
+        }
+    }
+
+    /// The first chunk: the assistant's role and empty text.
+    pub fn role_chunk(&self) -> ChatCompletionChunk {
+        let delta = Delta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        };
+        self.chunk(vec![Self::choice(delta, None, None)])
+    }
+
+    /// A piece of answer text, with the logprob entries of the tokens that completed it.
+    pub fn text_chunk(&self, text: String, logprobs: Vec<TokenLogprob>) -> ChatCompletionChunk {
+        let delta = Delta {
+            role: None,
+            content: Some(text),
+        };
+        let lp = self
+            .logprobs
+            .then_some(ChoiceLogprobs { content: logprobs });
+        self.chunk(vec![Self::choice(delta, lp, None)])
+    }
+
+    /// The closing chunks: the finish reason, then (when asked for) the usage with no choices.
+    pub fn finish_chunks(&self, finish: FinishReason, usage: Usage) -> Vec<ChatCompletionChunk> {
+        let mut out = vec![self.chunk(vec![Self::choice(Delta::default(), None, Some(finish))])];
+        if self.include_usage {
+            let mut last = self.chunk(Vec::new());
+            last.usage = Some(Some(usage));
+            out.push(last);
+        }
+        out
+    }
+
+    /// The whole answer as one `chat.completion`.
+    pub fn completion(
+        &self,
+        text: String,
+        finish: FinishReason,
+        logprobs: Vec<TokenLogprob>,
+        usage: Usage,
+    ) -> ChatCompletion {
+        ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: text,
+                    refusal: None,
+                },
+                logprobs: self
+                    .logprobs
+                    .then_some(ChoiceLogprobs { content: logprobs }),
+                finish_reason: finish,
+            }],
+            usage,
+            system_fingerprint: Some(self.system_fingerprint.clone()),
+        }
+    }
+}
+
+/// A fresh `chatcmpl-…` id.
+pub fn completion_id() -> String {
+    let mut rng = crate::sampling::Rng::new(crate::prompt::random_u64());
+    format!(
+        "chatcmpl-{:016x}{:08x}",
+        rng.next_u64(),
+        rng.next_u64() as u32
+    )
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

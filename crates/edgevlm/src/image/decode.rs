@@ -29,7 +29,7 @@ pub fn load_image_ref(reference: &str, limits: &Limits) -> Result<Image8> {
 }
 
 /// The encoded bytes an image reference names, and how to name it in errors.
-fn read_image_ref(reference: &str, limits: &Limits) -> Result<(Vec<u8>, String)> {
+pub fn read_image_ref(reference: &str, limits: &Limits) -> Result<(Vec<u8>, String)> {
     if let Some(rest) = reference.strip_prefix("data:") {
         let source = "data URI".to_string();
         let (meta, payload) = rest

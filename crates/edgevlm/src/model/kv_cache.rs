@@ -71,4 +71,57 @@ impl KvCache {
     pub fn advance(&mut self, t: usize) {
         self.len += t;
     }
+
+    /// A compact copy of the first `len` positions.
+    pub fn prefix(&self, len: usize) -> Result<KvCache> {
+        if len > self.len {
+            return Err(Error::Internal(format!(
+                "a prefix of {len} positions from a cache of {}",
+                self.len
+            )));
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(match l {
+                Some((k, v)) => Some((k.narrow(2, 0, len)?.copy()?, v.narrow(2, 0, len)?.copy()?)),
+                None => None,
+            });
+        }
+        Ok(KvCache {
+            layers,
+            capacity: len,
+            len,
+            dtype: self.dtype,
+        })
+    }
+
+    /// This (empty) cache holding a copy of the first `len` positions of `other`.
+    pub fn with_prefix_of(mut self, other: &KvCache, len: usize) -> Result<KvCache> {
+        if self.len != 0 || len > other.len || len > self.capacity || self.dtype != other.dtype {
+            return Err(Error::Internal(format!(
+                "cannot start a cache of {} positions from {len} of another",
+                self.capacity
+            )));
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            let Some((k, v)) = theirs else { continue };
+            let (b, h, _, d) = k.dims4()?;
+            let kc = Tensor::zeros((b, h, self.capacity, d), k.dtype(), k.device())?;
+            let vc = kc.copy()?;
+            kc.slice_set(&k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            vc.slice_set(&v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            *mine = Some((kc, vc));
+        }
+        self.len = len;
+        Ok(self)
+    }
+
+    /// Bytes the cache's tensors hold.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
 }

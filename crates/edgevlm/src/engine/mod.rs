@@ -2,7 +2,8 @@
 //! OpenAI-shaped chat requests, whole or streamed.
 
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -22,6 +23,17 @@ use crate::sampling::{log_softmax, Sampler, SamplingParams};
 use crate::template::{ChatTemplate, TemplateMessage};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
+
+mod cache;
+mod chat;
+mod detokenize;
+mod generation;
+
+pub use cache::{image_key, CachedImage, ImageKey, ReuseCache};
+
+pub use chat::ChatStream;
+pub use detokenize::TextAssembler;
+pub use generation::{Generation, GenerationOutput, Piece, Poll};
 
 /// Compute precision of the weights and activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -135,6 +147,9 @@ pub struct EngineOptions {
     pub f16_kv_cache: bool,
     /// What one request may ask for (image sizes and sources, token counts).
     pub limits: Limits,
+    /// Bytes for reusing work between requests (encoded image features, prompt-prefix KV caches);
+    /// 0 keeps nothing (a one-shot program), a server keeps a few hundred MB.
+    pub reuse_cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -151,6 +166,7 @@ impl Default for EngineOptions {
             gpu_int8_activations: false,
             f16_kv_cache: false,
             limits: Limits::default(),
+            reuse_cache_bytes: 0,
         }
     }
 }
@@ -175,6 +191,8 @@ impl EngineOptions {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
     pub image_preprocess_ms: f64,
+    /// Prompt positions taken from the reuse cache instead of computed.
+    pub reused_prompt_tokens: usize,
     pub image_encode_ms: f64,
     pub image_tiles: usize,
     pub prompt_tokens: usize,
@@ -194,12 +212,24 @@ impl Timings {
 }
 
 /// A request turned into model inputs.
+#[derive(Clone, Default)]
 pub struct PreparedPrompt {
     /// The prompt text with images expanded (message text marked where it spells special tokens).
     pub text: PromptText,
     pub ids: Vec<u32>,
+    /// Each image's tiles (no pixels where its features come from the reuse cache).
     pub images: Vec<ProcessedImage>,
+    /// Each image's key in the reuse cache (`None` for images given already decoded).
+    pub image_keys: Vec<Option<ImageKey>>,
+    /// Each image's features, where the reuse cache held them.
+    pub cached_images: Vec<Option<Arc<CachedImage>>>,
     pub preprocess_ms: f64,
+}
+
+/// An image on its way into a prompt.
+enum ImageInput<'a> {
+    Decoded(&'a image::Image8, Option<ImageKey>),
+    Cached(ImageKey, Arc<CachedImage>),
 }
 
 /// Generation settings resolved from a request.
@@ -258,6 +288,7 @@ pub struct Engine {
     opts: EngineOptions,
     /// Generation defaults from generation_config.json.
     gen_defaults: Value,
+    reuse: ReuseCache,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -335,6 +366,7 @@ impl Engine {
     /// its metadata holds.
     pub fn load_gguf(path: &Path, opts: EngineOptions) -> Result<Self> {
         opts.limits.validate()?;
+        let reuse_bytes = opts.reuse_cache_bytes;
         let mut file = crate::gguf::GgufFile::open(path)?;
         let cfg = crate::gguf::llama_config(&file)?;
         // The tokenizer first: building it takes a few MB for a moment (the vocabulary and merges as
@@ -374,11 +406,13 @@ impl Engine {
             name,
             opts,
             gen_defaults: Value::Null,
+            reuse: ReuseCache::new(reuse_bytes),
         })
     }
 
     /// Load a model folder in the HF layout; `name` is echoed in responses.
     pub fn load_dir(dir: &Path, name: &str, opts: EngineOptions) -> Result<Self> {
+        let reuse_bytes = opts.reuse_cache_bytes;
         if opts.dequantize {
             return Err(Error::Unsupported(
                 "dequantizing while loading applies to GGUF files".into(),
@@ -475,6 +509,7 @@ impl Engine {
             name: name.to_string(),
             opts,
             gen_defaults,
+            reuse: ReuseCache::new(reuse_bytes),
         })
     }
 
@@ -541,35 +576,61 @@ impl Engine {
         prompt: &PromptText,
         images: &[image::Image8],
     ) -> Result<PreparedPrompt> {
+        let inputs = images
+            .iter()
+            .map(|i| ImageInput::Decoded(i, None))
+            .collect();
+        self.prepare_inputs(prompt, inputs)
+    }
+
+    fn prepare_inputs(
+        &self,
+        prompt: &PromptText,
+        inputs: Vec<ImageInput>,
+    ) -> Result<PreparedPrompt> {
         let t0 = Instant::now();
-        if images.is_empty() && self.image_cfg.is_none() {
+        if inputs.is_empty() && self.image_cfg.is_none() {
             let ids = self.tokenizer.encode_prompt(prompt)?;
             return Ok(PreparedPrompt {
                 text: prompt.clone(),
                 ids,
-                images: Vec::new(),
-                preprocess_ms: 0.0,
+                ..Default::default()
             });
         }
         let (_, cfg) = self.vision()?;
         let split = self.splitting(cfg);
-        let processed = images
-            .iter()
-            .map(|img| image::process_image(img, cfg, split))
-            .collect::<Result<Vec<_>>>()?;
-        let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let text = image::expand_image_tokens(prompt, &processed, cfg.image_seq_len)?;
-        let ids = self.tokenizer.encode_prompt(&text)?;
-        Ok(PreparedPrompt {
-            text,
-            ids,
-            images: processed,
-            preprocess_ms,
-        })
+        let mut p = PreparedPrompt::default();
+        for input in inputs {
+            let (processed, key, cached) = match input {
+                ImageInput::Decoded(img, key) => {
+                    (image::process_image(img, cfg, split)?, key, None)
+                }
+                ImageInput::Cached(key, c) => (
+                    ProcessedImage {
+                        pixel_values: Vec::new(),
+                        num_tiles: c.num_tiles,
+                        height: c.tile_height,
+                        width: c.tile_width,
+                        rows: c.rows,
+                        cols: c.cols,
+                    },
+                    Some(key),
+                    Some(c),
+                ),
+            };
+            p.images.push(processed);
+            p.image_keys.push(key);
+            p.cached_images.push(cached);
+        }
+        p.preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
+        p.text = image::expand_image_tokens(prompt, &p.images, cfg.image_seq_len)?;
+        p.ids = self.tokenizer.encode_prompt(&p.text)?;
+        Ok(p)
     }
 
     /// Render, load images and tokenize a request. Images are checked against the engine's
-    /// [`Limits`] (count, source, size from the header) before any is decoded.
+    /// [`Limits`] (count, source, size from the header) before any is decoded; an image whose
+    /// features the reuse cache holds is not decoded at all.
     pub fn prepare(&self, req: &ChatRequest) -> Result<PreparedPrompt> {
         let (messages, refs) = Self::template_messages(req)?;
         if !refs.is_empty() {
@@ -578,14 +639,34 @@ impl Engine {
         self.opts.limits.check_image_count(refs.len())?;
         let prompt = self.render_messages(&messages)?;
         let t0 = Instant::now();
-        let decoded = refs
-            .iter()
-            .map(|r| image::load_image_ref(r, &self.opts.limits))
-            .collect::<Result<Vec<_>>>()?;
+        let mut decoded = Vec::with_capacity(refs.len());
+        for r in &refs {
+            let (bytes, source) = image::read_image_ref(r, &self.opts.limits)?;
+            let key = cache::image_key(&bytes);
+            decoded.push(match self.reuse.image(key) {
+                Some(c) => Err((key, c)),
+                None => Ok((
+                    image::decode_bytes(&bytes, &source, &self.opts.limits)?,
+                    key,
+                )),
+            });
+        }
         let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let mut p = self.prepare_with_images(&prompt, &decoded)?;
+        let inputs = decoded
+            .iter()
+            .map(|d| match d {
+                Ok((img, key)) => ImageInput::Decoded(img, Some(*key)),
+                Err((key, c)) => ImageInput::Cached(*key, c.clone()),
+            })
+            .collect();
+        let mut p = self.prepare_inputs(&prompt, inputs)?;
         p.preprocess_ms += decode_ms;
         Ok(p)
+    }
+
+    /// The reuse cache (image features, prompt prefixes) of this engine.
+    pub fn reuse_cache(&self) -> &ReuseCache {
+        &self.reuse
     }
 
     /// Image features for all images of a prompt, `(image tokens, hidden)`, or None without images.
@@ -693,201 +774,7 @@ impl Engine {
             stop_at_eos: true,
         })
     }
-
-    /// Answer a request with one `chat.completion`.
-    pub fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion> {
-        Ok(self.chat_streaming(req, |_| Ok(()))?.0)
-    }
-
-    /// Answer a request, calling `on_chunk` with each `chat.completion.chunk` as text is produced; returns
-    /// the assembled completion and the request's timings. An error from `on_chunk` stops generation
-    /// at once and is returned.
-    pub fn chat_streaming(
-        &self,
-        req: &ChatRequest,
-        mut on_chunk: impl FnMut(&ChatCompletionChunk) -> Result<()>,
-    ) -> Result<(ChatCompletion, Timings)> {
-        let mut stream = self.chat_stream(req)?;
-        while let Some(chunk) = stream.next_chunk()? {
-            on_chunk(&chunk)?;
-        }
-        Ok(stream.into_completion())
-    }
-
-    /// Start answering a request as a stream of `chat.completion.chunk`s pulled with
-    /// [`ChatStream::next_chunk`]; the prompt (images included) has run when this returns.
-    pub fn chat_stream(&self, req: &ChatRequest) -> Result<ChatStream<'_>> {
-        let settings = self.settings(req)?;
-        let prepared = self.prepare(req)?;
-        let generation = self.start(&prepared, &settings)?;
-        let include_usage = req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        Ok(ChatStream {
-            generation,
-            id: completion_id(),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            logprobs: settings.top_logprobs.is_some(),
-            include_usage,
-            prompt_tokens: prepared.ids.len(),
-            sent_role: false,
-            sent_last: false,
-        })
-    }
-
-    /// Run the model on a prepared prompt to the end of the answer. `on_text` receives each new piece
-    /// of answer text (stop strings held back until they can be ruled out) and, when logprobs were
-    /// asked for, the entries of the tokens that completed it. [`Engine::start`] is the same
-    /// generation pulled a piece at a time.
-    pub fn generate(
-        &self,
-        prepared: &PreparedPrompt,
-        settings: &GenerationSettings,
-        mut on_text: impl FnMut(&str, Option<&[TokenLogprob]>),
-    ) -> Result<GenerationOutput> {
-        let mut generation = self.start(prepared, settings)?;
-        while let Some(piece) = generation.next_piece()? {
-            let lp = settings.top_logprobs.map(|_| piece.logprobs.as_slice());
-            on_text(&piece.text, lp);
-        }
-        Ok(generation.into_output())
-    }
-
-    /// Start answering a prepared prompt: checks its length against the context and the limits,
-    /// encodes its images and runs the prompt through the model. The answer is then pulled with
-    /// [`Generation::next_piece`]; dropping the generation stops it.
-    pub fn start(
-        &self,
-        prepared: &PreparedPrompt,
-        settings: &GenerationSettings,
-    ) -> Result<Generation<'_>> {
-        let ctx = self.context_length();
-        let n_prompt = prepared.ids.len();
-        if n_prompt == 0 {
-            return Err(Error::Request("the prompt has no tokens".into()));
-        }
-        let max_tokens = self
-            .opts
-            .limits
-            .completion_budget(settings.max_tokens, n_prompt, ctx)?;
-        let sampler = Sampler::new(settings.sampling.clone())?;
-        let mut timings = Timings {
-            image_preprocess_ms: prepared.preprocess_ms,
-            image_tiles: prepared.images.iter().map(|i| i.num_tiles).sum(),
-            prompt_tokens: n_prompt,
-            ..Default::default()
-        };
-        let t0 = Instant::now();
-        let feats = self.encode_images(&prepared.images)?;
-        timings.image_encode_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-        let t1 = Instant::now();
-        let embeds = self.model.embed_prompt(&prepared.ids, feats.as_ref())?;
-        drop(feats);
-        let decoder = self.model.text();
-        let mut cache = self.new_cache(n_prompt + max_tokens);
-        // The prompt goes through in chunks: the attention scores of a chunk are `chunk × context`
-        // instead of `prompt × prompt`, which bounds the memory of long (image) prompts.
-        let mut start = 0;
-        let logits = loop {
-            let len = PREFILL_CHUNK.min(n_prompt - start);
-            let l = decoder.forward(&embeds.narrow(1, start, len)?, &mut cache, false)?;
-            start += len;
-            if start >= n_prompt {
-                break l;
-            }
-        };
-        let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
-        timings.prompt_ms = t1.elapsed().as_secs_f64() * 1e3;
-        Ok(Generation {
-            engine: self,
-            text: TextAssembler::new(&settings.stop),
-            settings: settings.clone(),
-            cache,
-            sampler,
-            context: prepared.ids.clone(),
-            tokens: Vec::new(),
-            logits,
-            unfed: None,
-            lsm: Vec::new(),
-            pending_logprobs: Vec::new(),
-            logprobs: Vec::new(),
-            max_tokens,
-            finish: None,
-            flushed: false,
-            timings,
-            decode_start: Instant::now(),
-        })
-    }
-
-    /// Run one decode step for every generation that needs one ([`Poll::NeedsStep`]), all in one
-    /// pass: each weight is read once for the whole batch, and each generation's logits are
-    /// bit-identical to running it alone, so its answer does not depend on the batch. All must be
-    /// generations of this engine.
-    pub fn step_batch(&self, generations: &mut [&mut Generation<'_>]) -> Result<()> {
-        let mut tokens = Vec::with_capacity(generations.len());
-        let mut caches = Vec::with_capacity(generations.len());
-        let mut rows = Vec::with_capacity(generations.len());
-        for (i, g) in generations.iter_mut().enumerate() {
-            if !std::ptr::eq(g.engine, self) {
-                return Err(Error::ModelInput(
-                    "a generation of another engine in a decode batch".into(),
-                ));
-            }
-            if let Some(t) = g.unfed {
-                tokens.push(t);
-                caches.push(&mut g.cache);
-                rows.push(i);
-            }
-        }
-        if tokens.is_empty() {
-            return Ok(());
-        }
-        let logits = self.model.text().decode_batch(&tokens, &mut caches)?;
-        drop(caches);
-        for (r, &i) in rows.iter().enumerate() {
-            let g = &mut generations[i];
-            g.logits = logits.get(r)?.to_vec1::<f32>()?;
-            g.unfed = None;
-        }
-        Ok(())
-    }
-
-    fn token_logprob(&self, token: u32, logprobs: &[f32], top: usize) -> TokenLogprob {
-        let entry = |id: u32| TopLogprob {
-            token: self.tokenizer.token_text(id),
-            bytes: self.tokenizer.token_bytes(id),
-            logprob: logprobs[id as usize],
-        };
-        let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
-        let k = top.min(idx.len());
-        if k > 0 {
-            idx.select_nth_unstable_by(k - 1, |&a, &b| {
-                logprobs[b as usize].total_cmp(&logprobs[a as usize])
-            });
-            idx.truncate(k);
-            idx.sort_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]));
-        } else {
-            idx.clear();
-        }
-        let me = entry(token);
-        TokenLogprob {
-            token: me.token,
-            logprob: me.logprob,
-            bytes: me.bytes,
-            top_logprobs: idx.into_iter().map(entry).collect(),
-        }
-    }
 }
-
-/// Prompt positions per forward pass during prefill.
-const PREFILL_CHUNK: usize = 256;
 
 /// Loading converts and quantizes weights one tensor at a time; the allocator keeps those freed
 /// buffers in its heaps, where they count as resident memory for the life of the process. Hand them
@@ -919,406 +806,5 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
-
-/// What [`Engine::generate`] produced.
-pub struct GenerationOutput {
-    pub text: String,
-    pub tokens: Vec<u32>,
-    pub finish_reason: FinishReason,
-    pub logprobs: Vec<TokenLogprob>,
-    pub timings: Timings,
-}
-
-/// A chat request being answered as OpenAI `chat.completion.chunk`s ([`Engine::chat_stream`]): the
-/// role first, then the text as it is produced, then the finish reason (with the usage when the
-/// request's `stream_options.include_usage` asks). Dropping it stops generation.
-pub struct ChatStream<'e> {
-    generation: Generation<'e>,
-    id: String,
-    created: u64,
-    logprobs: bool,
-    include_usage: bool,
-    prompt_tokens: usize,
-    sent_role: bool,
-    sent_last: bool,
-}
-
-impl ChatStream<'_> {
-    fn chunk(
-        &self,
-        delta: Delta,
-        finish_reason: Option<FinishReason>,
-        logprobs: Option<ChoiceLogprobs>,
-    ) -> ChatCompletionChunk {
-        ChatCompletionChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk".into(),
-            created: self.created,
-            model: self.generation.engine.name.clone(),
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs,
-                finish_reason,
-            }],
-            usage: None,
-        }
-    }
-
-    fn usage(&self) -> Usage {
-        let completion_tokens = self.generation.tokens().len();
-        Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens,
-            total_tokens: self.prompt_tokens + completion_tokens,
-        }
-    }
-
-    /// The next chunk, or `None` after the last.
-    pub fn next_chunk(&mut self) -> Result<Option<ChatCompletionChunk>> {
-        if !self.sent_role {
-            self.sent_role = true;
-            let delta = Delta {
-                role: Some("assistant".into()),
-                content: Some(String::new()),
-            };
-            return Ok(Some(self.chunk(delta, None, None)));
-        }
-        if self.sent_last {
-            return Ok(None);
-        }
-        if let Some(piece) = self.generation.next_piece()? {
-            let logprobs = self.logprobs.then_some(ChoiceLogprobs {
-                content: piece.logprobs,
-            });
-            let delta = Delta {
-                role: None,
-                content: Some(piece.text),
-            };
-            return Ok(Some(self.chunk(delta, None, logprobs)));
-        }
-        self.sent_last = true;
-        let finish = self
-            .generation
-            .finish_reason()
-            .unwrap_or(FinishReason::Length);
-        let mut last = self.chunk(Delta::default(), Some(finish), None);
-        if self.include_usage {
-            last.usage = Some(self.usage());
-        }
-        Ok(Some(last))
-    }
-
-    /// The whole answer as one `chat.completion`, and the request's timings.
-    pub fn into_completion(self) -> (ChatCompletion, Timings) {
-        let usage = self.usage();
-        let (id, created, logprobs) = (self.id, self.created, self.logprobs);
-        let model = self.generation.engine.name.clone();
-        let out = self.generation.into_output();
-        let completion = ChatCompletion {
-            id,
-            object: "chat.completion".into(),
-            created,
-            model,
-            choices: vec![Choice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: out.text,
-                },
-                logprobs: logprobs.then_some(ChoiceLogprobs {
-                    content: out.logprobs,
-                }),
-                finish_reason: out.finish_reason,
-            }],
-            usage,
-            system_fingerprint: Some(format!("edgevlm-{}", env!("CARGO_PKG_VERSION"))),
-        };
-        (completion, out.timings)
-    }
-}
-
-/// One answer in progress ([`Engine::start`]): pull it with [`Generation::next_piece`]. Nothing runs
-/// between calls, so a caller that stops pulling (a closed pipe, a client gone) stops the model;
-/// dropping the generation frees its KV cache.
-pub struct Generation<'e> {
-    engine: &'e Engine,
-    settings: GenerationSettings,
-    cache: KvCache,
-    sampler: Sampler,
-    /// Prompt and answer ids (the repetition penalty's context).
-    context: Vec<u32>,
-    tokens: Vec<u32>,
-    text: TextAssembler,
-    /// Logits for the next token, when `unfed` is None.
-    logits: Vec<f32>,
-    /// The last token sampled, not yet run through the model.
-    unfed: Option<u32>,
-    /// Log-softmax scratch.
-    lsm: Vec<f32>,
-    /// Logprob entries of tokens whose text is not shown yet.
-    pending_logprobs: Vec<TokenLogprob>,
-    logprobs: Vec<TokenLogprob>,
-    max_tokens: usize,
-    finish: Option<FinishReason>,
-    /// Whether the text held back at the end has been handed out.
-    flushed: bool,
-    timings: Timings,
-    decode_start: Instant,
-}
-
-/// A piece of answer text and the logprob entries of the tokens that completed it (empty unless
-/// logprobs were asked for).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Piece {
-    pub text: String,
-    pub logprobs: Vec<TokenLogprob>,
-}
-
-/// What [`Generation::poll`] found.
-#[derive(Debug, PartialEq)]
-pub enum Poll {
-    /// More answer text.
-    Piece(Piece),
-    /// The model must run on the last token first ([`Generation::step`] alone, or
-    /// [`Engine::step_batch`] with others).
-    NeedsStep,
-    /// The answer is complete.
-    Done,
-}
-
-impl Generation<'_> {
-    /// The next piece of answer text, or `None` once the answer is complete. Runs the model for as
-    /// many tokens as it takes to show more text (stop strings and partial characters held back).
-    pub fn next_piece(&mut self) -> Result<Option<Piece>> {
-        loop {
-            match self.poll()? {
-                Poll::Piece(p) => return Ok(Some(p)),
-                Poll::Done => return Ok(None),
-                Poll::NeedsStep => self.step()?,
-            }
-        }
-    }
-
-    /// Advance without running the model: sample from the logits at hand until text shows, the
-    /// answer ends, or the model must run on the sampled token.
-    pub fn poll(&mut self) -> Result<Poll> {
-        loop {
-            if self.finish.is_some() {
-                return Ok(match self.flush() {
-                    Some(p) => Poll::Piece(p),
-                    None => Poll::Done,
-                });
-            }
-            if self.unfed.is_some() {
-                return Ok(Poll::NeedsStep);
-            }
-            if let Some(piece) = self.sample()? {
-                return Ok(Poll::Piece(piece));
-            }
-        }
-    }
-
-    /// Run the model on the last sampled token (this generation alone).
-    pub fn step(&mut self) -> Result<()> {
-        let Some(token) = self.unfed else {
-            return Ok(());
-        };
-        let decoder = self.engine.model.text();
-        let emb = decoder.embed(&[token])?.unsqueeze(0)?;
-        let logits = decoder.forward(&emb, &mut self.cache, false)?;
-        self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
-        self.unfed = None;
-        Ok(())
-    }
-
-    /// Sample a token from the current logits and advance the answer text.
-    fn sample(&mut self) -> Result<Option<Piece>> {
-        self.sampler
-            .apply_repetition_penalty(&mut self.logits, &self.context);
-        let next = self.sampler.sample(&self.logits);
-        self.tokens.push(next);
-        self.context.push(next);
-        if self.settings.stop_at_eos && self.engine.eos_ids.contains(&next) {
-            self.finish = Some(FinishReason::Stop);
-            return Ok(None);
-        }
-        if let Some(n) = self.settings.top_logprobs {
-            log_softmax(&self.logits, &mut self.lsm);
-            let entry = self.engine.token_logprob(next, &self.lsm, n);
-            self.pending_logprobs.push(entry);
-        }
-        let (emit, stopped) = self.text.push(&self.engine.tokenizer, next)?;
-        if stopped {
-            self.finish = Some(FinishReason::Stop);
-        } else if self.tokens.len() >= self.max_tokens {
-            self.finish = Some(FinishReason::Length);
-        } else {
-            self.unfed = Some(next);
-        }
-        if emit.is_empty() {
-            if stopped {
-                self.logprobs.append(&mut self.pending_logprobs);
-            }
-            return Ok(None);
-        }
-        Ok(Some(self.piece(emit)))
-    }
-
-    /// `text` with the pending logprob entries (also kept for the whole answer).
-    fn piece(&mut self, text: String) -> Piece {
-        let logprobs = std::mem::take(&mut self.pending_logprobs);
-        self.logprobs.extend_from_slice(&logprobs);
-        Piece { text, logprobs }
-    }
-
-    /// The text held back at the end (no stop string followed), once.
-    fn flush(&mut self) -> Option<Piece> {
-        if self.flushed {
-            return None;
-        }
-        self.flushed = true;
-        self.timings.completion_tokens = self.tokens.len();
-        self.timings.generation_ms = self.decode_start.elapsed().as_secs_f64() * 1e3;
-        let rest = self.text.finish();
-        if rest.is_empty() {
-            self.logprobs.append(&mut self.pending_logprobs);
-            return None;
-        }
-        Some(self.piece(rest))
-    }
-
-    /// Why the answer ended; `None` while it goes on.
-    pub fn finish_reason(&self) -> Option<FinishReason> {
-        self.finish
-    }
-
-    /// Tokens generated so far.
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
-    /// The whole answer: call after [`Self::next_piece`] returned `None` (earlier, the answer so
-    /// far, finished for length).
-    pub fn into_output(mut self) -> GenerationOutput {
-        if !self.flushed {
-            self.timings.completion_tokens = self.tokens.len();
-            self.timings.generation_ms = self.decode_start.elapsed().as_secs_f64() * 1e3;
-        }
-        GenerationOutput {
-            text: std::mem::replace(&mut self.text, TextAssembler::new(&[])).into_text(),
-            tokens: std::mem::take(&mut self.tokens),
-            finish_reason: self.finish.unwrap_or(FinishReason::Length),
-            logprobs: std::mem::take(&mut self.logprobs),
-            timings: std::mem::take(&mut self.timings),
-        }
-    }
-}
-
-impl Drop for Generation<'_> {
-    /// The cache and the activations it freed go back to the system: with `tune_allocator` the
-    /// allocator keeps freed memory until asked.
-    fn drop(&mut self) {
-        self.cache = KvCache::new(0, 0);
-        return_freed_memory();
-    }
-}
-
-fn completion_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut rng = crate::sampling::Rng::new(nanos as u64 ^ u64::from(std::process::id()));
-    format!(
-        "chatcmpl-{:016x}{:08x}",
-        rng.next_u64(),
-        rng.next_u64() as u32
-    )
-}
-
-/// Turns generated tokens into answer text: incremental detokenisation that never splits a UTF-8
-/// character, cut at the first stop string, with a possible stop-string prefix held back.
-pub struct TextAssembler {
-    ids: Vec<u32>,
-    prefix_offset: usize,
-    read_offset: usize,
-    text: String,
-    emitted: usize,
-    stops: Vec<String>,
-    stopped: bool,
-}
-
-impl TextAssembler {
-    pub fn new(stops: &[String]) -> Self {
-        Self {
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-            text: String::new(),
-            emitted: 0,
-            stops: stops.to_vec(),
-            stopped: false,
-        }
-    }
-
-    /// Add a token; returns the text that can be shown now and whether a stop string ended the answer.
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<(String, bool)> {
-        self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
-            self.text.push_str(&full[prefix.len()..]);
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-        }
-        // Stop strings: search from where a new match could start.
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let mut from = self.emitted.saturating_sub(longest);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
-            .min();
-        if let Some(at) = hit {
-            self.text.truncate(at);
-            self.stopped = true;
-            let out = self.text[self.emitted.min(at)..].to_string();
-            self.emitted = self.text.len();
-            return Ok((out, true));
-        }
-        // Hold back the longest suffix that is a prefix of some stop string.
-        let mut safe = self.text.len();
-        for s in &self.stops {
-            for l in (1..s.len().min(self.text.len() + 1)).rev() {
-                if s.is_char_boundary(l) && self.text.ends_with(&s[..l]) {
-                    safe = safe.min(self.text.len() - l);
-                    break;
-                }
-            }
-        }
-        let safe = safe.max(self.emitted);
-        let out = self.text[self.emitted..safe].to_string();
-        self.emitted = safe;
-        Ok((out, false))
-    }
-
-    /// Text held back at the end of generation (no stop string followed).
-    pub fn finish(&mut self) -> String {
-        if self.stopped {
-            return String::new();
-        }
-        let out = self.text[self.emitted..].to_string();
-        self.emitted = self.text.len();
-        out
-    }
-
-    pub fn into_text(self) -> String {
-        self.text
     }
 }
