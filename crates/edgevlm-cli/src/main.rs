@@ -38,6 +38,94 @@ enum Command {
     /// Time image preprocessing, vision encoding, prompt processing, generation and time to first
     /// token (median/min/max over repetitions), with peak memory.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the model over HTTP as an OpenAI-compatible chat completions endpoint (and a chat page).
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Address to listen on (loopback by default: pass 0.0.0.0 to serve other machines).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` (default: $EDGEVLM_API_KEY, else no key).
+    #[arg(long, env = "EDGEVLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model's name in /v1/models and responses (default: the folder or file name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Answers generated at once, their decode steps batched.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Requests that may wait for a slot; beyond them requests get 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 32 << 20)]
+    max_request_bytes: usize,
+    /// Memory for reusing work across requests (image features, prompt-prefix caches), in MB.
+    #[arg(long, default_value_t = 256)]
+    cache_mb: usize,
+    /// Let requests name local image files inside this folder (else only data: URIs).
+    #[arg(long, value_name = "DIR")]
+    allow_local_images: Option<PathBuf>,
+    /// Seconds a client may take to send a request body.
+    #[arg(long, default_value_t = 30)]
+    body_timeout_secs: u64,
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    let sources = match &a.allow_local_images {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--allow-local-images {}: no such folder", dir.display());
+            }
+            ImageSources::Under(dir.clone())
+        }
+        None => ImageSources::DataOnly,
+    };
+    let mut opts = a.load.engine_options(a.limits.limits(sources))?;
+    opts.reuse_cache_bytes = a.cache_mb << 20;
+    let model = a.load.model.clone();
+    let name = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| served_name(&model));
+    let config = edgevlm_server::ServerConfig {
+        addr: std::net::SocketAddr::new(a.host, a.port),
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        model_name: name,
+        parallel: a.parallel,
+        max_queue: a.max_queue,
+        max_request_bytes: a.max_request_bytes,
+        body_timeout: std::time::Duration::from_secs(a.body_timeout_secs.max(1)),
+    };
+    edgevlm_server::serve(config, move || Engine::load(&model, opts)).map_err(anyhow::Error::msg)
+}
+
+/// A model's name for clients: a repo id as it is, a folder's or file's last component.
+fn served_name(model: &str) -> String {
+    let p = std::path::Path::new(model);
+    if p.exists() {
+        let stem = if p.is_file() {
+            p.file_stem()
+        } else {
+            p.file_name()
+        };
+        if let Some(s) = stem {
+            return s.to_string_lossy().into_owned();
+        }
+    }
+    model.to_string()
 }
 
 /// `--quant q8|q4` with `--group-size`.
@@ -219,6 +307,9 @@ fn run(a: RunArgs) -> Result<()> {
     let req = build_request(&a)?;
     // What can be checked without the model is checked before loading it.
     req.validate()?;
+    for field in req.ignored_fields() {
+        eprintln!("edgevlm: note: the request's `{field}` is accepted and ignored");
+    }
     let (_, image_refs) = req.template_messages()?;
     limits.check_image_count(image_refs.len())?;
     for r in &image_refs {
@@ -294,6 +385,7 @@ fn main() -> ExitCode {
         Command::QuantEval(a) => quant_eval::run(a),
         Command::Quantize(a) => quantize(a),
         Command::Bench(a) => bench::run(*a),
+        Command::Serve(a) => serve(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,9 +6,13 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::template::{TemplateMessage, TemplatePart};
 
-/// A chat completion request (the subset of OpenAI's that a local engine can honour).
+/// A chat completion request as OpenAI's API takes it. Fields edgevlm honours are typed; fields
+/// real clients send that do not change the answer (`store`, `metadata`, `user`, `service_tier`,
+/// `parallel_tool_calls`, `prediction`, `reasoning_effort`, and any other) are accepted and ignored
+/// ([`ChatRequest::ignored_fields`]); fields it cannot honour in a way that would change the answer
+/// (`response_format` other than text, `tools`, `functions`, audio output, web search) are refused
+/// by [`ChatRequest::validate`].
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -47,7 +51,31 @@ pub struct ChatRequest {
     pub n: Option<usize>,
     #[serde(default)]
     pub user: Option<String>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, as OpenAI's) to a bias in [-100, 100].
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Every other field, kept to be reported as ignored or refused.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
 }
+
+/// Fields a client may send that edgevlm refuses, because ignoring them would change the answer.
+const REFUSED_FIELDS: &[(&str, &str)] = &[
+    ("functions", "function calling is not supported"),
+    ("function_call", "function calling is not supported"),
+    ("audio", "audio output is not supported"),
+    ("web_search_options", "web search is not supported"),
+];
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -119,6 +147,46 @@ impl ChatRequest {
     pub fn validate(&self) -> Result<()> {
         self.template_messages()?;
         let bad = |m: String| Err(Error::Request(m));
+        for (field, why) in REFUSED_FIELDS {
+            if self.other.get(*field).is_some_and(|v| !v.is_null()) {
+                return bad(format!("`{field}`: {why}"));
+            }
+        }
+        if let Some(m) = self.other.get("modalities").and_then(Value::as_array) {
+            if m.iter().any(|x| x.as_str() != Some("text")) {
+                return bad("`modalities`: only text output is supported".into());
+            }
+        }
+        if let Some(f) = &self.response_format {
+            match f.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some(other) => {
+                    return bad(format!(
+                        "response_format `{other}` is not supported yet (edgevlm cannot constrain output to JSON)"
+                    ))
+                }
+                None => return bad("response_format needs a `type`".into()),
+            }
+        }
+        let tool_choice_none = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none {
+            return bad(
+                "`tools`: tool calling is not supported (send no tools, or tool_choice \"none\")"
+                    .into(),
+            );
+        }
+        if let Some(bias) = &self.logit_bias {
+            for (k, v) in bias {
+                if k.parse::<u32>().is_err() {
+                    return bad(format!("logit_bias key `{k}` is not a token id"));
+                }
+                if !(-100.0..=100.0).contains(v) {
+                    return bad(format!(
+                        "logit_bias of token {k} must be in [-100, 100], got {v}"
+                    ));
+                }
+            }
+        }
         if let Some(n) = self.n {
             if n != 1 {
                 return bad(format!(
@@ -145,6 +213,14 @@ impl ChatRequest {
             100.0,
             true,
         )?;
+        in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, false)?;
+        in_range(
+            "frequency_penalty",
+            self.frequency_penalty,
+            -2.0,
+            2.0,
+            false,
+        )?;
         match (self.logprobs, self.top_logprobs) {
             (Some(true), _) | (_, None) => {}
             (_, Some(_)) => return bad("top_logprobs requires logprobs: true".into()),
@@ -169,6 +245,20 @@ impl ChatRequest {
             return bad("max_tokens must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Fields of the request that edgevlm accepts without acting on them.
+    pub fn ignored_fields(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .other
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !REFUSED_FIELDS.iter().any(|(f, _)| f == k))
+            .collect();
+        if self.user.is_some() {
+            out.push("user");
+        }
+        out
     }
 
     /// Messages in a chat template's shape, plus the image references in prompt order.
@@ -291,6 +381,25 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// OpenAI's `prompt_tokens_details.cached_tokens`: prompt positions reused, not computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -507,8 +616,53 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_and_bad_json_are_errors() {
-        assert!(ChatRequest::from_json(r#"{"messages":[],"temprature":1}"#).is_err());
+    fn what_clients_send_is_accepted_ignored_or_refused() {
+        let r = ChatRequest::from_json(
+            r#"{"messages":[{"role":"user","content":"x"}],"store":false,"metadata":{"a":"b"},
+                "service_tier":"auto","parallel_tool_calls":true,"user":"u","temprature":1,
+                "frequency_penalty":0.5,"presence_penalty":-0.5,"logit_bias":{"42":-100},
+                "response_format":{"type":"text"},"tools":[],"modalities":["text"]}"#,
+        )
+        .unwrap();
+        r.validate().unwrap();
+        let mut ignored = r.ignored_fields();
+        ignored.sort_unstable();
+        assert_eq!(
+            ignored,
+            [
+                "metadata",
+                "modalities",
+                "parallel_tool_calls",
+                "service_tier",
+                "store",
+                "temprature",
+                "user"
+            ]
+        );
+        for (body, want) in [
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{}}"#,
+                "json_schema",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tool calling",
+            ),
+            (r#""functions":[{"name":"f"}]"#, "function calling"),
+            (r#""audio":{"voice":"alloy"}"#, "audio"),
+            (r#""frequency_penalty":3"#, "frequency_penalty"),
+            (r#""logit_bias":{"x":1}"#, "logit_bias"),
+        ] {
+            let r = ChatRequest::from_json(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],{body}}}"#
+            ))
+            .unwrap();
+            let e = match r.validate() {
+                Ok(()) => panic!("{body} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(want), "{body}: {e}");
+        }
         let e = ChatRequest::from_json("{").unwrap_err().to_string();
         assert!(e.starts_with("invalid request: request JSON"), "{e}");
     }

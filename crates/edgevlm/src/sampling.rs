@@ -15,6 +15,12 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1.0 means off.
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted once from the logit of every token the answer already holds.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time the answer already holds it.
+    pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to the logits of these tokens.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -26,6 +32,9 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -45,6 +54,23 @@ impl SamplingParams {
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(format!(
+                "logit_bias of token {id} must be in [-100, 100], got {b}"
+            ));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad(format!(
@@ -102,6 +128,8 @@ pub struct Sampler {
     scratch: Vec<(u32, f32)>,
     /// Tokens already penalised this step (reused across steps).
     seen: Vec<bool>,
+    /// How often each token occurs in the answer so far (for presence / frequency penalties).
+    answer_counts: Vec<(u32, u32)>,
 }
 
 impl Sampler {
@@ -113,6 +141,7 @@ impl Sampler {
             rng,
             scratch: Vec::new(),
             seen: Vec::new(),
+            answer_counts: Vec::new(),
         })
     }
 
@@ -136,6 +165,32 @@ impl Sampler {
                 let l = &mut logits[t];
                 *l = if *l > 0.0 { *l / p } else { *l * p };
             }
+        }
+    }
+
+    /// OpenAI's presence and frequency penalties over the answer so far, then `logit_bias`.
+    pub fn apply_openai_adjustments(&self, logits: &mut [f32]) {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        for &(t, n) in &self.answer_counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= presence + frequency * n as f32;
+            }
+        }
+        for &(t, b) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+    }
+
+    /// Note a token of the answer (for the presence and frequency penalties).
+    pub fn record(&mut self, token: u32) {
+        if self.params.presence_penalty == 0.0 && self.params.frequency_penalty == 0.0 {
+            return;
+        }
+        match self.answer_counts.iter_mut().find(|(t, _)| *t == token) {
+            Some((_, n)) => *n += 1,
+            None => self.answer_counts.push((token, 1)),
         }
     }
 
@@ -239,6 +294,29 @@ pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openai_penalties_and_bias_follow_the_formula() {
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: vec![(3, -100.0), (0, 2.0)],
+            ..Default::default()
+        })
+        .unwrap();
+        for t in [1, 1, 2] {
+            s.record(t);
+        }
+        let mut l = vec![1.0f32; 4];
+        s.apply_openai_adjustments(&mut l);
+        // token 1: twice (0.5 + 2 * 0.25); token 2: once (0.5 + 0.25); bias on 0 and 3.
+        assert_eq!(l, vec![3.0, 0.0, 0.25, -99.0]);
+        assert!(Sampler::new(SamplingParams {
+            frequency_penalty: 2.5,
+            ..Default::default()
+        })
+        .is_err());
+    }
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {

@@ -53,12 +53,11 @@ pub struct ChatStream<'e> {
 
 impl ChatStream<'_> {
     fn usage(&self) -> Usage {
-        let completion_tokens = self.generation.tokens().len();
-        Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens,
-            total_tokens: self.prompt_tokens + completion_tokens,
-        }
+        Usage::new(
+            self.prompt_tokens,
+            self.generation.tokens().len(),
+            self.generation.timings().reused_prompt_tokens,
+        )
     }
 
     /// The next chunk, or `None` after the last.

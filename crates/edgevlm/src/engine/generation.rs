@@ -39,6 +39,23 @@ impl Engine {
         starting.finish()
     }
 
+    /// The tokens a prepared prompt may generate under the request's `max_tokens`, the engine's
+    /// limits and the context; an error when there is no room or the request asks too much.
+    pub fn completion_budget(
+        &self,
+        prepared: &PreparedPrompt,
+        settings: &GenerationSettings,
+    ) -> Result<usize> {
+        if prepared.ids.is_empty() {
+            return Err(Error::Request("the prompt has no tokens".into()));
+        }
+        self.opts.limits.completion_budget(
+            settings.max_tokens,
+            prepared.ids.len(),
+            self.context_length(),
+        )
+    }
+
     /// Begin a prompt pass to be run in steps with [`Starting::advance`] (one image tile or one chunk
     /// of prompt positions each), so that a server can interleave it with other sequences' decoding.
     /// Positions the reuse cache holds for this prompt's start are copied, not computed.
@@ -47,15 +64,8 @@ impl Engine {
         prepared: PreparedPrompt,
         settings: &GenerationSettings,
     ) -> Result<Starting<'_>> {
-        let ctx = self.context_length();
         let n_prompt = prepared.ids.len();
-        if n_prompt == 0 {
-            return Err(Error::Request("the prompt has no tokens".into()));
-        }
-        let max_tokens = self
-            .opts
-            .limits
-            .completion_budget(settings.max_tokens, n_prompt, ctx)?;
+        let max_tokens = self.completion_budget(&prepared, settings)?;
         let sampler = Sampler::new(settings.sampling.clone())?;
         // Where each image's tokens start, and the images the reuse cache can tell apart.
         let image_token = self.model.idefics3().map(|m| m.cfg.image_token_id);
@@ -479,7 +489,9 @@ impl Generation<'_> {
     fn sample(&mut self) -> Result<Option<Piece>> {
         self.sampler
             .apply_repetition_penalty(&mut self.logits, &self.context);
+        self.sampler.apply_openai_adjustments(&mut self.logits);
         let next = self.sampler.sample(&self.logits);
+        self.sampler.record(next);
         self.tokens.push(next);
         self.context.push(next);
         if self.settings.stop_at_eos && self.engine.eos_ids.contains(&next) {
@@ -534,6 +546,11 @@ impl Generation<'_> {
     /// Why the answer ended; `None` while it goes on.
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
+    }
+
+    /// The request's timings (complete once the answer is).
+    pub fn timings(&self) -> &Timings {
+        &self.timings
     }
 
     /// Tokens generated so far.

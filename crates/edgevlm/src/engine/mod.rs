@@ -33,7 +33,7 @@ pub use cache::{image_key, CachedImage, ImageKey, ReuseCache};
 
 pub use chat::ChatStream;
 pub use detokenize::TextAssembler;
-pub use generation::{Generation, GenerationOutput, Piece, Poll};
+pub use generation::{Generation, GenerationOutput, Piece, Poll, Starting};
 
 /// Compute precision of the weights and activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -734,6 +734,22 @@ impl Engine {
         text.forward(&embeds, &mut cache, all_positions)
     }
 
+    /// The request's `logit_bias` as (token, bias), each token checked against the vocabulary.
+    fn logit_bias(&self, req: &ChatRequest) -> Result<Vec<(u32, f32)>> {
+        let vocab = self.model.text().config().vocab_size;
+        let Some(bias) = &req.logit_bias else {
+            return Ok(Vec::new());
+        };
+        bias.iter()
+            .map(|(k, &b)| match k.parse::<u32>() {
+                Ok(t) if (t as usize) < vocab => Ok((t, b)),
+                _ => Err(Error::Request(format!(
+                    "logit_bias key `{k}` is not a token id of this model (0..{vocab})"
+                ))),
+            })
+            .collect()
+    }
+
     /// Resolve a request's generation settings against the model's defaults ([`ChatRequest::validate`]
     /// first). Without a `seed`, sampling draws a random one, as OpenAI's API does.
     pub fn settings(&self, req: &ChatRequest) -> Result<GenerationSettings> {
@@ -759,6 +775,9 @@ impl Engine {
                 .repetition_penalty
                 .or(gd("repetition_penalty").map(|x| x as f32))
                 .unwrap_or(1.0),
+            presence_penalty: req.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+            logit_bias: self.logit_bias(req)?,
             seed: req.seed.unwrap_or_else(random_u64),
         };
         sampling.validate()?;
