@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Build llama.cpp once from the llama-cpp-python sdist on PyPI (the peer for side-by-side benchmarks).
-# Prints the folder holding llama-bench, llama-perplexity, llama-quantize, llama-completion and
-# llama-mtmd-cli. Cached outside git:
+# Prints the folder holding llama-bench, llama-perplexity, llama-quantize, llama-completion,
+# llama-mtmd-cli and llama-server. Cached outside git:
 #   ${EDGEVLM_CACHE:-~/.cache/edgevlm}/llama.cpp-<version>/
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 CACHE="${EDGEVLM_CACHE:-$HOME/.cache/edgevlm}"
 ROOT="$CACHE/llama.cpp-$VERSION"
 BIN="$ROOT/build/bin"
-if [[ -x "$BIN/llama-bench" && -x "$BIN/llama-perplexity" && -x "$BIN/llama-quantize" && -x "$BIN/llama-completion" ]]; then
+if [[ -x "$BIN/llama-bench" && -x "$BIN/llama-perplexity" && -x "$BIN/llama-quantize" && -x "$BIN/llama-completion" && -x "$BIN/llama-server" ]]; then
     echo "$BIN"; exit 0
 fi
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -46,6 +46,6 @@ NO_AMX=""
 grep -q amx_tile /proc/cpuinfo 2>/dev/null && NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 "$CMAKE" -S "$ROOT/src" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
-"$CMAKE" --build "$ROOT/build" -j "$(nproc)" --target llama-bench llama-perplexity llama-completion llama-quantize llama-mtmd-cli >&2
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2
+"$CMAKE" --build "$ROOT/build" -j "$(nproc)" --target llama-bench llama-perplexity llama-completion llama-quantize llama-mtmd-cli llama-server >&2
 echo "$BIN"

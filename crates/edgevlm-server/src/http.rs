@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -232,11 +232,10 @@ async fn models(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 
 async fn chat_completions(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let t0 = Instant::now();
-    let response = match answer(&shared, &headers, body).await {
+    match answer(&shared, body).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(
@@ -247,13 +246,11 @@ async fn chat_completions(
             );
             e.into_response()
         }
-    };
-    response
+    }
 }
 
 async fn answer(
     shared: &Arc<Shared>,
-    _headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (engine, scheduler) = ready(shared)?;

@@ -64,6 +64,10 @@ pub struct ChatRequest {
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// Extension (as in llama.cpp's server and vLLM): keep generating past end-of-sequence tokens
+    /// until `max_tokens` (for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
     /// Every other field, kept to be reported as ignored or refused.
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,

@@ -215,8 +215,11 @@ impl Sampler {
             .unwrap_or_else(|| argmax(logits))
     }
 
-    /// The filtered distribution `(token, probability)` sorted by probability, highest first, not
-    /// renormalised. Order of filters as in HF: temperature, top-k, top-p, min-p.
+    /// The filtered distribution `(token, probability)`, not renormalised. Order of filters as in
+    /// HF: temperature, top-k, top-p, min-p. Sorted by probability, highest first, where a filter
+    /// applies; with none (plain temperature sampling) in vocabulary order, without sorting the
+    /// vocabulary at every token. Top-p sorts only the tokens that can be in the nucleus: those of
+    /// probability at least `(1 − top_p) / n` (the rest together hold at most `1 − top_p`).
     pub fn candidates(&mut self, logits: &[f32]) -> &[(u32, f32)] {
         let t = self.params.temperature.max(1e-6);
         self.scratch.clear();
@@ -232,13 +235,17 @@ impl Sampler {
             return &self.scratch;
         }
         let k = self.params.top_k;
-        if k > 0 && k < self.scratch.len() {
+        let top_k = k > 0 && k < self.scratch.len();
+        if top_k {
             self.scratch
                 .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             self.scratch.truncate(k);
         }
-        self.scratch.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        let max = self.scratch[0].1;
+        let max = self
+            .scratch
+            .iter()
+            .map(|c| c.1)
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for c in self.scratch.iter_mut() {
             c.1 = (c.1 - max).exp();
@@ -247,20 +254,32 @@ impl Sampler {
         for c in self.scratch.iter_mut() {
             c.1 /= sum;
         }
-        if self.params.top_p < 1.0 {
+        let (top_p, min_p) = (self.params.top_p, self.params.min_p);
+        if top_p < 1.0 {
+            let floor = (1.0 - top_p) / self.scratch.len() as f32;
+            self.scratch.retain(|c| c.1 >= floor);
+        } else if min_p > 0.0 {
+            // Relative to the most likely token, whose probability is the largest `c.1`.
+            let best = self.scratch.iter().map(|c| c.1).fold(0.0, f32::max);
+            self.scratch.retain(|c| c.1 >= best * min_p);
+        } else if !top_k {
+            return &self.scratch;
+        }
+        self.scratch.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if top_p < 1.0 {
             let mut acc = 0.0;
             let mut keep = self.scratch.len();
             for (i, c) in self.scratch.iter().enumerate() {
                 acc += c.1;
-                if acc >= self.params.top_p {
+                if acc >= top_p {
                     keep = i + 1;
                     break;
                 }
             }
             self.scratch.truncate(keep);
         }
-        if self.params.min_p > 0.0 {
-            let floor = self.scratch[0].1 * self.params.min_p;
+        if min_p > 0.0 {
+            let floor = self.scratch[0].1 * min_p;
             self.scratch.retain(|c| c.1 >= floor);
         }
         &self.scratch

@@ -790,7 +790,7 @@ impl Engine {
                 .map(StopField::into_vec)
                 .unwrap_or_default(),
             top_logprobs,
-            stop_at_eos: true,
+            stop_at_eos: req.ignore_eos != Some(true),
         })
     }
 }
