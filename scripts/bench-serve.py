@@ -37,6 +37,8 @@ _spec = importlib.util.spec_from_file_location("bvl", ROOT / "scripts" / "bench-
 bvl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bvl)
 
+# Aggregate decode tokens/s is measured over the stretch when every stream is decoding (after the last
+# one's first token, before the first one's last token); time to first token over every stream.
 STORY = ("Write a long story about a lighthouse keeper who finds a message in a bottle, "
          "with many details about the sea, the weather and the people of the village.")
 
@@ -91,11 +93,11 @@ class Server:
 
 
 def stream_one(url, body, out, texts=None):
-    """One streaming request: (send time, first-token time, last-token time, tokens) into `out`, its
-    text into `texts`. Tokens are the usage's count, else the number of text chunks."""
+    """One streaming request: (send time, text-chunk times, tokens) into `out`, its text into `texts`.
+    Tokens are the usage's count, else the number of text chunks."""
     t0 = time.time()
-    first = last = None
-    tokens = chunks = 0
+    times = []
+    tokens = 0
     text = ""
     with httpx.Client(timeout=600) as c:
         with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -109,12 +111,9 @@ def stream_one(url, body, out, texts=None):
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    now = time.time()
-                    first = first or now
-                    last = now
-                    chunks += 1
+                    times.append(time.time())
                     text += chunk["choices"][0]["delta"]["content"]
-    out.append((t0, first, last, tokens or chunks))
+    out.append((t0, times, tokens or len(times)))
     if texts is not None:
         texts.append(text)
 
@@ -130,10 +129,20 @@ def run_concurrent(server, bodies):
     errors = [o for o in out if isinstance(o, Exception)]
     if errors:
         sys.exit(f"{server.name}: {errors[0]}")
-    ttft = [f - s for s, f, _, _ in out]
-    span = max(l for _, _, l, _ in out) - min(f for _, f, _, _ in out)
-    decoded = sum(max(n - 1, 0) for *_, n in out)
-    return decoded / max(span, 1e-9), ttft
+    ttft = [times[0] - s for s, times, _ in out]
+    # Decode throughput while every stream is decoding: from the last stream's first token to the
+    # first stream's last token (prompt passes, image encoding included, fall outside it).
+    start = max(times[0] for _, times, _ in out)
+    end = min(times[-1] for _, times, _ in out)
+    if end - start < 0.5:
+        # No common stretch: every stream's tokens after its first over the whole span.
+        start = min(times[0] for _, times, _ in out)
+        end = max(times[-1] for _, times, _ in out)
+        decoded = sum(n - 1 for _, _, n in out)
+    else:
+        # Tokens per text chunk as the usage counted them, chunks inside the stretch.
+        decoded = sum(n / len(times) * sum(start < t <= end for t in times) for _, times, n in out)
+    return decoded / max(end - start, 1e-9), ttft
 
 
 def request(model, content, max_tokens, seed):
@@ -158,12 +167,12 @@ def follow_up(server, png, max_tokens):
     opts = {"model": server.model, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     out, texts = [], []
     stream_one(server.url, {**opts, "messages": first, "max_tokens": max_tokens}, out, texts)
-    s1, f1, _, _ = out[0]
+    s1, times1, _ = out[0]
     second = first + [{"role": "assistant", "content": texts[0]},
                       {"role": "user", "content": "What colour is in the top left corner?"}]
     stream_one(server.url, {**opts, "messages": second, "max_tokens": 8}, out)
-    s2, f2, _, _ = out[1]
-    return f1 - s1, f2 - s2
+    s2, times2, _ = out[1]
+    return times1[0] - s1, times2[0] - s2
 
 
 def main():
@@ -189,7 +198,7 @@ def main():
             ours = [edgevlm, "serve", "--model", gguf, "--served-model-name", "m", *env_threads]
             theirs = [bin_dir / "llama-server", "-m", gguf, "-t", str(a.threads), "-tb", str(a.threads)]
             ctx = 2048
-            bodies = lambda n: [request("m", STORY, a.gen_tokens, i) for i in range(n)]  # noqa: E731
+            bodies = lambda n, first=0: [request("m", STORY, a.gen_tokens, i) for i in range(n)]  # noqa: E731
             image = None
         else:
             folder, text, mmproj, _ = bvl.ensure_smolvlm(bin_dir, "Q4_0")
@@ -198,9 +207,11 @@ def main():
             theirs = [bin_dir / "llama-server", "-m", text, "--mmproj", mmproj, "-t", str(a.threads),
                       "-tb", str(a.threads)]
             ctx = 4096
-            pngs = [png_bytes(512, 384, i) for i in range(top)]
-            bodies = lambda n: [request("m", image_content(pngs[i], "Describe this image."),  # noqa: E731
-                                        a.gen_tokens, i) for i in range(n)]
+            # One image per stream, and another for the warm-up: no request finds its image cached.
+            pngs = [png_bytes(512, 384, i) for i in range(top + 1)]
+            bodies = lambda n, first=0: [  # noqa: E731
+                request("m", image_content(pngs[first + i], "Describe this image."), a.gen_tokens, i)
+                for i in range(n)]
             image = png_bytes(512, 384, 99)
         results = {}
         for n in streams:
@@ -218,7 +229,7 @@ def main():
                                 "--no-webui", "--alias", "m"]
                     srv = Server(name, full, port, "m")
                     try:
-                        run_concurrent(srv, bodies(min(n, 1)))  # warm-up
+                        run_concurrent(srv, bodies(1, top))  # warm-up
                         rate, ttft = run_concurrent(srv, bodies(n))
                         r = results.setdefault((name, n), {"rate": [], "ttft": []})
                         r["rate"].append(rate)
