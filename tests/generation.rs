@@ -193,3 +193,49 @@ fn the_reuse_cache_never_changes_an_answer() {
         "the image comes within the first chunk"
     );
 }
+
+#[test]
+fn a_reused_prefix_may_hold_whole_images() {
+    // One tile per image, and a long first message: the first image lies wholly inside the reused
+    // chunk, the second comes after it.
+    let opts = |bytes| edgevlm::EngineOptions {
+        reuse_cache_bytes: bytes,
+        image_splitting: Some(false),
+        ..exact_options()
+    };
+    let cached =
+        edgevlm::Engine::load_dir(&tiny_model_dir("reuse-whole-cached"), "t", opts(64 << 20))
+            .unwrap();
+    let plain =
+        edgevlm::Engine::load_dir(&tiny_model_dir("reuse-whole-plain"), "t", opts(0)).unwrap();
+    let image = |name: &str| fixtures().join("images").join(name).display().to_string();
+    let long = "Please look at this picture carefully and think about it. ".repeat(30);
+    let mut first = edgevlm::ChatRequest::simple(None, &long, &[image("small.png")]);
+    first.max_tokens = Some(8);
+    let answer = |e: &edgevlm::Engine, r: &edgevlm::ChatRequest| {
+        let p = e.prepare(r).unwrap();
+        e.generate(&p, &e.settings(r).unwrap(), |_, _| {}).unwrap()
+    };
+    let a = answer(&cached, &first);
+    let mut second = first.clone();
+    second.messages.push(edgevlm::openai::ChatMessage {
+        role: "assistant".into(),
+        content: Some(edgevlm::openai::MessageContent::Text(a.text.clone())),
+        name: None,
+    });
+    second.messages.push(edgevlm::openai::ChatMessage {
+        role: "user".into(),
+        content: Some(edgevlm::openai::MessageContent::Parts(vec![
+            edgevlm::openai::ContentPart::ImageUrl {
+                image_url: edgevlm::openai::ImageUrl::Plain(image("wide.png")),
+            },
+            edgevlm::openai::ContentPart::Text {
+                text: "And this one?".into(),
+            },
+        ])),
+        name: None,
+    });
+    let again = answer(&cached, &second);
+    assert!(again.timings.reused_prompt_tokens >= 256);
+    assert_eq!(again.tokens, answer(&plain, &second).tokens);
+}

@@ -319,19 +319,25 @@ impl<'e> Starting<'e> {
             .iter()
             .take_while(|&&p| p < self.reused)
             .count();
+        let seq_len = self
+            .engine
+            .image_cfg
+            .as_ref()
+            .map_or(0, |c| c.image_seq_len);
         let mut rows = Vec::new();
         let mut seen = 0;
-        for f in self.features.iter() {
-            let Some(f) = f else {
-                // Not encoded: every token of it lies before `reused`.
-                continue;
-            };
-            let n = f.dim(0)?;
+        for (img, f) in self.prepared.images.iter().zip(&self.features) {
+            let n = img.num_tiles * seq_len;
             let from = skip.saturating_sub(seen).min(n);
-            if from < n {
-                rows.push(f.narrow(0, from, n - from)?);
-            }
             seen += n;
+            if from == n {
+                // Every token of it lies before `reused` (and it need not have been encoded).
+                continue;
+            }
+            let f = f
+                .as_ref()
+                .ok_or_else(|| Error::Internal("an image needed was not encoded".into()))?;
+            rows.push(f.narrow(0, from, n - from)?);
         }
         let feats = if rows.is_empty() {
             None
