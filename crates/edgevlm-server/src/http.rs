@@ -47,6 +47,9 @@ where
         scheduler: OnceLock::new(),
         load_error: OnceLock::new(),
         draining: Default::default(),
+        preparing: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ),
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -277,7 +280,14 @@ async fn answer(
     if !ignored.is_empty() {
         tracing::debug!("ignoring request fields {ignored:?}");
     }
-    // Template, images and tokens on a blocking thread: several requests prepare in parallel.
+    // A place in the queue first: preparing (decoding images) is work a full server must not take on.
+    let ticket = scheduler.reserve()?;
+    // Template, images and tokens on a blocking thread, as many at once as there are cores.
+    let permit = shared
+        .preparing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down", "shutting_down"))?;
     let (req, prepared, settings) = {
         let engine = engine.clone();
         tokio::task::spawn_blocking(move || {
@@ -289,14 +299,18 @@ async fn answer(
         .await
         .map_err(|e| ApiError::internal(format!("request preparation stopped: {e}")))??
     };
+    drop(permit);
     let prompt_tokens = prepared.ids.len();
     let builder = CompletionBuilder::new(&shared.config.model_name, &req);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    scheduler.submit(Job {
-        prepared,
-        settings,
-        events: tx,
-    })?;
+    scheduler.submit(
+        ticket,
+        Job {
+            prepared,
+            settings,
+            events: tx,
+        },
+    )?;
     // The first event decides the status: an answer, or an error before any text.
     let first = rx
         .recv()

@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub scheduler: OnceLock<scheduler::Scheduler>,
     pub load_error: OnceLock<String>,
     pub draining: std::sync::atomic::AtomicBool,
+    /// Requests being prepared at once (image decoding is memory- and CPU-heavy).
+    pub preparing: tokio::sync::Semaphore,
     pub started: u64,
 }
 

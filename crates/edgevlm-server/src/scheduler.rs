@@ -66,8 +66,10 @@ impl Scheduler {
         }
     }
 
-    /// Queue a job, or refuse it when `parallel + max_queue` requests are already in.
-    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+    /// Take a place for a request before preparing it (its images decoded, its prompt tokenized), so
+    /// that no more than `parallel + max_queue` requests are ever prepared or held at once; refused
+    /// with 429 beyond. The place is given back if the ticket is dropped unused.
+    pub fn reserve(&self) -> Result<Ticket, ApiError> {
         let limit = self.parallel + self.max_queue;
         let admitted = self
             .load
@@ -78,6 +80,15 @@ impl Scheduler {
         if !admitted {
             return Err(ApiError::queue_full(self.parallel, self.max_queue));
         }
+        Ok(Ticket {
+            load: Some(self.load.clone()),
+        })
+    }
+
+    /// Queue a prepared job in the place `ticket` holds.
+    pub fn submit(&self, mut ticket: Ticket, job: Job) -> Result<(), ApiError> {
+        // From here the scheduler gives the place back when the job ends.
+        ticket.load = None;
         self.jobs.send(job).map_err(|_| {
             self.load.fetch_sub(1, Ordering::SeqCst);
             ApiError::unavailable("the server is shutting down", "shutting_down")
@@ -87,6 +98,19 @@ impl Scheduler {
     /// Requests queued or running.
     pub fn load(&self) -> usize {
         self.load.load(Ordering::SeqCst)
+    }
+}
+
+/// A place taken in the queue ([`Scheduler::reserve`]).
+pub struct Ticket {
+    load: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(load) = &self.load {
+            load.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
