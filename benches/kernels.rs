@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgevlm::image::{load_image_path, process_image, ImageProcessorConfig};
 use edgevlm::kernels::attention::{decode_attention, CacheView, KvView};
-use edgevlm::kernels::qmatvec::affine_matmul;
+use edgevlm::kernels::qmatvec::{affine_matmul, affine_matmul_batch};
 use edgevlm::model::nn::{attention, LayerNorm, RmsNorm};
 use edgevlm::quant::{AffineWeight, QuantSpec, ScaleType};
 use std::hint::black_box;
@@ -61,6 +61,27 @@ fn matvec(c: &mut Criterion) {
             g.throughput(Throughput::Bytes((n * k * bits as usize / 8) as u64));
             g.bench_function(BenchmarkId::new(format!("q{bits}{kind}"), name), |b| {
                 b.iter(|| affine_matmul(black_box(&w), black_box(&x), &mut y))
+            });
+        }
+    }
+    g.finish();
+}
+
+/// One decode step of 1, 2, 4 and 8 sequences at once (a server's batch) through the MLP shapes, 4-bit
+/// with f16 scales: what each further sequence costs over the first.
+fn matvec_batch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("qmatvec_batch");
+    for (name, n, k) in [
+        ("gate_up_1536x576", MLP, HIDDEN),
+        ("down_576x1536", HIDDEN, MLP),
+    ] {
+        let w = weight(n, k, 4, ScaleType::F16);
+        for t in [1usize, 2, 4, 8] {
+            let x = inputs(t, k);
+            let mut y = vec![0f32; t * n];
+            g.throughput(Throughput::Elements((t * n * k) as u64));
+            g.bench_function(BenchmarkId::new(format!("q4_{name}"), t), |b| {
+                b.iter(|| affine_matmul_batch(black_box(&w), black_box(&x), &mut y))
             });
         }
     }
@@ -238,6 +259,7 @@ fn image_processor(c: &mut Criterion) {
 criterion_group!(
     benches,
     matvec,
+    matvec_batch,
     matmul,
     bf16_products,
     norms,
