@@ -9,7 +9,7 @@ first token. Models: SmolLM2-135M-Instruct Q4_0 (text), and the full-size random
 plus its F16 mmproj), each stream its own image. Then the follow-up question: the same image, a second
 turn, time to first token against the first turn's.
 
-    python3 scripts/bench-serve.py [--threads 2] [--streams 1,2,4,8] [--models smollm2,smolvlm]
+    python3 scripts/bench-serve.py [--threads 2] [--streams 1,2,4,8] [--models smollm2,smolvlm] [--check-batched]
 
 Needs `cargo build --release -p edgevlm-cli`, scripts/build-llamacpp.sh, scripts/setup-python.sh (the
 SmolVLM conversion) and the clients' httpx2 (scripts/setup-clients.sh). Prints a markdown table.
@@ -175,6 +175,35 @@ def follow_up(server, png, max_tokens):
     return times1[0] - s1, times2[0] - s2
 
 
+def check_batched(cmd, bodies, n):
+    """edgevlm only: `n` concurrent requests (their own prompts, images and seeds) against each alone,
+    with the reuse cache off so that every request does all its work. Exits if any answer differs."""
+    port = free_port()
+    srv = Server("edgevlm-check", [*map(str, cmd), "--port", str(port), "--parallel", str(n),
+                                   "--cache-mb", "0"], port, "m")
+    try:
+        alone = []
+        for b in bodies:
+            out = []
+            stream_one(srv.url, b, out, alone)
+        together, out, threads = [None] * n, [], []
+        for i, b in enumerate(bodies):
+            def one(i=i, b=b):
+                texts = []
+                stream_one(srv.url, b, out, texts)
+                together[i] = texts[0] if texts else None
+            threads.append(threading.Thread(target=one))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+    finally:
+        srv.stop()
+    same = sum(a == t for a, t in zip(alone, together))
+    if same != n:
+        sys.exit(f"batched answers differ from alone: {same} of {n} equal\n{together}\n{alone}")
+    return f"{n} concurrent requests (own prompt, image, seed 0..{n - 1}) each equal to its answer alone"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -183,6 +212,8 @@ def main():
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--edgevlm-args", default="")
+    p.add_argument("--check-batched", action="store_true",
+                   help="first check that edgevlm's answers at the top stream count equal each alone")
     a = p.parse_args()
     streams = [int(s) for s in a.streams.split(",")]
     top = max(streams)
@@ -213,6 +244,13 @@ def main():
                 request("m", image_content(pngs[first + i], "Describe this image."), a.gen_tokens, i)
                 for i in range(n)]
             image = png_bytes(512, 384, 99)
+        if a.check_batched:
+            checks = bodies(top)
+            for b in checks:
+                b["max_tokens"] = 24
+            verdict = check_batched([*ours, *a.edgevlm_args.split()], checks, top)
+            print(f"{model}: {verdict}", file=sys.stderr)
+            rows.append((model, "batched check", verdict))
         results = {}
         for n in streams:
             for rnd in range(a.rounds):
@@ -262,7 +300,9 @@ def main():
             print(f"| {m} | {n} | {er:.1f} | {lr:.1f} | {er / lr:.2f} | {e50 * 1e3:.0f} / {e95 * 1e3:.0f} | "
                   f"{l50 * 1e3:.0f} / {l95 * 1e3:.0f} |")
     for row in rows:
-        if not isinstance(row[1], int):
+        if len(row) == 3:
+            print(f"- {row[0]}: {row[2]}")
+        elif not isinstance(row[1], int):
             m, what, t1, t2 = row
             print(f"- {m} {what}: time to first token, first turn {t1 * 1e3:.0f} ms, follow-up about the "
                   f"same image {t2 * 1e3:.0f} ms ({t2 / t1 * 100:.1f}% of the first)")
