@@ -201,7 +201,7 @@ def check_batched(cmd, bodies, n):
     same = sum(a == t for a, t in zip(alone, together))
     if same != n:
         sys.exit(f"batched answers differ from alone: {same} of {n} equal\n{together}\n{alone}")
-    return f"{n} concurrent requests (own prompt, image, seed 0..{n - 1}) each equal to its answer alone"
+    return f"{n} concurrent requests (each its own prompt, seed 0..{n - 1} and image where the model takes one) each equal to its answer alone"
 
 
 def main():

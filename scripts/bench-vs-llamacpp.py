@@ -3,7 +3,11 @@
 count, run alternately; prints each metric as edgevlm / llama.cpp with both medians.
 
     python3 scripts/bench-vs-llamacpp.py [--threads 2] [--repetitions 3] [--quants Q4_1,Q8_0,Q4_0]
-                                         [--models smollm2,smolvlm]
+                                         [--models smollm2,smolvlm] [--isa native|avx2]
+
+`--isa avx2` holds both engines to AVX2/FMA/F16C on any machine: edgevlm with EDGEVLM_NO_AVX512=1
+EDGEVLM_NO_AMX=1, llama.cpp built without AVX-512, AVX-VNNI or AMX (`LLAMA_ISA=avx2
+scripts/build-llamacpp.sh`, a second build beside the native one).
 
 It builds llama.cpp once from the llama-cpp-python sdist (scripts/build-llamacpp.sh), fetches the real
 SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-smollm2.sh), expands it to F32 with
@@ -246,11 +250,15 @@ def main():
     ap.add_argument("--edgevlm-args", default="",
                     help="extra `edgevlm bench` flags, space-separated (e.g. --f16-kv-cache: llama.cpp's "
                          "KV cache is f16 by default)")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: both engines held to AVX2/FMA (no AVX-512, VNNI or AMX)")
     a = ap.parse_args()
     models = a.models.split(",")
 
-    sh(["bash", ROOT / "scripts/build-llamacpp.sh"])
-    bin_dir = CACHE / "llama.cpp-0.3.36" / "build" / "bin"
+    if a.isa == "avx2":
+        # Inherited by every edgevlm run below, and by llama.cpp's build script.
+        os.environ.update(EDGEVLM_NO_AVX512="1", EDGEVLM_NO_AMX="1", LLAMA_ISA="avx2")
+    bin_dir = Path(sh(["bash", ROOT / "scripts/build-llamacpp.sh"]).strip())
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "edgevlm-cli"], cwd=ROOT,
                    check=True, capture_output=True)
     binary = ROOT / "target" / "release" / "edgevlm"
@@ -278,7 +286,7 @@ def main():
         print(json.dumps({"smollm2": results, "smolvlm": vlm}, indent=2))
         return
     if vlm:
-        print(f"SmolVLM-256M (random full-size weights), {a.threads} threads, 512x384 image "
+        print(f"SmolVLM-256M (random full-size weights), {a.threads} threads, ISA {a.isa}, 512x384 image "
               f"({vlm['edgevlm']['image_tiles']:.0f} / {vlm['llama.cpp']['image_tiles']:.0f} tiles), "
               f"tg{a.gen_tokens}; text {a.vlm_text_quant} (llama.cpp) / q4 groups of 32 (edgevlm); "
               f"vision f16 (llama.cpp) / bf16 weights, {edgevlm_vision_math()} (edgevlm); "
@@ -292,7 +300,7 @@ def main():
         print()
     if not results:
         return
-    print(f"SmolLM2-135M-Instruct, {a.threads} threads, pp{a.prompt_tokens} / tg{a.gen_tokens} "
+    print(f"SmolLM2-135M-Instruct, {a.threads} threads, ISA {a.isa}, pp{a.prompt_tokens} / tg{a.gen_tokens} "
           f"(tg at depth 0 and {a.prompt_tokens}), "
           f"{a.repetitions} repetitions x {a.rounds} alternating rounds (medians)")
     print("| weights | metric | edgevlm | llama.cpp | edgevlm / llama.cpp |")

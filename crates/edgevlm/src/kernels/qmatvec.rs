@@ -313,7 +313,7 @@ mod avx2 {
     /// The 32 codes of block `b` of a packed row, widened to 16 bits: for 4-bit codes the 16 even
     /// elements then the 16 odd ones, for 8-bit codes in order.
     #[inline(always)]
-    unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
+    pub(super) unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
         if BITS == 4 {
             // Each byte holds element 2i (low nibble) and 2i + 1 (high nibble); widened to 16 bits
             // the high nibble is a plain shift away.
@@ -584,23 +584,6 @@ mod vnni {
         ))
     }
 
-    /// A last block of its own (rows of an odd number of blocks), on 256-bit registers.
-    #[inline(always)]
-    unsafe fn single_block<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
-        if BITS == 4 {
-            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(16 * b) as *const __m128i));
-            (
-                _mm256_and_si256(q, _mm256_set1_epi16(0x0F)),
-                _mm256_srli_epi16(q, 4),
-            )
-        } else {
-            (
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b) as *const __m128i)),
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b + 16) as *const __m128i)),
-            )
-        }
-    }
-
     /// Rows `r .. r + ROW_TILE` of `w` for inputs `i0 .. i0 + INPUTS`, as `super::row_tile` lays them
     /// out (`out[i * ROW_TILE + j]`), two blocks per step. Every (row, input) pair goes through the
     /// same operations in the same order whatever `INPUTS` is (bit-identical alone and batched); the
@@ -699,7 +682,8 @@ mod vnni {
                 g0 = g;
             }
             for j in 0..ROWS {
-                let (lo, hi) = single_block::<BITS>(rows[j], b);
+                // A last block of its own, on 256-bit registers.
+                let (lo, hi) = super::avx2::unpack::<BITS>(rows[j], b);
                 let sw = *staged.add(j * stride + g - g0);
                 for i in 0..INPUTS {
                     let x = codes[i].add(BLOCK * b) as *const __m256i;
