@@ -202,6 +202,59 @@ unsafe fn bias_term<const HALF: bool>(biases: *const u8, sums: *const f32, group
     total
 }
 
+/// Where a row tile's data lie: rows `r .. r + ROW_TILE` of a layer's packed codes, their group scales
+/// and biases (`vb` bytes each: f16 or f32), and the next tile's, to prefetch (addresses only, made
+/// with `wrapping_add`: past the last tile they point nowhere, harmlessly).
+#[cfg(target_arch = "x86_64")]
+struct TilePointers {
+    groups: usize,
+    blocks: usize,
+    blocks_per_group: usize,
+    vb: usize,
+    rows: [*const u8; ROW_TILE],
+    scales: *const u8,
+    biases: *const u8,
+    next: *const u8,
+    /// Bytes of the next tile's codes to fetch per block of this one.
+    line_per_block: usize,
+    next_scales: *const i8,
+    next_biases: *const i8,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TilePointers {
+    /// # Safety
+    /// Rows `r..r + ROW_TILE` of `w` exist and `w` holds `BITS`-bit codes and group values of the
+    /// type `HALF` says.
+    #[inline(always)]
+    unsafe fn new<const BITS: u32, const HALF: bool>(w: &AffineWeight, r: usize) -> Self {
+        let k = w.in_dim;
+        let groups = k / w.spec.group_size;
+        let blocks = k / BLOCK;
+        let row_bytes = k * BITS as usize / 8;
+        // SAFETY (all loads the kernels make through these): rows `r..r + ROW_TILE` exist (the caller
+        // checks), each holds `row_bytes` packed bytes and `groups` scales and biases.
+        let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
+        let vb = if HALF { 2 } else { 4 };
+        let scales = w.scales.as_ptr().add(r * groups * vb);
+        let biases = w.biases.as_ptr().add(r * groups * vb);
+        let tile_bytes = ROW_TILE * row_bytes;
+        TilePointers {
+            groups,
+            blocks,
+            blocks_per_group: w.spec.group_size / BLOCK,
+            vb,
+            rows: std::array::from_fn(|j| base.add(j * row_bytes)),
+            scales,
+            biases,
+            next: base.wrapping_add(tile_bytes),
+            line_per_block: tile_bytes / blocks,
+            next_scales: scales.wrapping_add(ROW_TILE * groups * vb) as *const i8,
+            next_biases: biases.wrapping_add(ROW_TILE * groups * vb) as *const i8,
+        }
+    }
+}
+
 /// The vector arithmetic a single-input row-tile kernel is built from (see [`row_tile`]).
 #[cfg(target_arch = "x86_64")]
 trait TileMath {
@@ -245,25 +298,19 @@ unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool, const INPUTS:
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     const ROWS: usize = ROW_TILE;
     let k = w.in_dim;
-    let groups = k / w.spec.group_size;
-    let blocks = k / BLOCK;
-    let blocks_per_group = w.spec.group_size / BLOCK;
-    let row_bytes = k * BITS as usize / 8;
-    // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds `row_bytes`
-    // packed bytes, `groups` scales and biases, and each input `k` codes, `k / 32` block scales and
-    // `groups` sums.
-    let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
-    let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
-    // Group values are 2 (f16) or 4 bytes.
-    let vb = if HALF { 2 } else { 4 };
-    let scales = w.scales.as_ptr().add(r * groups * vb);
-    let biases = w.biases.as_ptr().add(r * groups * vb);
-    // Prefetch addresses only, so `wrapping_add`: past the last tile they point nowhere, harmlessly.
-    let tile_bytes = ROWS * row_bytes;
-    let line_per_block = tile_bytes / (k / BLOCK);
-    let next = base.wrapping_add(tile_bytes);
-    let next_scales = scales.wrapping_add(ROWS * groups * vb) as *const i8;
-    let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
+    let TilePointers {
+        groups,
+        blocks,
+        blocks_per_group,
+        vb,
+        rows,
+        scales,
+        biases,
+        next,
+        line_per_block,
+        next_scales,
+        next_biases,
+    } = TilePointers::new::<BITS, HALF>(w, r);
     let mut stage: ScaleStage = [std::mem::MaybeUninit::uninit(); ROWS * MAX_STAGED_GROUPS];
     let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
     let mut acc = [[M::zero(); ROWS]; INPUTS];
@@ -523,7 +570,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        bias_term, stage_scales, AffineWeight, QuantizedInputs, ScaleStage, BLOCK,
+        bias_term, stage_scales, AffineWeight, QuantizedInputs, ScaleStage, TilePointers, BLOCK,
         MAX_STAGED_GROUPS, ROW_TILE,
     };
     use std::arch::x86_64::*;
@@ -602,24 +649,19 @@ mod vnni {
     ) {
         const ROWS: usize = ROW_TILE;
         let k = w.in_dim;
-        let groups = k / w.spec.group_size;
-        let blocks = k / BLOCK;
-        let blocks_per_group = w.spec.group_size / BLOCK;
-        let row_bytes = k * BITS as usize / 8;
-        // SAFETY (all loads below): rows `r..r + ROWS` exist (the caller checks), each holds
-        // `row_bytes` packed bytes, `groups` scales and biases, and each input `k` codes, `k / 32`
-        // block scales and `groups` sums.
-        let base = (w.packed.as_ptr() as *const u8).add(r * row_bytes);
-        let rows: [*const u8; ROWS] = std::array::from_fn(|j| base.add(j * row_bytes));
-        let vb = if HALF { 2 } else { 4 };
-        let scales = w.scales.as_ptr().add(r * groups * vb);
-        let biases = w.biases.as_ptr().add(r * groups * vb);
-        // Prefetch addresses only, so `wrapping_add`: past the last tile they point nowhere.
-        let tile_bytes = ROWS * row_bytes;
-        let line_per_block = tile_bytes / blocks;
-        let next = base.wrapping_add(tile_bytes);
-        let next_scales = scales.wrapping_add(ROWS * groups * vb) as *const i8;
-        let next_biases = biases.wrapping_add(ROWS * groups * vb) as *const i8;
+        let TilePointers {
+            groups,
+            blocks,
+            blocks_per_group,
+            vb,
+            rows,
+            scales,
+            biases,
+            next,
+            line_per_block,
+            next_scales,
+            next_biases,
+        } = TilePointers::new::<BITS, HALF>(w, r);
         let mut stage: ScaleStage = [std::mem::MaybeUninit::uninit(); ROWS * MAX_STAGED_GROUPS];
         let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, usize::MAX);
         let mut acc = [[_mm512_setzero_ps(); ROWS]; INPUTS];
