@@ -253,6 +253,39 @@ impl TilePointers {
             next_biases: biases.wrapping_add(ROW_TILE * groups * vb) as *const i8,
         }
     }
+
+    /// Fetch a line of the next tile's scales and biases as group `g` of this one starts.
+    #[inline(always)]
+    unsafe fn prefetch_group(&self, g: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let at = g * ROW_TILE * self.vb;
+        _mm_prefetch::<_MM_HINT_T0>(self.next_scales.wrapping_add(at));
+        _mm_prefetch::<_MM_HINT_T0>(self.next_biases.wrapping_add(at));
+    }
+
+    /// Fetch the next tile's codes in step with block `b` of this one (two lines for 8-bit codes).
+    #[inline(always)]
+    unsafe fn prefetch_block<const BITS: u32>(&self, b: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let ahead = self.next.wrapping_add(b * self.line_per_block) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(ahead);
+        if BITS == 8 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+        }
+    }
+
+    /// Row `j`'s bias term for an input whose group sums start at `sums`.
+    ///
+    /// # Safety
+    /// As [`bias_term`]: `sums` holds `groups` values; the caller has AVX, FMA and F16C.
+    #[inline(always)]
+    unsafe fn bias<const HALF: bool>(&self, j: usize, sums: *const f32) -> f32 {
+        bias_term::<HALF>(
+            self.biases.add(j * self.groups * self.vb),
+            sums,
+            self.groups,
+        )
+    }
 }
 
 /// The vector arithmetic a single-input row-tile kernel is built from (see [`row_tile`]).
@@ -295,45 +328,28 @@ unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool, const INPUTS:
     i0: usize,
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     const ROWS: usize = ROW_TILE;
     let k = w.in_dim;
-    let TilePointers {
-        groups,
-        blocks,
-        blocks_per_group,
-        vb,
-        rows,
-        scales,
-        biases,
-        next,
-        line_per_block,
-        next_scales,
-        next_biases,
-    } = TilePointers::new::<BITS, HALF>(w, r);
+    let t = TilePointers::new::<BITS, HALF>(w, r);
+    let rows = t.rows;
     let mut stage: ScaleStage = [std::mem::MaybeUninit::uninit(); ROWS * MAX_STAGED_GROUPS];
     let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
     let mut acc = [[M::zero(); ROWS]; INPUTS];
     let codes = qi.codes.as_ptr().add(i0 * k);
-    let in_scales = qi.scales.as_ptr().add(i0 * blocks);
-    for g in 0..groups {
+    let in_scales = qi.scales.as_ptr().add(i0 * t.blocks);
+    for g in 0..t.groups {
         if g % MAX_STAGED_GROUPS == 0 {
-            let n = MAX_STAGED_GROUPS.min(groups - g);
-            (staged, stride) = stage_scales::<HALF>(scales, groups, g, n, &mut stage);
+            let n = MAX_STAGED_GROUPS.min(t.groups - g);
+            (staged, stride) = stage_scales::<HALF>(t.scales, t.groups, g, n, &mut stage);
             g0 = g;
         }
-        _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * vb));
-        _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * vb));
+        t.prefetch_group(g);
         let sw: [f32; ROWS] = std::array::from_fn(|j| *staged.add(j * stride + g - g0));
-        for b in g * blocks_per_group..(g + 1) * blocks_per_group {
-            let ahead = next.wrapping_add(b * line_per_block) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            if BITS == 8 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            }
+        for b in g * t.blocks_per_group..(g + 1) * t.blocks_per_group {
+            t.prefetch_block::<BITS>(b);
             let xs: [M::X; INPUTS] =
                 std::array::from_fn(|i| M::load_x(codes.add(i * k + b * BLOCK)));
-            let sx: [f32; INPUTS] = std::array::from_fn(|i| *in_scales.add(i * blocks + b));
+            let sx: [f32; INPUTS] = std::array::from_fn(|i| *in_scales.add(i * t.blocks + b));
             for j in 0..ROWS {
                 // Each block of codes is widened once for all the inputs.
                 let wj = M::unpack::<BITS>(rows[j], b);
@@ -344,10 +360,9 @@ unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool, const INPUTS:
         }
     }
     for (i, acc) in acc.iter().enumerate() {
-        let sums = qi.sums.as_ptr().add((i0 + i) * groups);
+        let sums = qi.sums.as_ptr().add((i0 + i) * t.groups);
         for j in 0..ROWS {
-            out[i * ROWS + j] =
-                M::sum(acc[j]) + bias_term::<HALF>(biases.add(j * groups * vb), sums, groups);
+            out[i * ROWS + j] = M::sum(acc[j]) + t.bias::<HALF>(j, sums);
         }
     }
 }
@@ -570,7 +585,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        bias_term, stage_scales, AffineWeight, QuantizedInputs, ScaleStage, TilePointers, BLOCK,
+        stage_scales, AffineWeight, QuantizedInputs, ScaleStage, TilePointers, BLOCK,
         MAX_STAGED_GROUPS, ROW_TILE,
     };
     use std::arch::x86_64::*;
@@ -649,48 +664,30 @@ mod vnni {
     ) {
         const ROWS: usize = ROW_TILE;
         let k = w.in_dim;
-        let TilePointers {
-            groups,
-            blocks,
-            blocks_per_group,
-            vb,
-            rows,
-            scales,
-            biases,
-            next,
-            line_per_block,
-            next_scales,
-            next_biases,
-        } = TilePointers::new::<BITS, HALF>(w, r);
+        let t = TilePointers::new::<BITS, HALF>(w, r);
+        let rows = t.rows;
         let mut stage: ScaleStage = [std::mem::MaybeUninit::uninit(); ROWS * MAX_STAGED_GROUPS];
         let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, usize::MAX);
         let mut acc = [[_mm512_setzero_ps(); ROWS]; INPUTS];
         let codes: [*const i16; INPUTS] =
             std::array::from_fn(|i| qi.codes.as_ptr().add((i0 + i) * k));
         let in_scales: [*const f32; INPUTS] =
-            std::array::from_fn(|i| qi.scales.as_ptr().add((i0 + i) * blocks));
-        let pairs = blocks / 2;
+            std::array::from_fn(|i| qi.scales.as_ptr().add((i0 + i) * t.blocks));
+        let pairs = t.blocks / 2;
         for p in 0..pairs {
             let b = 2 * p;
-            let (ga, gb) = (b / blocks_per_group, (b + 1) / blocks_per_group);
-            // The scales of groups from `ga` on, unless those of `ga..=gb` are staged already.
+            let (ga, gb) = (b / t.blocks_per_group, (b + 1) / t.blocks_per_group);
+            // The t.scales of t.groups from `ga` on, unless those of `ga..=gb` are staged already.
             if g0 == usize::MAX || gb >= g0 + MAX_STAGED_GROUPS {
-                let n = MAX_STAGED_GROUPS.min(groups - ga);
-                (staged, stride) = stage_scales::<HALF>(scales, groups, ga, n, &mut stage);
+                let n = MAX_STAGED_GROUPS.min(t.groups - ga);
+                (staged, stride) = stage_scales::<HALF>(t.scales, t.groups, ga, n, &mut stage);
                 g0 = ga;
             }
             for blk in [b, b + 1] {
-                if blk % blocks_per_group == 0 {
-                    // A group starts: a line of the next tile's scales and biases.
-                    let g = blk / blocks_per_group;
-                    _mm_prefetch::<_MM_HINT_T0>(next_scales.wrapping_add(g * ROWS * vb));
-                    _mm_prefetch::<_MM_HINT_T0>(next_biases.wrapping_add(g * ROWS * vb));
+                if blk % t.blocks_per_group == 0 {
+                    t.prefetch_group(blk / t.blocks_per_group);
                 }
-                let ahead = next.wrapping_add(blk * line_per_block) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                if BITS == 8 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
+                t.prefetch_block::<BITS>(blk);
             }
             let xs: [(__m512i, __m512i); INPUTS] = std::array::from_fn(|i| load_pair(codes[i], b));
             let sx: [__m512; INPUTS] =
@@ -715,12 +712,12 @@ mod vnni {
         }
         // An odd block out: its eight partial sums go to lanes 0-7.
         let mut last = [[_mm256_setzero_ps(); ROWS]; INPUTS];
-        if blocks % 2 == 1 {
-            let b = blocks - 1;
-            let g = b / blocks_per_group;
+        if t.blocks % 2 == 1 {
+            let b = t.blocks - 1;
+            let g = b / t.blocks_per_group;
             if g0 == usize::MAX || g >= g0 + MAX_STAGED_GROUPS {
-                let n = MAX_STAGED_GROUPS.min(groups - g);
-                (staged, stride) = stage_scales::<HALF>(scales, groups, g, n, &mut stage);
+                let n = MAX_STAGED_GROUPS.min(t.groups - g);
+                (staged, stride) = stage_scales::<HALF>(t.scales, t.groups, g, n, &mut stage);
                 g0 = g;
             }
             for j in 0..ROWS {
@@ -741,11 +738,11 @@ mod vnni {
             }
         }
         for i in 0..INPUTS {
-            let sums = qi.sums.as_ptr().add((i0 + i) * groups);
+            let sums = qi.sums.as_ptr().add((i0 + i) * t.groups);
             for j in 0..ROWS {
                 out[i * ROWS + j] = _mm512_reduce_add_ps(acc[i][j])
                     + crate::kernels::x86::hsum256(last[i][j])
-                    + bias_term::<HALF>(biases.add(j * groups * vb), sums, groups);
+                    + t.bias::<HALF>(j, sums);
             }
         }
     }
