@@ -380,7 +380,9 @@ pub fn load_llama(f: &GgufFile, cfg: &TextConfig, opts: &LoadOptions) -> Result<
         Matrix::Affine(q) => Embedding::Affine(Arc::new(q)),
         Matrix::Ggml(q) => Embedding::Dense(q.dequantize(&opts.device)?.to_dtype(opts.dtype)?),
     };
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    // No room reserved from `block_count`: it is the file's word, and a forged count must meet the
+    // error for its first missing block, not an allocation of its size.
+    let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         layers.push(DecoderLayer::new(DecoderParts {
