@@ -6,7 +6,7 @@ count, run alternately; prints each metric as edgevlm / llama.cpp with both medi
                                          [--models smollm2,smolvlm] [--isa native|avx2]
 
 `--isa avx2` holds both engines to AVX2/FMA/F16C on any machine: edgevlm with EDGEVLM_NO_AVX512=1
-EDGEVLM_NO_AMX=1, llama.cpp built without AVX-512, AVX-VNNI or AMX (`LLAMA_ISA=avx2
+EDGEVLM_NO_AVXVNNI=1 EDGEVLM_NO_AMX=1, llama.cpp built without AVX-512, AVX-VNNI or AMX (`LLAMA_ISA=avx2
 scripts/build-llamacpp.sh`, a second build beside the native one).
 
 It builds llama.cpp once from the llama-cpp-python sdist (scripts/build-llamacpp.sh), fetches the real
@@ -257,7 +257,8 @@ def main():
 
     if a.isa == "avx2":
         # Inherited by every edgevlm run below, and by llama.cpp's build script.
-        os.environ.update(EDGEVLM_NO_AVX512="1", EDGEVLM_NO_AMX="1", LLAMA_ISA="avx2")
+        os.environ.update(EDGEVLM_NO_AVX512="1", EDGEVLM_NO_AVXVNNI="1", EDGEVLM_NO_AMX="1",
+                          LLAMA_ISA="avx2")
     bin_dir = Path(sh(["bash", ROOT / "scripts/build-llamacpp.sh"]).strip())
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "edgevlm-cli"], cwd=ROOT,
                    check=True, capture_output=True)

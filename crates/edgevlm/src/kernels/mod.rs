@@ -68,6 +68,24 @@ pub(crate) fn has_avx512f() -> bool {
     }
 }
 
+/// Whether the CPU has AVX-VNNI (`vpdpwssd` / `vpdpbusd` on 256-bit registers, VEX-encoded: Intel
+/// Alder Lake and later, AMD Zen 5) and the AVX2 set, and `EDGEVLM_NO_AVXVNNI` is not set (checked at run time, once).
+pub(crate) fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx2()
+                && std::arch::is_x86_feature_detected!("avxvnni")
+                && std::env::var_os("EDGEVLM_NO_AVXVNNI").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the CPU has AVX-512 with VNNI and 256-bit forms (`avx512vl`), for the `vpdpwssd` kernels
 /// (checked at run time, once).
 pub(crate) fn has_avx512_vnni() -> bool {

@@ -3,9 +3,12 @@
 //! `y_r = Σ_g s_rg · Σ_{i∈g} q_ri x_i + b_rg · Σ_{i∈g} x_i`. On AVX2 the inner sums are integer dot
 //! products: the activations are rounded to **16-bit** integers per block of 32 (relative error below
 //! 1e-5 of the block's largest value, about 250× finer than the 8-bit activations llama.cpp and
-//! mistral.rs use), the codes are widened to 16 bits in registers, and `vpmaddwd` multiplies and pairs
-//! them (on CPUs with AVX-512 VNNI, `vpdpwssd` multiplies and accumulates in one instruction, on 256-bit
-//! vectors). The bias term uses the exact f32 sums of `x`. Scales and biases are read in the f16 or f32
+//! mistral.rs use), the codes are spread into 16-bit lanes without a shuffle (masks and shifts; the
+//! activation codes are stored in the order that leaves them in), and `vpmaddwd` multiplies and pairs
+//! them on 256-bit registers (with AVX-VNNI `vpdpwssd` multiplies and accumulates in one instruction;
+//! with AVX-512 VNNI two blocks go through one 512-bit step). On AVX2 the 16-bit activations cost one
+//! instruction per row and block over llama.cpp's 8-bit `vpmaddubsw` form (10 against 9 vector
+//! operations). The bias term uses the exact f32 sums of `x`. Scales and biases are read in the f16 or f32
 //! they are held in. Rows are split across the thread pool. One token
 //! (decode) runs tiles of four weight rows that share each activation load and prefetch the next tile;
 //! a few inputs share each unpacked weight row, four at a time; 16 or more inputs (a prompt, vision
@@ -16,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::{has_avx2, has_avx512_vnni};
+use super::{has_avx2, has_avx512_vnni, has_avx_vnni};
 
 use super::amx::TileInputs;
 use crate::quant::AffineWeight;
@@ -26,9 +29,9 @@ const BLOCK: usize = 32;
 /// Inputs that share one pass over a weight row.
 const INPUT_TILE: usize = 4;
 
-/// Activations prepared for one weight: 16-bit codes per block of 32 (for 4-bit weights in the order
-/// the packed bytes hold them: the 16 even elements, then the 16 odd ones), a scale per block, and the
-/// exact sum per weight group.
+/// Activations prepared for one weight: 16-bit codes per block of 32 in the order the kernels unpack
+/// the packed weight bytes in (see [`quantize_inputs`]), a scale per block, and the exact sum per
+/// weight group.
 struct QuantizedInputs {
     codes: Vec<i16>,
     scales: Vec<f32>,
@@ -59,17 +62,13 @@ fn quantize_inputs(w: &AffineWeight, xs: &[f32]) -> QuantizedInputs {
         // leaves a float whose unit in the last place is 1, so the sum is y rounded.
         const MAGIC: f32 = 12_582_912.0;
         let code = |v: f32| ((v * inv + MAGIC) - MAGIC) as i16;
-        if four {
-            // The packed bytes hold elements 2i and 2i + 1: the codes go even elements first.
-            let (even, odd) = c.split_at_mut(BLOCK / 2);
-            for ((pair, e), o) in x.chunks_exact(2).zip(even).zip(odd) {
-                *e = code(pair[0]);
-                *o = code(pair[1]);
-            }
-        } else {
-            for (c, &v) in c.iter_mut().zip(x) {
-                *c = code(v);
-            }
+        // The order the kernels unpack a block's packed bytes in (see `avx2::unpack`): 4-bit codes
+        // as four planes of eight (elements 4i, then 4i + 1, 4i + 2, 4i + 3), 8-bit codes as two
+        // of sixteen (elements 2i, then 2i + 1).
+        let planes = if four { 4 } else { 2 };
+        let per_plane = BLOCK / planes;
+        for (e, &v) in x.iter().enumerate() {
+            c[(e % planes) * per_plane + e / planes] = code(v);
         }
     }
     debug_assert_eq!(xs.len() % k, 0);
@@ -254,13 +253,18 @@ impl TilePointers {
         }
     }
 
-    /// Fetch a line of the next tile's scales and biases as group `g` of this one starts.
+    /// Fetch the next tile's scales and biases (a few lines: they are needed only once this tile
+    /// is done).
     #[inline(always)]
-    unsafe fn prefetch_group(&self, g: usize) {
+    unsafe fn prefetch_values(&self) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let at = g * ROW_TILE * self.vb;
-        _mm_prefetch::<_MM_HINT_T0>(self.next_scales.wrapping_add(at));
-        _mm_prefetch::<_MM_HINT_T0>(self.next_biases.wrapping_add(at));
+        let bytes = ROW_TILE * self.groups * self.vb;
+        let mut at = 0;
+        while at < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(self.next_scales.wrapping_add(at));
+            _mm_prefetch::<_MM_HINT_T0>(self.next_biases.wrapping_add(at));
+            at += 64;
+        }
     }
 
     /// Fetch the next tile's codes in step with block `b` of this one (two lines for 8-bit codes).
@@ -303,15 +307,16 @@ trait TileMath {
     unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> Self::W;
     /// `acc + w · x · scale`.
     unsafe fn fma_block(acc: Self::Acc, w: &Self::W, x: &Self::X, scale: f32) -> Self::Acc;
-    unsafe fn sum(acc: Self::Acc) -> f32;
+    /// The row's total (for 4-bit rows with the lanes' scaling undone, see [`avx2::unpack`]).
+    unsafe fn sum<const BITS: u32>(acc: Self::Acc) -> f32;
 }
 
 /// Rows `r .. r + ROW_TILE` of `w` for inputs `i0 .. i0 + INPUTS`: each block of activations is
 /// loaded once and serves all the tile's rows, whose sums stay in registers; scales are staged to
 /// f32 per tile, and the bias term is one vector dot per row at the end. The next tile's rows,
-/// scales and biases follow this tile's in memory: they are fetched a line per block while this one
-/// computes, so that the loads rarely wait on memory (single-thread speed on out-of-cache weights 4.2
-/// -> 2.9 ns per row and block on Zen 1). Every (row, input) pair goes through the same operations
+/// scales and biases follow this tile's in memory: the codes are fetched a line per block while this
+/// one computes (the scales and biases all at its start), so that the loads rarely wait on memory
+/// (single-thread speed on out-of-cache weights 4.2 -> 2.9 ns per row and block on Zen 1). Every (row, input) pair goes through the same operations
 /// in the same order whatever `INPUTS` is, so an input's outputs are bit-identical alone and in a
 /// batch; with several inputs the weight rows are read from memory once for all of them.
 /// `out[i * ROW_TILE + j]` receives row `r + j` for input `i0 + i`.
@@ -333,36 +338,36 @@ unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool, const INPUTS:
     let t = TilePointers::new::<BITS, HALF>(w, r);
     let rows = t.rows;
     let mut stage: ScaleStage = [std::mem::MaybeUninit::uninit(); ROWS * MAX_STAGED_GROUPS];
-    let (mut staged, mut stride, mut g0) = (std::ptr::null::<f32>(), 0, 0);
     let mut acc = [[M::zero(); ROWS]; INPUTS];
     let codes = qi.codes.as_ptr().add(i0 * k);
     let in_scales = qi.scales.as_ptr().add(i0 * t.blocks);
-    for g in 0..t.groups {
-        if g % MAX_STAGED_GROUPS == 0 {
-            let n = MAX_STAGED_GROUPS.min(t.groups - g);
-            (staged, stride) = stage_scales::<HALF>(t.scales, t.groups, g, n, &mut stage);
-            g0 = g;
-        }
-        t.prefetch_group(g);
-        let sw: [f32; ROWS] = std::array::from_fn(|j| *staged.add(j * stride + g - g0));
-        for b in g * t.blocks_per_group..(g + 1) * t.blocks_per_group {
-            t.prefetch_block::<BITS>(b);
-            let xs: [M::X; INPUTS] =
-                std::array::from_fn(|i| M::load_x(codes.add(i * k + b * BLOCK)));
-            let sx: [f32; INPUTS] = std::array::from_fn(|i| *in_scales.add(i * t.blocks + b));
-            for j in 0..ROWS {
-                // Each block of codes is widened once for all the inputs.
-                let wj = M::unpack::<BITS>(rows[j], b);
-                for i in 0..INPUTS {
-                    acc[i][j] = M::fma_block(acc[i][j], &wj, &xs[i], sw[j] * sx[i]);
+    t.prefetch_values();
+    let mut b = 0;
+    for g0 in (0..t.groups).step_by(MAX_STAGED_GROUPS) {
+        let n = MAX_STAGED_GROUPS.min(t.groups - g0);
+        let (staged, stride) = stage_scales::<HALF>(t.scales, t.groups, g0, n, &mut stage);
+        for g in 0..n {
+            let sw: [f32; ROWS] = std::array::from_fn(|j| *staged.add(j * stride + g));
+            for _ in 0..t.blocks_per_group {
+                t.prefetch_block::<BITS>(b);
+                let xs: [M::X; INPUTS] =
+                    std::array::from_fn(|i| M::load_x(codes.add(i * k + b * BLOCK)));
+                let sx: [f32; INPUTS] = std::array::from_fn(|i| *in_scales.add(i * t.blocks + b));
+                for j in 0..ROWS {
+                    // Each block of codes is widened once for all the inputs.
+                    let wj = M::unpack::<BITS>(rows[j], b);
+                    for i in 0..INPUTS {
+                        acc[i][j] = M::fma_block(acc[i][j], &wj, &xs[i], sw[j] * sx[i]);
+                    }
                 }
+                b += 1;
             }
         }
     }
     for (i, acc) in acc.iter().enumerate() {
         let sums = qi.sums.as_ptr().add((i0 + i) * t.groups);
         for j in 0..ROWS {
-            out[i * ROWS + j] = M::sum(acc[j]) + t.bias::<HALF>(j, sums);
+            out[i * ROWS + j] = M::sum::<BITS>(acc[j]) + t.bias::<HALF>(j, sums);
         }
     }
 }
@@ -372,24 +377,51 @@ mod avx2 {
     use super::{row_tile, AffineWeight, QuantizedInputs, TileMath, BLOCK, INPUT_TILE};
     use std::arch::x86_64::*;
 
-    /// The 32 codes of block `b` of a packed row, widened to 16 bits: for 4-bit codes the 16 even
-    /// elements then the 16 odd ones, for 8-bit codes in order.
+    /// The 32 codes of block `b` of a packed row in 16-bit lanes, in two vectors that pair with an
+    /// input's codes as [`super::quantize_inputs`] orders them. With no shuffle: 8-bit codes are the
+    /// low and the high bytes of the block's 16-bit words (elements 2i, then 2i + 1). For 4-bit codes
+    /// the 16 bytes are loaded into both halves of a register and masked so that each 16-bit word
+    /// keeps one nibble: the low half its lowest (element 4i), the high half the next, *in place*
+    /// (16 · element 4i + 1); the second vector does the same for the word's high byte (elements
+    /// 4i + 2 and 16 · (4i + 3)). The products of the high halves are 16 times too large, exactly:
+    /// lanes 4-7 of every eight-lane sum are taken back by [`NIBBLE_FIX`] once per row.
     #[inline(always)]
     pub(super) unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
         if BITS == 4 {
-            // Each byte holds element 2i (low nibble) and 2i + 1 (high nibble); widened to 16 bits
-            // the high nibble is a plain shift away.
-            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(16 * b) as *const __m128i));
+            let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(row.add(16 * b) as *const __m128i));
+            let m = nibble_mask();
             (
-                _mm256_and_si256(q, _mm256_set1_epi16(0x0F)),
-                _mm256_srli_epi16(q, 4),
+                _mm256_and_si256(q, m),
+                _mm256_and_si256(_mm256_srli_epi16::<8>(q), m),
             )
         } else {
+            let q = _mm256_loadu_si256(row.add(32 * b) as *const __m256i);
             (
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b) as *const __m128i)),
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(32 * b + 16) as *const __m128i)),
+                _mm256_and_si256(q, _mm256_set1_epi16(0xFF)),
+                _mm256_srli_epi16::<8>(q),
             )
         }
+    }
+
+    /// Keeps the lowest nibble of each 16-bit word in the low 128 bits, the second one in the high.
+    #[inline(always)]
+    unsafe fn nibble_mask() -> __m256i {
+        _mm256_setr_m128i(_mm_set1_epi16(0x000F), _mm_set1_epi16(0x00F0))
+    }
+
+    /// What each lane of a 4-bit row's eight-lane f32 sum is multiplied by before the lanes are
+    /// added (see [`unpack`]); 8-bit rows need none.
+    pub(super) const NIBBLE_FIX: [f32; 8] = [1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625];
+
+    /// The sum of a row's eight lanes, 4-bit lanes 4-7 divided by 16 first (exact: a power of two).
+    #[inline(always)]
+    pub(super) unsafe fn row_sum<const BITS: u32>(acc: __m256) -> f32 {
+        let acc = if BITS == 4 {
+            _mm256_mul_ps(acc, _mm256_loadu_ps(NIBBLE_FIX.as_ptr()))
+        } else {
+            acc
+        };
+        crate::kernels::x86::hsum256(acc)
     }
 
     /// Output row `r` for `n ≤ INPUT_TILE` inputs starting at input `i0`; results go to `out[j]`.
@@ -435,7 +467,7 @@ mod avx2 {
                 .enumerate()
                 .map(|(g, s)| w.biases.get(r * groups + g) * s)
                 .sum();
-            out[j] = crate::kernels::x86::hsum256(acc[j]) + bias;
+            out[j] = row_sum::<BITS>(acc[j]) + bias;
         }
     }
 
@@ -481,82 +513,102 @@ mod avx2 {
         }
     }
 
-    /// The 32 codes of block `b` of a packed row as four vectors of eight 16-bit values: for 4-bit
-    /// codes the 16 even elements then the 16 odd ones, for 8-bit codes in order.
+    /// `acc + (the block's eight partial sums, as f32) · scale`.
     #[inline(always)]
-    unsafe fn unpack_128<const BITS: u32>(row: *const u8, b: usize) -> [__m128i; 4] {
-        let zero = _mm_setzero_si128();
-        if BITS == 4 {
-            let q = _mm_loadu_si128(row.add(16 * b) as *const __m128i);
-            let m = _mm_set1_epi8(0x0F);
-            let lo = _mm_and_si128(q, m);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
-            [
-                _mm_unpacklo_epi8(lo, zero),
-                _mm_unpackhi_epi8(lo, zero),
-                _mm_unpacklo_epi8(hi, zero),
-                _mm_unpackhi_epi8(hi, zero),
-            ]
-        } else {
-            let q0 = _mm_loadu_si128(row.add(32 * b) as *const __m128i);
-            let q1 = _mm_loadu_si128(row.add(32 * b + 16) as *const __m128i);
-            [
-                _mm_unpacklo_epi8(q0, zero),
-                _mm_unpackhi_epi8(q0, zero),
-                _mm_unpacklo_epi8(q1, zero),
-                _mm_unpackhi_epi8(q1, zero),
-            ]
-        }
+    unsafe fn scaled(acc: __m256, dot: __m256i, scale: f32) -> __m256 {
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc)
     }
 
-    /// The 128-bit arithmetic of the AVX2 row-tile kernel: on cores that split 256-bit integer
-    /// operations in two (AMD Zen 1) it is as fast, and needs fewer widening shuffles.
-    pub struct Sse;
+    /// An input's 32 codes of one block, in the layout of [`unpack`].
+    #[inline(always)]
+    unsafe fn load_block(codes: *const i16) -> (__m256i, __m256i) {
+        let x = codes as *const __m256i;
+        (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)))
+    }
 
-    impl TileMath for Sse {
-        type Acc = __m128;
-        type X = [__m128i; 4];
-        type W = [__m128i; 4];
+    /// The arithmetic of the AVX2 row-tile kernel: a block's 32 codes widened to 16 bits in two
+    /// vectors, two `vpmaddwd` and an add for its eight partial sums, one convert and one
+    /// multiply-add by the block's scale. (A 128-bit form, kept while Zen 1 was the AVX2 machine at
+    /// hand, needed twice the instructions on cores with full-width 256-bit integer units.)
+    pub struct Avx;
+
+    impl TileMath for Avx {
+        type Acc = __m256;
+        type X = (__m256i, __m256i);
+        type W = (__m256i, __m256i);
 
         #[inline(always)]
-        unsafe fn zero() -> __m128 {
-            _mm_setzero_ps()
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
         }
 
         #[inline(always)]
-        unsafe fn load_x(codes: *const i16) -> [__m128i; 4] {
-            let x = codes as *const __m128i;
-            [
-                _mm_loadu_si128(x),
-                _mm_loadu_si128(x.add(1)),
-                _mm_loadu_si128(x.add(2)),
-                _mm_loadu_si128(x.add(3)),
-            ]
+        unsafe fn load_x(codes: *const i16) -> (__m256i, __m256i) {
+            load_block(codes)
         }
 
         #[inline(always)]
-        unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> [__m128i; 4] {
-            unpack_128::<BITS>(row, b)
+        unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
+            unpack::<BITS>(row, b)
         }
 
         #[inline(always)]
         unsafe fn fma_block(
-            acc: __m128,
-            q: &[__m128i; 4],
-            xs: &[__m128i; 4],
+            acc: __m256,
+            q: &(__m256i, __m256i),
+            x: &(__m256i, __m256i),
             scale: f32,
-        ) -> __m128 {
-            let dot = _mm_add_epi32(
-                _mm_add_epi32(_mm_madd_epi16(q[0], xs[0]), _mm_madd_epi16(q[1], xs[1])),
-                _mm_add_epi32(_mm_madd_epi16(q[2], xs[2]), _mm_madd_epi16(q[3], xs[3])),
-            );
-            _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_set1_ps(scale), acc)
+        ) -> __m256 {
+            let dot = _mm256_add_epi32(_mm256_madd_epi16(q.0, x.0), _mm256_madd_epi16(q.1, x.1));
+            scaled(acc, dot, scale)
         }
 
         #[inline(always)]
-        unsafe fn sum(v: __m128) -> f32 {
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
+        unsafe fn sum<const BITS: u32>(v: __m256) -> f32 {
+            row_sum::<BITS>(v)
+        }
+    }
+
+    /// The AVX-VNNI form of [`Avx`] (Intel Alder Lake and later, AMD Zen 5): `vpdpwssd` on 256-bit
+    /// registers multiplies, pairs and accumulates in one instruction. The integer block sums are
+    /// the same as [`Avx`]'s, and so are the results, bit for bit.
+    pub struct AvxVnni;
+
+    impl TileMath for AvxVnni {
+        type Acc = __m256;
+        type X = (__m256i, __m256i);
+        type W = (__m256i, __m256i);
+
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+
+        #[inline(always)]
+        unsafe fn load_x(codes: *const i16) -> (__m256i, __m256i) {
+            load_block(codes)
+        }
+
+        #[inline(always)]
+        unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
+            unpack::<BITS>(row, b)
+        }
+
+        #[inline(always)]
+        unsafe fn fma_block(
+            acc: __m256,
+            q: &(__m256i, __m256i),
+            x: &(__m256i, __m256i),
+            scale: f32,
+        ) -> __m256 {
+            let zero = _mm256_setzero_si256();
+            let dot = _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(zero, q.0, x.0), q.1, x.1);
+            scaled(acc, dot, scale)
+        }
+
+        #[inline(always)]
+        unsafe fn sum<const BITS: u32>(v: __m256) -> f32 {
+            row_sum::<BITS>(v)
         }
     }
 
@@ -569,7 +621,19 @@ mod avx2 {
         i0: usize,
         out: &mut [f32],
     ) {
-        row_tile::<Sse, BITS, HALF, INPUTS>(w, r, qi, i0, out)
+        row_tile::<Avx, BITS, HALF, INPUTS>(w, r, qi, i0, out)
+    }
+
+    /// [`dot_row_tile`] with AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn dot_row_tile_vnni<const BITS: u32, const HALF: bool, const INPUTS: usize>(
+        w: &AffineWeight,
+        r: usize,
+        qi: &QuantizedInputs,
+        i0: usize,
+        out: &mut [f32],
+    ) {
+        row_tile::<AvxVnni, BITS, HALF, INPUTS>(w, r, qi, i0, out)
     }
 }
 
@@ -590,29 +654,47 @@ mod vnni {
     };
     use std::arch::x86_64::*;
 
-    /// Blocks `b` and `b + 1` of a packed row, widened to 16 bits: (first halves, second halves),
-    /// each with block `b`'s 16 codes then block `b + 1`'s.
+    /// Blocks `b` and `b + 1` of a packed row in 16-bit lanes, as [`super::avx2::unpack`] lays out
+    /// one block: block `b` in the low 256 bits, `b + 1` in the high. For 4-bit codes the 32-bit
+    /// sums' lanes 4-7 and 12-15 come out 16 times too large ([`row_sum`] takes that back).
     #[inline(always)]
     unsafe fn unpack_pair<const BITS: u32>(row: *const u8, b: usize) -> (__m512i, __m512i) {
         if BITS == 4 {
-            // 16 bytes per block, low nibbles the even elements: the two blocks are 32 bytes.
-            let q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(row.add(16 * b) as *const __m256i));
+            let half = |b: usize| {
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(row.add(16 * b) as *const __m128i))
+            };
+            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half(b)), half(b + 1));
+            let m = _mm512_broadcast_i64x4(_mm256_setr_m128i(
+                _mm_set1_epi16(0x000F),
+                _mm_set1_epi16(0x00F0),
+            ));
             (
-                _mm512_and_si512(q, _mm512_set1_epi16(0x0F)),
-                _mm512_srli_epi16::<4>(q),
+                _mm512_and_si512(q, m),
+                _mm512_and_si512(_mm512_srli_epi16::<8>(q), m),
             )
         } else {
-            let (p, n) = (row.add(32 * b), row.add(32 * b + 32));
+            // Two blocks of 32 bytes are one 64-byte load.
+            let q = _mm512_loadu_si512(row.add(32 * b) as *const __m512i);
             (
-                _mm512_cvtepu8_epi16(_mm256_loadu2_m128i(
-                    n as *const __m128i,
-                    p as *const __m128i,
-                )),
-                _mm512_cvtepu8_epi16(_mm256_loadu2_m128i(
-                    n.add(16) as *const __m128i,
-                    p.add(16) as *const __m128i,
-                )),
+                _mm512_and_si512(q, _mm512_set1_epi16(0xFF)),
+                _mm512_srli_epi16::<8>(q),
             )
+        }
+    }
+
+    /// The sum of a row's 16 lanes, for 4-bit rows lanes 4-7 and 12-15 divided by 16 first.
+    #[inline(always)]
+    unsafe fn row_sum<const BITS: u32>(acc: __m512) -> f32 {
+        if BITS == 4 {
+            let fix = _mm256_loadu_ps(super::avx2::NIBBLE_FIX.as_ptr());
+            let lo = _mm256_mul_ps(_mm512_castps512_ps256(acc), fix);
+            let hi = _mm256_mul_ps(
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
+                fix,
+            );
+            crate::kernels::x86::hsum256(_mm256_add_ps(lo, hi))
+        } else {
+            _mm512_reduce_add_ps(acc)
         }
     }
 
@@ -674,6 +756,7 @@ mod vnni {
         let in_scales: [*const f32; INPUTS] =
             std::array::from_fn(|i| qi.scales.as_ptr().add((i0 + i) * t.blocks));
         let pairs = t.blocks / 2;
+        t.prefetch_values();
         for p in 0..pairs {
             let b = 2 * p;
             let (ga, gb) = (b / t.blocks_per_group, (b + 1) / t.blocks_per_group);
@@ -683,12 +766,8 @@ mod vnni {
                 (staged, stride) = stage_scales::<HALF>(t.scales, t.groups, ga, n, &mut stage);
                 g0 = ga;
             }
-            for blk in [b, b + 1] {
-                if blk % t.blocks_per_group == 0 {
-                    t.prefetch_group(blk / t.blocks_per_group);
-                }
-                t.prefetch_block::<BITS>(blk);
-            }
+            t.prefetch_block::<BITS>(b);
+            t.prefetch_block::<BITS>(b + 1);
             let xs: [(__m512i, __m512i); INPUTS] = std::array::from_fn(|i| load_pair(codes[i], b));
             let sx: [__m512; INPUTS] =
                 std::array::from_fn(|i| pair_of(*in_scales[i].add(b), *in_scales[i].add(b + 1)));
@@ -740,30 +819,75 @@ mod vnni {
         for i in 0..INPUTS {
             let sums = qi.sums.as_ptr().add((i0 + i) * t.groups);
             for j in 0..ROWS {
-                out[i * ROWS + j] = _mm512_reduce_add_ps(acc[i][j])
-                    + crate::kernels::x86::hsum256(last[i][j])
+                out[i * ROWS + j] = row_sum::<BITS>(acc[i][j])
+                    + super::avx2::row_sum::<BITS>(last[i][j])
                     + t.bias::<HALF>(j, sums);
             }
         }
     }
 }
 
-/// The row-tile kernel for `INPUTS` inputs, a layer's code width and group-value type: the AVX-512
-/// VNNI one where `vnni`, else the AVX2 one. Calling it needs AVX2, FMA and F16C (and AVX-512 VNNI).
+/// The row-tile kernel for `INPUTS` inputs, a layer's code width and group-value type, on `isa`.
+/// Calling it needs the features `isa` names (AVX2, FMA and F16C in every case).
 #[cfg(target_arch = "x86_64")]
 type TileKernel = unsafe fn(&AffineWeight, usize, &QuantizedInputs, usize, &mut [f32]);
 
+/// Which form of the row-tile kernel runs.
 #[cfg(target_arch = "x86_64")]
-fn tile_kernel<const INPUTS: usize>(w: &AffineWeight, vnni: bool) -> TileKernel {
-    match (vnni, w.spec.bits == 4, w.scales.is_f16()) {
-        (true, true, true) => vnni::dot_row_tile::<4, true, INPUTS>,
-        (true, true, false) => vnni::dot_row_tile::<4, false, INPUTS>,
-        (true, false, true) => vnni::dot_row_tile::<8, true, INPUTS>,
-        (true, false, false) => vnni::dot_row_tile::<8, false, INPUTS>,
-        (false, true, true) => avx2::dot_row_tile::<4, true, INPUTS>,
-        (false, true, false) => avx2::dot_row_tile::<4, false, INPUTS>,
-        (false, false, true) => avx2::dot_row_tile::<8, true, INPUTS>,
-        (false, false, false) => avx2::dot_row_tile::<8, false, INPUTS>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TileIsa {
+    /// 256-bit `vpmaddwd`.
+    Avx2,
+    /// 256-bit `vpdpwssd` (AVX-VNNI).
+    AvxVnni,
+    /// 512-bit `vpdpwssd`, two blocks per step (AVX-512 VNNI).
+    Avx512Vnni,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileIsa {
+    /// The best form this CPU has (within what `EDGEVLM_NO_AVX512` / `EDGEVLM_NO_AVXVNNI` allow);
+    /// the caller has checked AVX2, FMA and F16C.
+    fn detect() -> Self {
+        if has_avx512_vnni() {
+            TileIsa::Avx512Vnni
+        } else if has_avx_vnni() {
+            TileIsa::AvxVnni
+        } else {
+            TileIsa::Avx2
+        }
+    }
+
+    /// Every form this CPU can run (for tests).
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut isas = vec![TileIsa::Avx2];
+        if has_avx_vnni() {
+            isas.push(TileIsa::AvxVnni);
+        }
+        if has_avx512_vnni() {
+            isas.push(TileIsa::Avx512Vnni);
+        }
+        isas
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn tile_kernel<const INPUTS: usize>(w: &AffineWeight, isa: TileIsa) -> TileKernel {
+    use TileIsa::*;
+    match (isa, w.spec.bits == 4, w.scales.is_f16()) {
+        (Avx512Vnni, true, true) => vnni::dot_row_tile::<4, true, INPUTS>,
+        (Avx512Vnni, true, false) => vnni::dot_row_tile::<4, false, INPUTS>,
+        (Avx512Vnni, false, true) => vnni::dot_row_tile::<8, true, INPUTS>,
+        (Avx512Vnni, false, false) => vnni::dot_row_tile::<8, false, INPUTS>,
+        (AvxVnni, true, true) => avx2::dot_row_tile_vnni::<4, true, INPUTS>,
+        (AvxVnni, true, false) => avx2::dot_row_tile_vnni::<4, false, INPUTS>,
+        (AvxVnni, false, true) => avx2::dot_row_tile_vnni::<8, true, INPUTS>,
+        (AvxVnni, false, false) => avx2::dot_row_tile_vnni::<8, false, INPUTS>,
+        (Avx2, true, true) => avx2::dot_row_tile::<4, true, INPUTS>,
+        (Avx2, true, false) => avx2::dot_row_tile::<4, false, INPUTS>,
+        (Avx2, false, true) => avx2::dot_row_tile::<8, true, INPUTS>,
+        (Avx2, false, false) => avx2::dot_row_tile::<8, false, INPUTS>,
     }
 }
 
@@ -801,7 +925,7 @@ pub fn affine_matmul_with(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inp
         let qi = quantize_inputs(w, xs);
         let four = w.spec.bits == 4;
         if t == 1 {
-            let tile = tile_kernel::<1>(w, has_avx512_vnni());
+            let tile = tile_kernel::<1>(w, TileIsa::detect());
             // One token: tiles of ROW_TILE rows share each activation load.
             ys.par_chunks_mut(chunk).enumerate().for_each(|(c, y)| {
                 let r0 = c * chunk;
@@ -884,13 +1008,13 @@ pub fn affine_matmul_batch(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         let qi = quantize_inputs(w, xs);
-        let vnni = has_avx512_vnni();
+        let isa = TileIsa::detect();
         let four = w.spec.bits == 4;
         let kernels = [
-            tile_kernel::<1>(w, vnni),
-            tile_kernel::<2>(w, vnni),
-            tile_kernel::<3>(w, vnni),
-            tile_kernel::<4>(w, vnni),
+            tile_kernel::<1>(w, isa),
+            tile_kernel::<2>(w, isa),
+            tile_kernel::<3>(w, isa),
+            tile_kernel::<4>(w, isa),
         ];
         // As the one-input product: rows in whole tiles of ROW_TILE through the tile kernel, the
         // last few through `dot_rows` (both compute each input on its own).
@@ -1124,9 +1248,8 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        if !has_avx512_vnni() {
-            eprintln!("AVX-512 VNNI absent: only the AVX2 kernel is checked");
-        }
+        let isas = TileIsa::available();
+        eprintln!("row-tile kernels checked: {isas:?}");
         for (bits, store) in [4u32, 8]
             .into_iter()
             .flat_map(|b| [(b, ScaleType::F32), (b, ScaleType::F16)])
@@ -1146,15 +1269,15 @@ mod tests {
                 let qi = quantize_inputs(&q, &x);
                 let mut row = vec![0f32; k];
                 for r0 in (0..n).step_by(ROW_TILE) {
-                    let mut got = [[0f32; ROW_TILE]; 2];
-                    // SAFETY: AVX2 (and VNNI for the second) were detected; rows r0..r0 + 4 exist.
-                    unsafe {
-                        tile_kernel::<1>(&q, false)(&q, r0, &qi, 0, &mut got[0]);
-                        if has_avx512_vnni() {
-                            tile_kernel::<1>(&q, true)(&q, r0, &qi, 0, &mut got[1]);
-                        } else {
-                            got[1] = got[0];
-                        }
+                    let mut got = vec![[0f32; ROW_TILE]; isas.len()];
+                    for (isa, got) in isas.iter().zip(&mut got) {
+                        // SAFETY: `available` lists the forms whose features were detected; rows
+                        // r0..r0 + 4 exist.
+                        unsafe { tile_kernel::<1>(&q, *isa)(&q, r0, &qi, 0, got) };
+                    }
+                    // The 256-bit forms add the same integer sums in the same order.
+                    if let Some(i) = isas.iter().position(|&i| i == TileIsa::AvxVnni) {
+                        assert_eq!(got[0], got[i], "AVX-VNNI and AVX2 differ");
                     }
                     for j in 0..ROW_TILE {
                         q.dequantize_row(r0 + j, &mut row);
@@ -1168,11 +1291,11 @@ mod tests {
                         let amax = x.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
                         let wsum: f64 = row.iter().map(|v| f64::from(v.abs())).sum();
                         let tol = wsum * amax / 65534.0 + 1e-5 * wsum * amax / 32.0 + 1e-6;
-                        for (kernel, g) in ["avx2", "vnni"].iter().zip(&got) {
+                        for (kernel, g) in isas.iter().zip(&got) {
                             let got = f64::from(g[j]);
                             assert!(
                                 (got - want).abs() < tol,
-                                "{kernel}: bits {bits} gs {gs} {store:?} row {}: {got} vs {want}",
+                                "{kernel:?}: bits {bits} gs {gs} {store:?} row {}: {got} vs {want}",
                                 r0 + j
                             );
                         }
