@@ -65,10 +65,14 @@ fn quantize_inputs(w: &AffineWeight, xs: &[f32]) -> QuantizedInputs {
         // The order the kernels unpack a block's packed bytes in (see `avx2::unpack`): 4-bit codes
         // as four planes of eight (elements 4i, then 4i + 1, 4i + 2, 4i + 3), 8-bit codes as two
         // of sixteen (elements 2i, then 2i + 1).
-        let planes = if four { 4 } else { 2 };
-        let per_plane = BLOCK / planes;
-        for (e, &v) in x.iter().enumerate() {
-            c[(e % planes) * per_plane + e / planes] = code(v);
+        if four {
+            for (e, &v) in x.iter().enumerate() {
+                c[(e & 3) * 8 + (e >> 2)] = code(v);
+            }
+        } else {
+            for (e, &v) in x.iter().enumerate() {
+                c[(e & 1) * 16 + (e >> 1)] = code(v);
+            }
         }
     }
     debug_assert_eq!(xs.len() % k, 0);
