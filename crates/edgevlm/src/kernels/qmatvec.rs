@@ -517,26 +517,15 @@ mod avx2 {
         }
     }
 
-    /// `acc + (the block's eight partial sums, as f32) · scale`.
-    #[inline(always)]
-    unsafe fn scaled(acc: __m256, dot: __m256i, scale: f32) -> __m256 {
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc)
-    }
+    /// The arithmetic of the AVX2 row-tile kernel: a block's 32 codes in 16-bit lanes in two
+    /// vectors, two `vpmaddwd` and an add for its eight partial sums (with `VNNI`, AVX-VNNI's
+    /// `vpdpwssd` on 256-bit registers multiplies, pairs and accumulates in one instruction: the same
+    /// integer sums, so the same results bit for bit), one convert and one multiply-add by the
+    /// block's scale. (A 128-bit form, kept while Zen 1 was the AVX2 machine at hand, needed twice the
+    /// instructions on cores with full-width 256-bit integer units.)
+    pub struct Avx<const VNNI: bool>;
 
-    /// An input's 32 codes of one block, in the layout of [`unpack`].
-    #[inline(always)]
-    unsafe fn load_block(codes: *const i16) -> (__m256i, __m256i) {
-        let x = codes as *const __m256i;
-        (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)))
-    }
-
-    /// The arithmetic of the AVX2 row-tile kernel: a block's 32 codes widened to 16 bits in two
-    /// vectors, two `vpmaddwd` and an add for its eight partial sums, one convert and one
-    /// multiply-add by the block's scale. (A 128-bit form, kept while Zen 1 was the AVX2 machine at
-    /// hand, needed twice the instructions on cores with full-width 256-bit integer units.)
-    pub struct Avx;
-
-    impl TileMath for Avx {
+    impl<const VNNI: bool> TileMath for Avx<VNNI> {
         type Acc = __m256;
         type X = (__m256i, __m256i);
         type W = (__m256i, __m256i);
@@ -548,7 +537,8 @@ mod avx2 {
 
         #[inline(always)]
         unsafe fn load_x(codes: *const i16) -> (__m256i, __m256i) {
-            load_block(codes)
+            let x = codes as *const __m256i;
+            (_mm256_loadu_si256(x), _mm256_loadu_si256(x.add(1)))
         }
 
         #[inline(always)]
@@ -563,51 +553,13 @@ mod avx2 {
             x: &(__m256i, __m256i),
             scale: f32,
         ) -> __m256 {
-            let dot = _mm256_add_epi32(_mm256_madd_epi16(q.0, x.0), _mm256_madd_epi16(q.1, x.1));
-            scaled(acc, dot, scale)
-        }
-
-        #[inline(always)]
-        unsafe fn sum<const BITS: u32>(v: __m256) -> f32 {
-            row_sum::<BITS>(v)
-        }
-    }
-
-    /// The AVX-VNNI form of [`Avx`] (Intel Alder Lake and later, AMD Zen 5): `vpdpwssd` on 256-bit
-    /// registers multiplies, pairs and accumulates in one instruction. The integer block sums are
-    /// the same as [`Avx`]'s, and so are the results, bit for bit.
-    pub struct AvxVnni;
-
-    impl TileMath for AvxVnni {
-        type Acc = __m256;
-        type X = (__m256i, __m256i);
-        type W = (__m256i, __m256i);
-
-        #[inline(always)]
-        unsafe fn zero() -> __m256 {
-            _mm256_setzero_ps()
-        }
-
-        #[inline(always)]
-        unsafe fn load_x(codes: *const i16) -> (__m256i, __m256i) {
-            load_block(codes)
-        }
-
-        #[inline(always)]
-        unsafe fn unpack<const BITS: u32>(row: *const u8, b: usize) -> (__m256i, __m256i) {
-            unpack::<BITS>(row, b)
-        }
-
-        #[inline(always)]
-        unsafe fn fma_block(
-            acc: __m256,
-            q: &(__m256i, __m256i),
-            x: &(__m256i, __m256i),
-            scale: f32,
-        ) -> __m256 {
-            let zero = _mm256_setzero_si256();
-            let dot = _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(zero, q.0, x.0), q.1, x.1);
-            scaled(acc, dot, scale)
+            let dot = if VNNI {
+                let zero = _mm256_setzero_si256();
+                _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(zero, q.0, x.0), q.1, x.1)
+            } else {
+                _mm256_add_epi32(_mm256_madd_epi16(q.0, x.0), _mm256_madd_epi16(q.1, x.1))
+            };
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc)
         }
 
         #[inline(always)]
@@ -625,7 +577,7 @@ mod avx2 {
         i0: usize,
         out: &mut [f32],
     ) {
-        row_tile::<Avx, BITS, HALF, INPUTS>(w, r, qi, i0, out)
+        row_tile::<Avx<false>, BITS, HALF, INPUTS>(w, r, qi, i0, out)
     }
 
     /// [`dot_row_tile`] with AVX-VNNI.
@@ -637,7 +589,7 @@ mod avx2 {
         i0: usize,
         out: &mut [f32],
     ) {
-        row_tile::<AvxVnni, BITS, HALF, INPUTS>(w, r, qi, i0, out)
+        row_tile::<Avx<true>, BITS, HALF, INPUTS>(w, r, qi, i0, out)
     }
 }
 
