@@ -303,7 +303,7 @@ trait TileMath {
     type Acc: Copy;
     /// One block of 32 activation codes, loaded.
     type X;
-    /// The codes of one block of a weight row, widened.
+    /// The codes of one block of a weight row, in 16-bit lanes.
     type W;
     unsafe fn zero() -> Self::Acc;
     unsafe fn load_x(codes: *const i16) -> Self::X;
@@ -358,7 +358,7 @@ unsafe fn row_tile<M: TileMath, const BITS: u32, const HALF: bool, const INPUTS:
                     std::array::from_fn(|i| M::load_x(codes.add(i * k + b * BLOCK)));
                 let sx: [f32; INPUTS] = std::array::from_fn(|i| *in_scales.add(i * t.blocks + b));
                 for j in 0..ROWS {
-                    // Each block of codes is widened once for all the inputs.
+                    // Each block of codes is unpacked once for all the inputs.
                     let wj = M::unpack::<BITS>(rows[j], b);
                     for i in 0..INPUTS {
                         acc[i][j] = M::fma_block(acc[i][j], &wj, &xs[i], sw[j] * sx[i]);
@@ -595,11 +595,12 @@ mod avx2 {
 
 /// The row-tile kernel for CPUs with AVX-512 VNNI (Intel Ice Lake and later, AMD Zen 4 and later):
 /// the same 16-bit activation codes, scales and integer block sums as the AVX2 kernel, two blocks per
-/// step on 512-bit registers. A block's 32 codes are two halves of 16 (4-bit: the even and the odd
-/// elements; 8-bit: the first and the last 16); one `vpmovzxbw` widens two blocks' codes, and two
-/// `vpdpwssd` leave block `b`'s eight partial sums in lanes 0-7 and block `b + 1`'s in lanes 8-15, which
-/// one `vcvtdq2ps` and one multiply-add (by the two blocks' scales) take to f32. Per (row, input) and
-/// 64 codes that is 5 instructions where the 256-bit form needed 12: the products of several inputs
+/// step on 512-bit registers. A block's 32 codes are spread into 16-bit lanes as [`avx2::unpack`]
+/// spreads them (masks and shifts, no shuffle; the two blocks' bytes are one load for 8-bit codes,
+/// two 16-byte broadcasts for 4-bit ones), and two `vpdpwssd` leave block `b`'s eight partial sums in
+/// lanes 0-7 and block `b + 1`'s in lanes 8-15, which one `vcvtdq2ps` and one multiply-add (by the two
+/// blocks' scales) take to f32. Per (row, input) and 64 codes that is 5 instructions where the 256-bit
+/// `vpmaddwd` form needs 10: the products of several inputs
 /// with one weight tile cost little more than one. The integer sums are exact and the same as the
 /// AVX2 kernel's; only the order in which the f32 block results are added differs.
 #[cfg(target_arch = "x86_64")]
