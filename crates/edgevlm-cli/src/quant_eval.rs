@@ -33,6 +33,10 @@ pub struct QuantEvalArgs {
     /// Quantizations to compare, as BITSgGROUP (e.g. 8g32, 4g64); `file` is a GGUF file's own blocks.
     #[arg(long, value_delimiter = ',', default_value = "8g32,8g64,4g32,4g64")]
     configs: Vec<String>,
+    /// Feed each window one token at a time (the decode path: one-token products, as generation
+    /// runs them) instead of in one prompt pass, for both the reference and the quantizations.
+    #[arg(long)]
+    decode: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -59,8 +63,12 @@ struct Score {
     eval_ms: f64,
 }
 
-/// Logits `(t, vocab)` of every position of `ids` (teacher-forced).
-fn all_logits(engine: &Engine, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+/// Logits `(t, vocab)` of every position of `ids` (teacher-forced), in one prompt pass or a token
+/// at a time (`decode`).
+fn all_logits(engine: &Engine, ids: &[u32], decode: bool) -> Result<Vec<Vec<f32>>> {
+    if decode {
+        return Ok(engine.decode_logits(ids)?.to_vec2::<f32>()?);
+    }
     let prompt = PreparedPrompt {
         ids: ids.to_vec(),
         ..Default::default()
@@ -116,7 +124,7 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
     let mut nll = 0f64;
     let mut scratch = Vec::new();
     for w in &windows {
-        let logits = all_logits(&reference, w)?;
+        let logits = all_logits(&reference, w, a.decode)?;
         let mut lps = Vec::with_capacity(w.len() - 1);
         for (pos, row) in logits.iter().enumerate().take(w.len() - 1).skip(a.skip) {
             log_softmax(row, &mut scratch);
@@ -145,7 +153,7 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
         let t0 = Instant::now();
         let (mut agree, mut kld, mut nll, mut n) = (0usize, 0f64, 0f64, 0usize);
         for (w, refs) in windows.iter().zip(&ref_lp) {
-            let logits = all_logits(&engine, w)?;
+            let logits = all_logits(&engine, w, a.decode)?;
             let scored = logits.iter().enumerate().skip(a.skip).zip(refs);
             for ((pos, row), p) in scored {
                 log_softmax(row, &mut scratch);
@@ -180,8 +188,12 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&scores)?);
     } else {
         println!(
-            "model {} | {} tokens scored in windows of {} (first {} unscored) | reference f32",
-            a.model, scores[0].tokens, a.ctx, a.skip
+            "model {} | {} tokens scored in windows of {} (first {} unscored{}) | reference f32",
+            a.model,
+            scores[0].tokens,
+            a.ctx,
+            a.skip,
+            if a.decode { ", fed one at a time" } else { "" }
         );
         println!("| weights | top-1 agreement | mean KLD | perplexity | load ms | eval ms |");
         println!("| --- | --- | --- | --- | --- | --- |");

@@ -734,6 +734,21 @@ impl Engine {
         text.forward(&embeds, &mut cache, all_positions)
     }
 
+    /// Logits `(positions, vocab)` of text tokens fed one at a time, as generation feeds what it
+    /// samples: every product runs the one-token decode kernels instead of the prompt pass's.
+    pub fn decode_logits(&self, ids: &[u32]) -> Result<Tensor> {
+        let text = self.model.text();
+        let mut cache = self.new_cache(ids.len());
+        let rows = ids
+            .iter()
+            .map(|&id| {
+                let embeds = self.model.embed_prompt(&[id], None)?;
+                text.forward(&embeds, &mut cache, false)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
     /// The request's `logit_bias` as (token, bias), each token checked against the vocabulary.
     fn logit_bias(&self, req: &ChatRequest) -> Result<Vec<(u32, f32)>> {
         let vocab = self.model.text().config().vocab_size;
