@@ -371,6 +371,8 @@ fn mlx_vlm_layout_answers_like_the_hf_layout() {
         .collect();
     let mut cfg = read_json(&hf.join("config.json"));
     for (name, q) in &quantized {
+        // The checkpoint's row-major order (the kernels hold most layers in row tiles).
+        let q = q.clone().into_rows();
         let (rows, groups) = (q.out_dim, q.in_dim / 32);
         let (scales, biases): (Vec<f32>, Vec<f32>) = (0..rows * groups)
             .map(|i| (q.scales.get(i), q.biases.get(i)))

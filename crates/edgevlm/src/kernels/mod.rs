@@ -6,6 +6,7 @@ pub mod elementwise;
 pub mod encoder_attention;
 pub mod matvec;
 pub mod qmatvec;
+mod qtiles;
 pub(crate) mod sgemm;
 
 /// Horizontal reductions of 8-lane vectors, shared by the AVX2 kernels (inlined into their

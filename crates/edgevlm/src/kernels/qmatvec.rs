@@ -1,5 +1,10 @@
 //! Products with affine-quantized weights, at the quantized size.
 //!
+//! Layers held in row tiles (`CodeLayout::Tiles`: every layer whose row count is a multiple of 16)
+//! run their products of fewer than 16 inputs, and every batched decode step, on the tile kernels
+//! of `kernels::qtiles`. The row kernels below serve the other layers (and the same sums without
+//! AVX2); products of 16 or more inputs go to AMX or the panel GEMM for every layout.
+//!
 //! `y_r = Σ_g s_rg · Σ_{i∈g} q_ri x_i + b_rg · Σ_{i∈g} x_i`. On AVX2 the inner sums are integer dot
 //! products: the activations are rounded to **16-bit** integers per block of 32 (relative error below
 //! 1e-5 of the block's largest value, about 250× finer than the 8-bit activations llama.cpp and
@@ -88,22 +93,20 @@ fn dot_row_f32(w: &AffineWeight, r: usize, x: &[f32], xsum: &[f32]) -> f32 {
     let gs = w.spec.group_size;
     let groups = w.in_dim / gs;
     let per_word = w.spec.per_word();
-    let words_per_row = w.in_dim / per_word;
-    let row = &w.packed[r * words_per_row..(r + 1) * words_per_row];
     let (bits, mask) = (w.spec.bits as usize, w.spec.max_q());
     let mut total = 0f32;
     for g in 0..groups {
-        let words = &row[g * gs / per_word..(g + 1) * gs / per_word];
         let xs = &x[g * gs..(g + 1) * gs];
         let mut lanes = [0f32; 8];
-        for (wi, &word) in words.iter().enumerate() {
+        for wi in 0..gs / per_word {
+            let word = w.packed[w.word_at(r, g * gs / per_word + wi)];
             for j in 0..per_word {
                 let q = ((word >> (bits * j)) & mask) as f32;
                 lanes[j % 8] = q.mul_add(xs[wi * per_word + j], lanes[j % 8]);
             }
         }
-        total += lanes.iter().sum::<f32>() * w.scales.get(r * groups + g)
-            + w.biases.get(r * groups + g) * xsum[g];
+        let at = w.value_at(r, g);
+        total += lanes.iter().sum::<f32>() * w.scales.get(at) + w.biases.get(at) * xsum[g];
     }
     total
 }
@@ -484,7 +487,14 @@ mod avx2 {
         let groups = k / gs;
         let per_word = w.spec.per_word();
         let words_per_row = k / per_word;
-        let row = &w.packed[r * words_per_row..(r + 1) * words_per_row];
+        let mut gathered = Vec::new();
+        let row = if w.layout == crate::quant::CodeLayout::Rows {
+            &w.packed[r * words_per_row..(r + 1) * words_per_row]
+        } else {
+            gathered.resize(words_per_row, 0);
+            w.row_words(r, &mut gathered);
+            &gathered[..]
+        };
         let (shifts, mask) = if per_word == 8 {
             (
                 _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
@@ -498,8 +508,9 @@ mod avx2 {
         };
         let dst = out.as_mut_ptr();
         for g in 0..groups {
-            let s = _mm256_set1_ps(w.scales.get(r * groups + g));
-            let b = _mm256_set1_ps(w.biases.get(r * groups + g));
+            let at = w.value_at(r, g);
+            let s = _mm256_set1_ps(w.scales.get(at));
+            let b = _mm256_set1_ps(w.biases.get(at));
             let words = row.as_ptr().add(g * gs / per_word);
             // Eight values per step: one word (4-bit) or two (8-bit).
             for i in (0..gs).step_by(8) {
@@ -876,6 +887,9 @@ pub fn affine_matmul_with(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inp
         panel_matmul(w, xs, ys, tile_inputs);
         return;
     }
+    if super::qtiles::matmul(w, xs, ys) {
+        return;
+    }
     let chunk = rows_per_task(n);
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
@@ -960,6 +974,9 @@ pub fn affine_matmul_batch(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
     debug_assert_eq!(ys.len(), t * n);
     if t <= 1 {
         affine_matmul(w, xs, ys);
+        return;
+    }
+    if super::qtiles::matmul(w, xs, ys) {
         return;
     }
     #[cfg(target_arch = "x86_64")]

@@ -238,6 +238,16 @@ impl GroupValues {
         }
     }
 
+    /// Item `to` set to `src`'s item `from` (both of the same value type).
+    fn copy_item(&mut self, to: usize, src: &GroupValues, from: usize) {
+        match (self, src) {
+            (Self::F16(d), Self::F16(s)) => d[to] = s[from],
+            (Self::F32(d), Self::F32(s)) => d[to] = s[from],
+            (Self::F16(d), s) => d[to] = f16::from_f32(s.get(from)),
+            (Self::F32(d), s) => d[to] = s.get(from),
+        }
+    }
+
     /// Several concatenated: f16 when all are.
     fn concat(parts: &[&GroupValues]) -> GroupValues {
         if parts.iter().all(|p| p.is_f16()) {
@@ -256,19 +266,37 @@ impl GroupValues {
     }
 }
 
+/// Rows per tile of the [`CodeLayout::Tiles`] layout.
+pub const TILE_ROWS: usize = 16;
+
+/// How a layer's packed words, scales and biases are ordered in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeLayout {
+    /// Row-major, as checkpoints store them: row `r`'s word `d` at `r · words + d`, its group `g`'s
+    /// scale and bias at `r · groups + g`.
+    Rows,
+    /// Tiles of [`TILE_ROWS`] rows, each column-major: word `d` of row `r` at
+    /// `(r / 16) · 16 · words + 16 · d + r % 16`, group values likewise. Word `d` of sixteen rows is
+    /// one 64-byte line, so a vector kernel gets one lane per row with a single load (the kernels of
+    /// `kernels::qtiles`). Layers whose row count is a multiple of 16 are held so.
+    Tiles,
+}
+
 /// A quantized `(out, in)` weight.
 #[derive(Clone, Debug)]
 pub struct AffineWeight {
     pub spec: QuantSpec,
     pub out_dim: usize,
     pub in_dim: usize,
-    /// `(out, in / per_word)` packed codes.
+    /// `(out, in / per_word)` packed codes, ordered as `layout` says.
     pub packed: Vec<u32>,
-    /// `(out, in / group_size)`, exact copies of the stored values (both f16 or both f32).
+    /// `(out, in / group_size)`, exact copies of the stored values (both f16 or both f32), ordered
+    /// as `layout` says.
     pub scales: GroupValues,
     pub biases: GroupValues,
     /// The type the checkpoint stored scales/biases in.
     pub scale_type: ScaleType,
+    pub layout: CodeLayout,
 }
 
 impl AffineWeight {
@@ -319,7 +347,9 @@ impl AffineWeight {
             scales,
             biases,
             scale_type,
-        })
+            layout: CodeLayout::Rows,
+        }
+        .in_kernel_layout())
     }
 
     /// Quantize a row-major `(out, in)` f32 weight group by group (a least-squares fit per group that
@@ -431,7 +461,9 @@ impl AffineWeight {
             scales,
             biases,
             scale_type: store,
-        })
+            layout: CodeLayout::Rows,
+        }
+        .in_kernel_layout())
     }
 
     /// Layers of the same input size and format stacked row-wise into one (`None` when they differ):
@@ -443,18 +475,130 @@ impl AffineWeight {
         }) {
             return None;
         }
-        Some(AffineWeight {
-            spec: first.spec,
-            out_dim: parts.iter().map(|p| p.out_dim).sum(),
-            in_dim: first.in_dim,
-            packed: parts
-                .iter()
-                .flat_map(|p| p.packed.iter().copied())
-                .collect(),
-            scales: GroupValues::concat(&parts.iter().map(|p| &p.scales).collect::<Vec<_>>()),
-            biases: GroupValues::concat(&parts.iter().map(|p| &p.biases).collect::<Vec<_>>()),
-            scale_type: first.scale_type,
-        })
+        let rows: Vec<AffineWeight> = parts.iter().map(|p| (*p).clone().into_rows()).collect();
+        Some(
+            AffineWeight {
+                spec: first.spec,
+                out_dim: parts.iter().map(|p| p.out_dim).sum(),
+                in_dim: first.in_dim,
+                packed: rows.iter().flat_map(|p| p.packed.iter().copied()).collect(),
+                scales: GroupValues::concat(&rows.iter().map(|p| &p.scales).collect::<Vec<_>>()),
+                biases: GroupValues::concat(&rows.iter().map(|p| &p.biases).collect::<Vec<_>>()),
+                scale_type: first.scale_type,
+                layout: CodeLayout::Rows,
+            }
+            .in_kernel_layout(),
+        )
+    }
+
+    /// Packed words per row.
+    pub fn words_per_row(&self) -> usize {
+        self.in_dim / self.spec.per_word()
+    }
+
+    /// Groups per row.
+    pub fn groups(&self) -> usize {
+        self.in_dim / self.spec.group_size
+    }
+
+    /// Where row `r`'s item `i` of `per_row` lies in `packed` (items: words) or in `scales` /
+    /// `biases` (items: groups), under this layer's layout.
+    #[inline]
+    fn item_at(&self, r: usize, i: usize, per_row: usize) -> usize {
+        match self.layout {
+            CodeLayout::Rows => r * per_row + i,
+            CodeLayout::Tiles => {
+                (r / TILE_ROWS) * TILE_ROWS * per_row + i * TILE_ROWS + r % TILE_ROWS
+            }
+        }
+    }
+
+    /// Index of row `r`'s packed word `d` in `packed`.
+    #[inline]
+    pub fn word_at(&self, r: usize, d: usize) -> usize {
+        self.item_at(r, d, self.words_per_row())
+    }
+
+    /// Index of row `r`'s group `g` in `scales` and `biases`.
+    #[inline]
+    pub fn value_at(&self, r: usize, g: usize) -> usize {
+        self.item_at(r, g, self.groups())
+    }
+
+    /// Row `r`'s packed words into `out` (`words_per_row` of them).
+    pub fn row_words(&self, r: usize, out: &mut [u32]) {
+        match self.layout {
+            CodeLayout::Rows => {
+                let n = self.words_per_row();
+                out[..n].copy_from_slice(&self.packed[r * n..(r + 1) * n]);
+            }
+            CodeLayout::Tiles => {
+                for (d, o) in out[..self.words_per_row()].iter_mut().enumerate() {
+                    *o = self.packed[self.word_at(r, d)];
+                }
+            }
+        }
+    }
+
+    /// Row `r`'s group scales and biases in f32 (`groups` each).
+    pub fn row_values(&self, r: usize, scales: &mut [f32], biases: &mut [f32]) {
+        match self.layout {
+            CodeLayout::Rows => {
+                let n = self.groups();
+                self.scales.read(r * n, &mut scales[..n]);
+                self.biases.read(r * n, &mut biases[..n]);
+            }
+            CodeLayout::Tiles => {
+                for g in 0..self.groups() {
+                    let at = self.value_at(r, g);
+                    (scales[g], biases[g]) = (self.scales.get(at), self.biases.get(at));
+                }
+            }
+        }
+    }
+
+    /// The layout the CPU kernels run this layer in: [`CodeLayout::Tiles`] for whole tiles of rows,
+    /// [`CodeLayout::Rows`] otherwise.
+    pub fn in_kernel_layout(self) -> Self {
+        if self.out_dim.is_multiple_of(TILE_ROWS) && self.out_dim > 0 {
+            self.into_tiles()
+        } else {
+            self.into_rows()
+        }
+    }
+
+    /// This layer in [`CodeLayout::Tiles`] order (`out_dim` a multiple of [`TILE_ROWS`]).
+    fn into_tiles(self) -> Self {
+        debug_assert!(self.out_dim.is_multiple_of(TILE_ROWS));
+        self.relaid(CodeLayout::Tiles)
+    }
+
+    /// This layer in row-major order (as checkpoints hold it).
+    pub fn into_rows(self) -> Self {
+        self.relaid(CodeLayout::Rows)
+    }
+
+    /// This layer with its words and group values moved to `layout`'s places.
+    fn relaid(self, layout: CodeLayout) -> Self {
+        if self.layout == layout {
+            return self;
+        }
+        let mut out = Self {
+            layout,
+            ..self.clone()
+        };
+        for r in 0..self.out_dim {
+            for d in 0..self.words_per_row() {
+                let to = out.word_at(r, d);
+                out.packed[to] = self.packed[self.word_at(r, d)];
+            }
+            for g in 0..self.groups() {
+                let (from, to) = (self.value_at(r, g), out.value_at(r, g));
+                out.scales.copy_item(to, &self.scales, from);
+                out.biases.copy_item(to, &self.biases, from);
+            }
+        }
+        out
     }
 
     /// Row `r` dequantized to f32 (`scale · q + bias`, multiply then add, in f32).
@@ -462,20 +606,18 @@ impl AffineWeight {
         let per_word = self.spec.per_word();
         let gs = self.spec.group_size;
         let groups = self.in_dim / gs;
-        let words_per_row = self.in_dim / per_word;
-        let row = &self.packed[r * words_per_row..(r + 1) * words_per_row];
+        let words_per_group = gs / per_word;
         let bits = self.spec.bits as usize;
         let mask = self.spec.max_q();
-        for (g, (dst, words)) in out[..self.in_dim]
+        for (g, dst) in out[..self.in_dim]
             .chunks_exact_mut(gs)
-            .zip(row.chunks_exact(gs / per_word))
             .enumerate()
+            .take(groups)
         {
-            let (s, b) = (
-                self.scales.get(r * groups + g),
-                self.biases.get(r * groups + g),
-            );
-            for (d, &w) in dst.chunks_exact_mut(per_word).zip(words) {
+            let at = self.value_at(r, g);
+            let (s, b) = (self.scales.get(at), self.biases.get(at));
+            for (i, d) in dst.chunks_exact_mut(per_word).enumerate() {
+                let w = self.packed[self.word_at(r, g * words_per_group + i)];
                 for (j, v) in d.iter_mut().enumerate() {
                     *v = s * ((w >> (bits * j)) & mask) as f32 + b;
                 }
@@ -495,14 +637,14 @@ impl AffineWeight {
         if !self.scales.holds_f16() || !self.biases.holds_f16() {
             return None;
         }
-        let (gs, groups) = (self.spec.group_size, self.in_dim / self.spec.group_size);
+        let gs = self.spec.group_size;
         let blocks_per_row = self.in_dim / 32;
         let mut out = Vec::with_capacity(self.out_dim * blocks_per_row * 20);
-        let words_per_row = self.in_dim / 8;
+        let mut words = vec![0u32; self.words_per_row()];
         for r in 0..self.out_dim {
-            let words = &self.packed[r * words_per_row..(r + 1) * words_per_row];
+            self.row_words(r, &mut words);
             for b in 0..blocks_per_row {
-                let g = r * groups + b * 32 / gs;
+                let g = self.value_at(r, b * 32 / gs);
                 out.extend_from_slice(&f16::from_f32(self.scales.get(g)).to_le_bytes());
                 out.extend_from_slice(&f16::from_f32(self.biases.get(g)).to_le_bytes());
                 let code = |e: usize| ((words[b * 4 + e / 8] >> (4 * (e % 8))) & 0xF) as u8;
@@ -523,12 +665,12 @@ impl AffineWeight {
         }
         let (gs, groups) = (self.spec.group_size, self.in_dim / self.spec.group_size);
         let blocks_per_row = self.in_dim / 32;
-        let words_per_row = self.in_dim / 4;
+        let mut words = vec![0u32; self.words_per_row()];
         let mut blocks = Vec::with_capacity(self.out_dim * blocks_per_row * 34);
         for r in 0..self.out_dim {
-            let words = &self.packed[r * words_per_row..(r + 1) * words_per_row];
+            self.row_words(r, &mut words);
             for b in 0..blocks_per_row {
-                let g = r * groups + b * 32 / gs;
+                let g = self.value_at(r, b * 32 / gs);
                 blocks.extend_from_slice(&f16::from_f32(self.scales.get(g)).to_le_bytes());
                 blocks.extend(words[b * 8..(b + 1) * 8].iter().flat_map(|w| {
                     // Code c in 0..=255 as the i8 c - 128: its byte is c with the top bit flipped.
@@ -537,6 +679,7 @@ impl AffineWeight {
             }
         }
         let offsets = (0..self.out_dim * groups)
+            .map(|i| self.value_at(i / groups, i % groups))
             .map(|g| self.biases.get(g) + 128.0 * self.scales.get(g))
             .collect();
         Some((blocks, offsets))
@@ -548,14 +691,13 @@ impl AffineWeight {
     pub fn dequantize_like_mlx(&self) -> Vec<f32> {
         let per_word = self.spec.per_word();
         let gs = self.spec.group_size;
-        let groups = self.in_dim / gs;
-        let words_per_row = self.in_dim / per_word;
         let (bits, mask, st) = (self.spec.bits as usize, self.spec.max_q(), self.scale_type);
         let mut out = vec![0f32; self.out_dim * self.in_dim];
+        let mut words = vec![0u32; self.words_per_row()];
         for (r, row) in out.chunks_exact_mut(self.in_dim).enumerate() {
-            let words = &self.packed[r * words_per_row..(r + 1) * words_per_row];
+            self.row_words(r, &mut words);
             for (i, v) in row.iter_mut().enumerate() {
-                let g = r * groups + i / gs;
+                let g = self.value_at(r, i / gs);
                 let q = (words[i / per_word] >> (bits * (i % per_word))) & mask;
                 *v = st.round(st.round(self.scales.get(g) * q as f32) + self.biases.get(g));
             }

@@ -4,6 +4,7 @@ pub mod affine;
 pub mod writer;
 
 pub use affine::{
-    AffineParts, AffineWeight, GroupValues, QuantSpec, ScaleType, StoredSpec, DEFAULT_GROUP_SIZE,
+    AffineParts, AffineWeight, CodeLayout, GroupValues, QuantSpec, ScaleType, StoredSpec,
+    DEFAULT_GROUP_SIZE, TILE_ROWS,
 };
 pub use writer::{quantize_checkpoint, QuantizeReport};

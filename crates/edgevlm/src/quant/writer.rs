@@ -121,7 +121,8 @@ pub fn quantize_checkpoint(
             let q =
                 AffineWeight::quantize_rows(out_dim, in_dim, spec, scale_type, name, |r0, out| {
                     rows.fill(r0, out)
-                })?;
+                })?
+                .into_rows(); // the checkpoint's row-major order
             store.release(name);
             let prefix = name.trim_end_matches(".weight");
             let packed: Vec<u8> = q.packed.iter().flat_map(|w| w.to_le_bytes()).collect();

@@ -197,29 +197,24 @@ static CODES: CodeTables = {
 /// Columns `c0..c0 + 32` of `w` as bf16 code tiles: `[column half][k step][pair p][column c]` of u32
 /// pairs `(q[c][32kb + 2p], q[c][32kb + 2p + 1])`, the order `tdpbf16ps` reads its second operand in.
 fn expand_codes(w: &AffineWeight, c0: usize, tiles: &mut [u32]) {
-    let k = w.in_dim;
-    let steps = k / KSTEP;
-    let row_bytes = k * w.spec.bits as usize / 8;
-    // SAFETY: `packed` is plain u32 words; reading them as bytes is reading the same memory.
-    let packed: &[u8] =
-        unsafe { std::slice::from_raw_parts(w.packed.as_ptr().cast::<u8>(), w.packed.len() * 4) };
-    let rows: [&[u8]; BLOCK] =
-        std::array::from_fn(|c| &packed[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes]);
+    let steps = w.in_dim / KSTEP;
+    // Byte `i` of column c's packed row, wherever the layout keeps its word.
+    let byte = |c: usize, i: usize| (w.packed[w.word_at(c0 + c, i / 4)] >> (8 * (i % 4))) as u8;
     // Written in order, tile by tile; each tile reads 16 (or 32) bytes of each of its 16 rows.
     for (half, dst) in tiles.chunks_exact_mut(steps * 256).take(2).enumerate() {
-        let rows = &rows[half * 16..half * 16 + 16];
         for (kb, tile) in dst.chunks_exact_mut(256).enumerate() {
             for (p, out) in tile.chunks_exact_mut(16).enumerate() {
                 if w.spec.bits == 4 {
                     // Byte 16kb + p holds codes 32kb + 2p (low nibble) and 32kb + 2p + 1.
-                    for (o, row) in out.iter_mut().zip(rows) {
-                        *o = CODES.nibbles[row[kb * 16 + p] as usize];
+                    for (c, o) in out.iter_mut().enumerate() {
+                        *o = CODES.nibbles[byte(half * 16 + c, kb * 16 + p) as usize];
                     }
                 } else {
-                    for (o, row) in out.iter_mut().zip(rows) {
-                        let pair = &row[kb * 32 + 2 * p..kb * 32 + 2 * p + 2];
-                        *o = CODES.bytes[pair[0] as usize] as u32
-                            | (CODES.bytes[pair[1] as usize] as u32) << 16;
+                    for (c, o) in out.iter_mut().enumerate() {
+                        let at = kb * 32 + 2 * p;
+                        let (b0, b1) = (byte(half * 16 + c, at), byte(half * 16 + c, at + 1));
+                        *o = CODES.bytes[b0 as usize] as u32
+                            | (CODES.bytes[b1 as usize] as u32) << 16;
                     }
                 }
             }
@@ -245,14 +240,12 @@ fn product(w: &AffineWeight, xs: &[f32], t: usize, ys: &mut [f32], parts: usize)
             tiles.resize(2 * (k / KSTEP) * 256, 0);
             expand_codes(w, c0, tiles);
             // `values[g]`: the 32 columns' scales, then their biases, for group g.
-            values.resize(groups * 2 * BLOCK + groups, 0.0);
-            let (values, column) = values.split_at_mut(groups * 2 * BLOCK);
+            values.resize(groups * 2 * BLOCK, 0.0);
             for c in 0..BLOCK {
-                for (part, offset) in [(&w.scales, c), (&w.biases, BLOCK + c)] {
-                    part.read((c0 + c) * groups, column);
-                    for (g, &v) in column.iter().enumerate() {
-                        values[g * 2 * BLOCK + offset] = v;
-                    }
+                for g in 0..groups {
+                    let at = w.value_at(c0 + c, g);
+                    values[g * 2 * BLOCK + c] = w.scales.get(at);
+                    values[g * 2 * BLOCK + BLOCK + c] = w.biases.get(at);
                 }
             }
             sums.clear();
@@ -446,7 +439,7 @@ mod tests {
                             let (mut want, mut mag) = (0f64, 0f64);
                             for j in 0..k {
                                 let x = xs[i * k + j];
-                                let b = f64::from(q.biases.get(c * (k / gs) + j / gs));
+                                let b = f64::from(q.biases.get(q.value_at(c, j / gs)));
                                 let p = f64::from(round(x)) * (f64::from(rows[c][j]) - b)
                                     + f64::from(x) * b;
                                 want += p;

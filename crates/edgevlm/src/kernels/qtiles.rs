@@ -1,0 +1,602 @@
+//! Products of a few inputs (decode steps, batched or not) with 4-bit weights held in row tiles
+//! ([`CodeLayout::Tiles`]): one vector lane per weight row, so the codes of sixteen rows come from
+//! one 64-byte load, are split into low and high nibbles by two masks and a shift, and meet the
+//! activations in `vpdpbusd` (AVX-512 VNNI, AVX-VNNI) or `vpmaddubsw` (AVX2) with each activation
+//! quad broadcast from memory. Per block of 32 inputs the integer sums of all sixteen rows are
+//! converted and scaled with one instruction each, and the unpacked codes serve every input of the
+//! pass (up to eight on AVX-512, four on AVX2), which is what makes a batch of decode steps cost
+//! little more than one.
+//!
+//! The activations keep about 16 bits: per block of 32 each input is rounded to `128 · hi + lo`
+//! steps of `amax / (127 · 128)` with `hi` in -127..=127 and `lo` in -64..=64, two 8-bit codes
+//! that go through the same instructions (two integer sums, joined by a shift and an add), so the
+//! rounding is as fine as the 16-bit codes of the row kernels (`qmatvec`) and 256 times finer than
+//! llama.cpp's 8-bit activations (Q8_0), which on SmolLM2-135M cost a KL divergence of 0.025 and a
+//! tenth of the top-1 tokens where these lose nothing measurable (`quant-eval --decode`, see
+//! benches/README.md). The bias term uses the exact f32 sums of each group. Each input is computed
+//! by the same instructions whatever else shares its pass, so an input's outputs are bit-identical
+//! alone or batched.
+
+use rayon::prelude::*;
+
+use crate::quant::{AffineWeight, CodeLayout, TILE_ROWS};
+
+/// Inputs per activation scale.
+const BLOCK: usize = 32;
+
+/// Activations rounded for the tile kernels: per input and block of 32, the 32 high codes then the
+/// 32 low codes (each in the order the kernels unpack the words in, [`code_slot`]), so that an
+/// input's value `e` is `scale · (128 · hi[e] + lo[e])`; a scale per block; the exact sum per
+/// weight group.
+pub(super) struct ByteInputs {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// Where input `e` of a block sits among its activation codes: 4-bit words hold eight inputs, the
+/// even ones in low nibbles (their quad first), the odd ones in high nibbles; 8-bit words hold four
+/// in order.
+#[inline]
+fn code_slot(e: usize, bits: u32) -> usize {
+    if bits == 4 {
+        let j = e % 8;
+        e - j + (j & 1) * 4 + (j >> 1)
+    } else {
+        e
+    }
+}
+
+/// `xs` (`t × k`) rounded for a layer of `bits`-bit codes in groups of `gs`.
+pub(super) fn quantize(xs: &[f32], k: usize, gs: usize, bits: u32) -> ByteInputs {
+    let mut codes = vec![0i8; 2 * xs.len()];
+    let mut scales = vec![0f32; xs.len() / BLOCK];
+    let sums = xs.chunks_exact(gs).map(|g| g.iter().sum()).collect();
+    for ((x, c), s) in xs
+        .chunks_exact(BLOCK)
+        .zip(codes.chunks_exact_mut(2 * BLOCK))
+        .zip(scales.iter_mut())
+    {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if amax == 0.0 || !amax.is_finite() {
+            // Zeros stay zero; a non-finite input makes its outputs non-finite.
+            *s = if amax.is_finite() { 0.0 } else { f32::NAN };
+            continue;
+        }
+        *s = amax / (127.0 * 128.0);
+        let inv = 127.0 / amax;
+        // Round to nearest, ties to even, without a libm call: adding 1.5 · 2^23 to |y| ≤ 2^22
+        // leaves a float whose last place is 1.
+        const MAGIC: f32 = 12_582_912.0;
+        let round = |y: f32| (y + MAGIC) - MAGIC;
+        let (hi, lo) = c.split_at_mut(BLOCK);
+        for (e, &v) in x.iter().enumerate() {
+            let y = v * inv;
+            let h = round(y);
+            // |y - h| ≤ 1/2, so the rest is at most 64 steps of 1/128.
+            let slot = code_slot(e, bits);
+            hi[slot] = h as i8;
+            lo[slot] = round((y - h) * 128.0) as i8;
+        }
+    }
+    debug_assert_eq!(xs.len() % k, 0);
+    ByteInputs {
+        codes,
+        scales,
+        sums,
+    }
+}
+
+/// The instruction set a tile kernel runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Isa {
+    /// 256-bit `vpmaddubsw`, eight rows per register.
+    Avx2,
+    /// 256-bit `vpdpbusd` (AVX-VNNI).
+    AvxVnni,
+    /// 512-bit `vpdpbusd`, sixteen rows per register.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best this CPU has (within `EDGEVLM_NO_AVX512` / `EDGEVLM_NO_AVXVNNI`), `None` without
+    /// AVX2, FMA and F16C.
+    pub(super) fn detect() -> Option<Self> {
+        if super::has_avx512_vnni() {
+            Some(Isa::Avx512Vnni)
+        } else if super::has_avx_vnni() {
+            Some(Isa::AvxVnni)
+        } else if super::has_avx2() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// Every form this CPU can run (for tests).
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut isas = Vec::new();
+        if super::has_avx2() {
+            isas.push(Isa::Avx2);
+        }
+        if super::has_avx_vnni() {
+            isas.push(Isa::AvxVnni);
+        }
+        if super::has_avx512_vnni() {
+            isas.push(Isa::Avx512Vnni);
+        }
+        isas
+    }
+
+    /// Inputs per pass over a tile.
+    fn inputs_per_pass(self) -> usize {
+        match self {
+            Isa::Avx512Vnni => 8,
+            _ => 4,
+        }
+    }
+}
+
+/// Tile kernel: tile `tile` of `w` for inputs `i0 .. i0 + N`, outputs at `ys[i · out + row]`.
+#[cfg(target_arch = "x86_64")]
+type TileFn = unsafe fn(&AffineWeight, usize, &ByteInputs, usize, *mut f32);
+
+#[cfg(target_arch = "x86_64")]
+fn kernel<const N: usize>(isa: Isa, four: bool, half: bool) -> TileFn {
+    match (isa, four, half) {
+        (Isa::Avx512Vnni, true, true) => avx512::tile::<N, 4, true>,
+        (Isa::Avx512Vnni, true, false) => avx512::tile::<N, 4, false>,
+        (Isa::Avx512Vnni, false, true) => avx512::tile::<N, 8, true>,
+        (Isa::Avx512Vnni, false, false) => avx512::tile::<N, 8, false>,
+        (Isa::AvxVnni, true, true) => avx2::tile_vnni::<N, 4, true>,
+        (Isa::AvxVnni, true, false) => avx2::tile_vnni::<N, 4, false>,
+        (Isa::AvxVnni, false, true) => avx2::tile_vnni::<N, 8, true>,
+        (Isa::AvxVnni, false, false) => avx2::tile_vnni::<N, 8, false>,
+        (Isa::Avx2, true, true) => avx2::tile::<N, 4, true>,
+        (Isa::Avx2, true, false) => avx2::tile::<N, 4, false>,
+        (Isa::Avx2, false, true) => avx2::tile::<N, 8, true>,
+        (Isa::Avx2, false, false) => avx2::tile::<N, 8, false>,
+    }
+}
+
+/// `ys (t × out) = xs (t × in) · Wᵀ` on the tile kernels, where they apply: `false` (nothing
+/// written) unless `w` is held in tiles of 4-bit codes and the CPU has AVX2.
+pub(super) fn matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) -> bool {
+    match Isa::detect() {
+        Some(isa) => matmul_on(w, xs, ys, isa),
+        None => false,
+    }
+}
+
+fn matmul_on(w: &AffineWeight, xs: &[f32], ys: &mut [f32], isa: Isa) -> bool {
+    if w.layout != CodeLayout::Tiles || !cfg!(target_arch = "x86_64") {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (k, n) = (w.in_dim, w.out_dim);
+        let t = xs.len() / k;
+        debug_assert_eq!(ys.len(), t * n);
+        let xi = quantize(xs, k, w.spec.group_size, w.spec.bits);
+        let (four, half) = (w.spec.bits == 4, w.scales.is_f16());
+        let per_pass = isa.inputs_per_pass();
+        let kernels: [TileFn; 8] = [
+            kernel::<1>(isa, four, half),
+            kernel::<2>(isa, four, half),
+            kernel::<3>(isa, four, half),
+            kernel::<4>(isa, four, half),
+            kernel::<5>(isa, four, half),
+            kernel::<6>(isa, four, half),
+            kernel::<7>(isa, four, half),
+            kernel::<8>(isa, four, half),
+        ];
+        let tiles = n / TILE_ROWS;
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = (tiles / (threads * 4)).clamp(1, 16);
+        let ys_addr = ys.as_mut_ptr() as usize;
+        (0..tiles.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                for tile in task * per_task..((task + 1) * per_task).min(tiles) {
+                    let mut i0 = 0;
+                    while i0 < t {
+                        let m = per_pass.min(t - i0);
+                        // SAFETY: the kernel's CPU features were detected; tile `tile` and inputs
+                        // i0..i0 + m exist; each task writes only its own tiles' rows of `ys`
+                        // (t × n), which outlives the loop.
+                        unsafe { kernels[m - 1](w, tile, &xi, i0, ys_addr as *mut f32) };
+                        i0 += m;
+                    }
+                }
+            });
+    }
+    true
+}
+
+/// Where one tile's data and one pass's inputs lie.
+#[cfg(target_arch = "x86_64")]
+struct Pass {
+    /// The tile's packed words: word `d` of its sixteen rows at `codes + 64 d`.
+    codes: *const u8,
+    /// Its scales and biases, group `g` of its sixteen rows at `16 g` (f16 or f32).
+    scales: *const u8,
+    biases: *const u8,
+    /// Bytes of one tile's codes.
+    tile_bytes: usize,
+    /// Packed words per row and block of 32 inputs (4 or 8).
+    words_per_block: usize,
+    k: usize,
+    out: usize,
+    groups: usize,
+    blocks_per_group: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Pass {
+    /// # Safety
+    /// `tile` is a tile of `w`, which is held in [`CodeLayout::Tiles`] with 4-bit codes.
+    #[inline(always)]
+    unsafe fn new(w: &AffineWeight, tile: usize) -> Self {
+        let groups = w.groups();
+        let vb = if w.scales.is_f16() { 2 } else { 4 };
+        Pass {
+            codes: (w.packed.as_ptr() as *const u8).add(tile * TILE_ROWS * w.words_per_row() * 4),
+            words_per_block: BLOCK * w.spec.bits as usize / 32,
+            scales: w.scales.as_ptr().add(tile * TILE_ROWS * groups * vb),
+            biases: w.biases.as_ptr().add(tile * TILE_ROWS * groups * vb),
+            tile_bytes: TILE_ROWS * w.words_per_row() * 4,
+            k: w.in_dim,
+            out: w.out_dim,
+            groups,
+            blocks_per_group: w.spec.group_size / BLOCK,
+        }
+    }
+
+    /// Fetch the line of the next tile's codes that lies where line `line` of this tile's does
+    /// (the tiles follow one another; past the last one the address points nowhere, harmlessly).
+    #[inline(always)]
+    unsafe fn prefetch_next(&self, line: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let at = self.codes.wrapping_add(self.tile_bytes + 64 * line);
+        _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+    }
+
+    /// Input `i`'s high codes of block `b` as 32-bit quads; its low ones follow 8 quads on.
+    #[inline(always)]
+    unsafe fn quads(&self, xi: &ByteInputs, i: usize, b: usize) -> *const i32 {
+        xi.codes.as_ptr().add(2 * (i * self.k + b * BLOCK)) as *const i32
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{ByteInputs, Pass, BLOCK};
+    use crate::quant::AffineWeight;
+    use std::arch::x86_64::*;
+
+    /// Sixteen rows' group values `g` (f16 or f32) in f32.
+    #[inline(always)]
+    unsafe fn values<const HALF: bool>(p: *const u8, g: usize) -> __m512 {
+        if HALF {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32 * g) as *const __m256i))
+        } else {
+            _mm512_loadu_ps((p as *const f32).add(16 * g))
+        }
+    }
+
+    /// One tile for `N` inputs (see [`super::TileFn`]): 4-bit words split into low and high
+    /// nibbles (each against its own activation quad), 8-bit words taken whole; the high and low
+    /// activation codes into two sums joined as `128 · high + low` per block.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn tile<const N: usize, const BITS: u32, const HALF: bool>(
+        w: &AffineWeight,
+        tile: usize,
+        xi: &ByteInputs,
+        i0: usize,
+        ys: *mut f32,
+    ) {
+        let p = Pass::new(w, tile);
+        let blocks = p.k / BLOCK;
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut out = [_mm512_setzero_ps(); N];
+        for g in 0..p.groups {
+            let s = values::<HALF>(p.scales, g);
+            for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
+                let mut high = [_mm512_setzero_si512(); N];
+                let mut low = [_mm512_setzero_si512(); N];
+                for d in 0..p.words_per_block {
+                    let line = p.words_per_block * b + d;
+                    p.prefetch_next(line);
+                    let words = _mm512_loadu_si512(p.codes.add(line * 64) as *const _);
+                    let dot = |acc: __m512i, x: *const i32, q: usize| -> __m512i {
+                        if BITS == 4 {
+                            let lo = _mm512_and_si512(words, nibble);
+                            let hi = _mm512_and_si512(_mm512_srli_epi16(words, 4), nibble);
+                            let acc = _mm512_dpbusd_epi32(acc, lo, _mm512_set1_epi32(*x.add(q)));
+                            _mm512_dpbusd_epi32(acc, hi, _mm512_set1_epi32(*x.add(q + 1)))
+                        } else {
+                            _mm512_dpbusd_epi32(acc, words, _mm512_set1_epi32(*x.add(q)))
+                        }
+                    };
+                    let q = if BITS == 4 { 2 * d } else { d };
+                    for i in 0..N {
+                        let x = p.quads(xi, i0 + i, b);
+                        high[i] = dot(high[i], x, q);
+                        low[i] = dot(low[i], x.add(BLOCK / 4), q);
+                    }
+                }
+                for i in 0..N {
+                    let sums = _mm512_add_epi32(_mm512_slli_epi32(high[i], 7), low[i]);
+                    let f = _mm512_mul_ps(s, _mm512_set1_ps(xi.scales[(i0 + i) * blocks + b]));
+                    out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), f, out[i]);
+                }
+            }
+            let bias = values::<HALF>(p.biases, g);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = _mm512_fmadd_ps(bias, _mm512_set1_ps(xi.sums[(i0 + i) * p.groups + g]), *o);
+            }
+        }
+        for (i, o) in out.iter().enumerate() {
+            _mm512_storeu_ps(ys.add((i0 + i) * p.out + tile * 16), *o);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{ByteInputs, Pass, BLOCK};
+    use crate::quant::AffineWeight;
+    use std::arch::x86_64::*;
+
+    /// Eight rows' (half `h` of the tile's) group values `g` in f32.
+    #[inline(always)]
+    unsafe fn values<const HALF: bool>(p: *const u8, g: usize, h: usize) -> __m256 {
+        if HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(32 * g + 16 * h) as *const __m128i))
+        } else {
+            _mm256_loadu_ps((p as *const f32).add(16 * g + 8 * h))
+        }
+    }
+
+    /// One tile for `N` inputs, eight rows at a time, the high and low activation codes into two
+    /// sums joined as `128 · high + low` per block. `VNNI` sums with `vpdpbusd` (4-bit words split
+    /// into nibbles, 8-bit ones whole). Otherwise `vpmaddubsw`, whose 16-bit pair sums saturate
+    /// above 32,767, takes nibbles only: a 4-bit word's low and high nibbles against their two
+    /// activation quads, an 8-bit word's low and high nibbles against the same quad into two sums
+    /// (the high one weighted 16 when widened); a block's 16-bit sums stay below
+    /// 8 · 2 · 15 · 127 = 30,480, and `vpmaddwd` widens them, weights included, once per block.
+    #[inline(always)]
+    unsafe fn tile_with<const N: usize, const BITS: u32, const HALF: bool, const VNNI: bool>(
+        w: &AffineWeight,
+        tile: usize,
+        xi: &ByteInputs,
+        i0: usize,
+        ys: *mut f32,
+    ) {
+        let p = Pass::new(w, tile);
+        let blocks = p.k / BLOCK;
+        let nibble = _mm256_set1_epi8(0x0F);
+        // `vpmaddwd` weights of the 16-bit sums: [high codes, low codes] × [low, high nibbles].
+        let weights = [
+            [_mm256_set1_epi16(128), _mm256_set1_epi16(128 * 16)],
+            [_mm256_set1_epi16(1), _mm256_set1_epi16(16)],
+        ];
+        for h in 0..2 {
+            let mut out = [_mm256_setzero_ps(); N];
+            for g in 0..p.groups {
+                let s = values::<HALF>(p.scales, g, h);
+                for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
+                    // Per input, [high codes, low codes] × [sum (VNNI, 4-bit) or low nibbles'
+                    // sum, high nibbles' sum (8-bit without VNNI)].
+                    let mut acc = [[[_mm256_setzero_si256(); 2]; 2]; N];
+                    for d in 0..p.words_per_block {
+                        let line = p.words_per_block * b + d;
+                        if h == 0 {
+                            p.prefetch_next(line);
+                        }
+                        let at = p.codes.add(line * 64 + 32 * h);
+                        let words = _mm256_loadu_si256(at as *const __m256i);
+                        let lo = _mm256_and_si256(words, nibble);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let x = p.quads(xi, i0 + i, b);
+                            for (part, a) in acc.iter_mut().enumerate() {
+                                let x = x.add(part * BLOCK / 4);
+                                match (BITS, VNNI) {
+                                    (8, true) => {
+                                        let x = _mm256_set1_epi32(*x.add(d));
+                                        a[0] = _mm256_dpbusd_avx_epi32(a[0], words, x);
+                                    }
+                                    (8, false) => {
+                                        let x = _mm256_set1_epi32(*x.add(d));
+                                        a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(lo, x));
+                                        a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(hi, x));
+                                    }
+                                    (_, true) => {
+                                        let x0 = _mm256_set1_epi32(*x.add(2 * d));
+                                        let x1 = _mm256_set1_epi32(*x.add(2 * d + 1));
+                                        a[0] = _mm256_dpbusd_avx_epi32(a[0], lo, x0);
+                                        a[0] = _mm256_dpbusd_avx_epi32(a[0], hi, x1);
+                                    }
+                                    _ => {
+                                        let x0 = _mm256_set1_epi32(*x.add(2 * d));
+                                        let x1 = _mm256_set1_epi32(*x.add(2 * d + 1));
+                                        let pair = _mm256_add_epi16(
+                                            _mm256_maddubs_epi16(lo, x0),
+                                            _mm256_maddubs_epi16(hi, x1),
+                                        );
+                                        a[0] = _mm256_add_epi16(a[0], pair);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let [high, low] = acc[i];
+                        let sums = match (VNNI, BITS) {
+                            (true, _) => _mm256_add_epi32(_mm256_slli_epi32(high[0], 7), low[0]),
+                            (false, 4) => _mm256_add_epi32(
+                                _mm256_madd_epi16(high[0], weights[0][0]),
+                                _mm256_madd_epi16(low[0], weights[1][0]),
+                            ),
+                            _ => _mm256_add_epi32(
+                                _mm256_add_epi32(
+                                    _mm256_madd_epi16(high[0], weights[0][0]),
+                                    _mm256_madd_epi16(high[1], weights[0][1]),
+                                ),
+                                _mm256_add_epi32(
+                                    _mm256_madd_epi16(low[0], weights[1][0]),
+                                    _mm256_madd_epi16(low[1], weights[1][1]),
+                                ),
+                            ),
+                        };
+                        let f = _mm256_mul_ps(s, _mm256_set1_ps(xi.scales[(i0 + i) * blocks + b]));
+                        *o = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, *o);
+                    }
+                }
+                let bias = values::<HALF>(p.biases, g, h);
+                for (i, o) in out.iter_mut().enumerate() {
+                    let sum = _mm256_set1_ps(xi.sums[(i0 + i) * p.groups + g]);
+                    *o = _mm256_fmadd_ps(bias, sum, *o);
+                }
+            }
+            for (i, o) in out.iter().enumerate() {
+                _mm256_storeu_ps(ys.add((i0 + i) * p.out + tile * 16 + 8 * h), *o);
+            }
+        }
+    }
+
+    /// [`tile_with`] on AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile<const N: usize, const BITS: u32, const HALF: bool>(
+        w: &AffineWeight,
+        tile: usize,
+        xi: &ByteInputs,
+        i0: usize,
+        ys: *mut f32,
+    ) {
+        tile_with::<N, BITS, HALF, false>(w, tile, xi, i0, ys)
+    }
+
+    /// [`tile_with`] on AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn tile_vnni<const N: usize, const BITS: u32, const HALF: bool>(
+        w: &AffineWeight,
+        tile: usize,
+        xi: &ByteInputs,
+        i0: usize,
+        ys: *mut f32,
+    ) {
+        tile_with::<N, BITS, HALF, true>(w, tile, xi, i0, ys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{QuantSpec, ScaleType};
+
+    fn layer(out: usize, inp: usize, bits: u32, gs: usize, store: ScaleType) -> AffineWeight {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 700.0)
+            .collect();
+        let spec = QuantSpec::new(bits, gs).expect("spec");
+        AffineWeight::quantize(&w, out, inp, spec, store, "w").expect("quantize")
+    }
+
+    fn inputs(t: usize, k: usize) -> Vec<f32> {
+        (0..t * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 40.0 + if i % 61 == 0 { 3.0 } else { 0.0 })
+            .collect()
+    }
+
+    /// The exact product of the rounded activations with the dequantized weight, in f64.
+    fn reference(w: &AffineWeight, xs: &[f32]) -> Vec<f64> {
+        let (k, n) = (w.in_dim, w.out_dim);
+        let xi = quantize(xs, k, w.spec.group_size, w.spec.bits);
+        let mut row = vec![0f32; k];
+        let t = xs.len() / k;
+        let mut ys = vec![0f64; t * n];
+        for r in 0..n {
+            w.dequantize_row(r, &mut row);
+            for i in 0..t {
+                let mut y = 0f64;
+                for (e, &wv) in row.iter().enumerate() {
+                    let (blk, slot) = ((i * k + e) / BLOCK, code_slot(e % BLOCK, w.spec.bits));
+                    let (hi, lo) = (
+                        xi.codes[2 * BLOCK * blk + slot],
+                        xi.codes[2 * BLOCK * blk + BLOCK + slot],
+                    );
+                    let q = 128 * i32::from(hi) + i32::from(lo);
+                    let xq = f64::from(q) * f64::from(xi.scales[blk]);
+                    // The bias part of w multiplies the exact inputs; only scale · q the rounded ones.
+                    let g = w.value_at(r, e / w.spec.group_size);
+                    let (s, b) = (f64::from(w.scales.get(g)), f64::from(w.biases.get(g)));
+                    let qw = (f64::from(wv) - b) / s;
+                    y += s * qw.round() * xq + b * f64::from(xs[i * k + e]);
+                }
+                ys[i * n + r] = y;
+            }
+        }
+        ys
+    }
+
+    /// Every kernel form, group size and value type against the f64 product of the same rounded
+    /// activations, and every input bit-identical to that input computed alone.
+    #[test]
+    fn tile_kernels_equal_the_exact_product_and_batch_like_alone() {
+        let cases = [
+            (4, 32, ScaleType::F16),
+            (4, 64, ScaleType::F32),
+            (4, 128, ScaleType::F16),
+            (8, 32, ScaleType::F32),
+            (8, 64, ScaleType::F16),
+        ];
+        for (bits, gs, store) in cases {
+            let (n, k) = (48, 256);
+            let w = layer(n, k, bits, gs, store);
+            assert_eq!(w.layout, CodeLayout::Tiles);
+            assert_eq!(w.scales.is_f16(), store == ScaleType::F16);
+            let t = 11;
+            let xs = inputs(t, k);
+            let want = reference(&w, &xs);
+            for isa in Isa::available() {
+                let mut ys = vec![f32::NAN; t * n];
+                assert!(matmul_on(&w, &xs, &mut ys, isa));
+                for (i, (&y, &r)) in ys.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(y) - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                        "{isa:?} {bits}-bit gs {gs} output {i}: {y} vs {r}"
+                    );
+                }
+                for i in 0..t {
+                    let mut alone = vec![0f32; n];
+                    assert!(matmul_on(&w, &xs[i * k..(i + 1) * k], &mut alone, isa));
+                    assert_eq!(alone, ys[i * n..(i + 1) * n], "{isa:?} input {i}");
+                }
+            }
+        }
+    }
+
+    /// The two codes hold each input to within half a step of amax / (127 · 128).
+    #[test]
+    fn activation_codes_round_to_half_a_step() {
+        let k = 64;
+        let xs = inputs(1, k);
+        let xi = quantize(&xs, k, 32, 4);
+        for (e, &x) in xs.iter().enumerate() {
+            let (blk, slot) = (e / BLOCK, code_slot(e % BLOCK, 4));
+            let (hi, lo) = (
+                xi.codes[2 * BLOCK * blk + slot],
+                xi.codes[2 * BLOCK * blk + BLOCK + slot],
+            );
+            assert!((-64..=64).contains(&lo), "input {e}: low code {lo}");
+            let s = xi.scales[blk];
+            let v = (128 * i32::from(hi) + i32::from(lo)) as f32 * s;
+            assert!((v - x).abs() <= 0.5 * s * 1.0001, "input {e}: {v} vs {x}");
+        }
+        assert_eq!(xi.sums.len(), 2);
+        assert!((xi.sums[0] - xs[..32].iter().sum::<f32>()).abs() < 1e-6);
+    }
+}
