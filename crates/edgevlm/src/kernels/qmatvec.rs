@@ -486,14 +486,12 @@ mod avx2 {
         let gs = w.spec.group_size;
         let groups = k / gs;
         let per_word = w.spec.per_word();
-        let words_per_row = k / per_word;
-        let mut gathered = Vec::new();
-        let row = if w.layout == crate::quant::CodeLayout::Rows {
-            &w.packed[r * words_per_row..(r + 1) * words_per_row]
+        // Word d of the row at `first + stride · d` (stride 16 in row tiles).
+        let first = w.packed.as_ptr().add(w.word_at(r, 0));
+        let stride = if k / per_word > 1 {
+            w.word_at(r, 1) - w.word_at(r, 0)
         } else {
-            gathered.resize(words_per_row, 0);
-            w.row_words(r, &mut gathered);
-            &gathered[..]
+            1
         };
         let (shifts, mask) = if per_word == 8 {
             (
@@ -511,13 +509,14 @@ mod avx2 {
             let at = w.value_at(r, g);
             let s = _mm256_set1_ps(w.scales.get(at));
             let b = _mm256_set1_ps(w.biases.get(at));
-            let words = row.as_ptr().add(g * gs / per_word);
+            // SAFETY (word reads): words g·gs/per_word .. of row r exist, `stride` apart.
+            let word = |d: usize| *first.add(stride * (g * gs / per_word + d)) as i32;
             // Eight values per step: one word (4-bit) or two (8-bit).
             for i in (0..gs).step_by(8) {
                 let v = if per_word == 8 {
-                    _mm256_set1_epi32(*words.add(i / 8) as i32)
+                    _mm256_set1_epi32(word(i / 8))
                 } else {
-                    let (w0, w1) = (*words.add(i / 4) as i32, *words.add(i / 4 + 1) as i32);
+                    let (w0, w1) = (word(i / 4), word(i / 4 + 1));
                     _mm256_setr_epi32(w0, w0, w0, w0, w1, w1, w1, w1)
                 };
                 let q = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
@@ -1130,7 +1129,7 @@ pub fn affine_matvec(w: &AffineWeight, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{QuantSpec, ScaleType};
+    use crate::quant::{CodeLayout, QuantSpec, ScaleType};
 
     /// The kernels against f64 sums over the dequantized rows, for 1 to 6 inputs.
     #[test]
@@ -1287,18 +1286,23 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        for (bits, gs, store) in [
+        // 5 rows are held row-major, 32 in two row tiles.
+        for ((bits, gs, store), n) in [
             (4, 32, ScaleType::F16),
             (4, 128, ScaleType::F32),
             (8, 32, ScaleType::F16),
             (8, 64, ScaleType::F32),
-        ] {
-            let (n, k) = (5, 256);
+        ]
+        .into_iter()
+        .flat_map(|c| [(c, 5), (c, 32)])
+        {
+            let k = 256;
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
                 .collect();
             let q = AffineWeight::quantize(&w, n, k, QuantSpec::new(bits, gs).unwrap(), store, "t")
                 .unwrap();
+            assert_eq!(q.layout == CodeLayout::Tiles, n == 32);
             let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
             for r in 0..n {
                 q.dequantize_row(r, &mut a);

@@ -28,6 +28,7 @@ const BLOCK: usize = 32;
 /// 32 low codes (each in the order the kernels unpack the words in, [`code_slot`]), so that an
 /// input's value `e` is `scale · (128 · hi[e] + lo[e])`; a scale per block; the exact sum per
 /// weight group.
+#[derive(Default)]
 pub(super) struct ByteInputs {
     codes: Vec<i8>,
     scales: Vec<f32>,
@@ -48,10 +49,26 @@ fn code_slot(e: usize, bits: u32) -> usize {
 }
 
 /// `xs` (`t × k`) rounded for a layer of `bits`-bit codes in groups of `gs`.
-pub(super) fn quantize(xs: &[f32], k: usize, gs: usize, bits: u32) -> ByteInputs {
-    let mut codes = vec![0i8; 2 * xs.len()];
-    let mut scales = vec![0f32; xs.len() / BLOCK];
-    let sums = xs.chunks_exact(gs).map(|g| g.iter().sum()).collect();
+#[cfg(test)]
+fn quantize(xs: &[f32], k: usize, gs: usize, bits: u32) -> ByteInputs {
+    let mut out = ByteInputs::default();
+    quantize_into(xs, k, gs, bits, &mut out);
+    out
+}
+
+/// [`quantize`] into `out`'s buffers (reused from product to product: no allocation per token).
+fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInputs) {
+    let ByteInputs {
+        codes,
+        scales,
+        sums,
+    } = out;
+    codes.clear();
+    codes.resize(2 * xs.len(), 0);
+    scales.clear();
+    scales.resize(xs.len() / BLOCK, 0.0);
+    sums.clear();
+    sums.extend(xs.chunks_exact(gs).map(|g| g.iter().sum::<f32>()));
     for ((x, c), s) in xs
         .chunks_exact(BLOCK)
         .zip(codes.chunks_exact_mut(2 * BLOCK))
@@ -80,11 +97,6 @@ pub(super) fn quantize(xs: &[f32], k: usize, gs: usize, bits: u32) -> ByteInputs
         }
     }
     debug_assert_eq!(xs.len() % k, 0);
-    ByteInputs {
-        codes,
-        scales,
-        sums,
-    }
 }
 
 /// The instruction set a tile kernel runs on.
@@ -161,7 +173,7 @@ fn kernel<const N: usize>(isa: Isa, four: bool, half: bool) -> TileFn {
 }
 
 /// `ys (t × out) = xs (t × in) · Wᵀ` on the tile kernels, where they apply: `false` (nothing
-/// written) unless `w` is held in tiles of 4-bit codes and the CPU has AVX2.
+/// written) unless `w` is held in row tiles and the CPU has AVX2.
 pub(super) fn matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) -> bool {
     match Isa::detect() {
         Some(isa) => matmul_on(w, xs, ys, isa),
@@ -178,40 +190,62 @@ fn matmul_on(w: &AffineWeight, xs: &[f32], ys: &mut [f32], isa: Isa) -> bool {
         let (k, n) = (w.in_dim, w.out_dim);
         let t = xs.len() / k;
         debug_assert_eq!(ys.len(), t * n);
-        let xi = quantize(xs, k, w.spec.group_size, w.spec.bits);
-        let (four, half) = (w.spec.bits == 4, w.scales.is_f16());
-        let per_pass = isa.inputs_per_pass();
-        let kernels: [TileFn; 8] = [
-            kernel::<1>(isa, four, half),
-            kernel::<2>(isa, four, half),
-            kernel::<3>(isa, four, half),
-            kernel::<4>(isa, four, half),
-            kernel::<5>(isa, four, half),
-            kernel::<6>(isa, four, half),
-            kernel::<7>(isa, four, half),
-            kernel::<8>(isa, four, half),
-        ];
-        let tiles = n / TILE_ROWS;
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = (tiles / (threads * 4)).clamp(1, 16);
-        let ys_addr = ys.as_mut_ptr() as usize;
-        (0..tiles.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                for tile in task * per_task..((task + 1) * per_task).min(tiles) {
-                    let mut i0 = 0;
-                    while i0 < t {
-                        let m = per_pass.min(t - i0);
-                        // SAFETY: the kernel's CPU features were detected; tile `tile` and inputs
-                        // i0..i0 + m exist; each task writes only its own tiles' rows of `ys`
-                        // (t × n), which outlives the loop.
-                        unsafe { kernels[m - 1](w, tile, &xi, i0, ys_addr as *mut f32) };
-                        i0 += m;
-                    }
-                }
-            });
+        thread_local! {
+            // The rounded inputs of this thread's products, buffers reused.
+            static INPUTS: std::cell::RefCell<ByteInputs> = std::cell::RefCell::new(ByteInputs::default());
+        }
+        // A product started while this thread's buffers are in use (a task it picked up while
+        // waiting) gets its own.
+        let mut own = ByteInputs::default();
+        INPUTS.with(|cell| {
+            let mut held = cell.try_borrow_mut();
+            let xi = match held.as_deref_mut() {
+                Ok(xi) => xi,
+                Err(_) => &mut own,
+            };
+            quantize_into(xs, k, w.spec.group_size, w.spec.bits, xi);
+            run_tiles(w, xi, t, ys, isa);
+        });
     }
     true
+}
+
+/// The tile kernels over every tile of `w` for the `t` rounded inputs `xi`, tiles split across the
+/// thread pool.
+#[cfg(target_arch = "x86_64")]
+fn run_tiles(w: &AffineWeight, xi: &ByteInputs, t: usize, ys: &mut [f32], isa: Isa) {
+    let n = w.out_dim;
+    let (four, half) = (w.spec.bits == 4, w.scales.is_f16());
+    let per_pass = isa.inputs_per_pass();
+    let kernels: [TileFn; 8] = [
+        kernel::<1>(isa, four, half),
+        kernel::<2>(isa, four, half),
+        kernel::<3>(isa, four, half),
+        kernel::<4>(isa, four, half),
+        kernel::<5>(isa, four, half),
+        kernel::<6>(isa, four, half),
+        kernel::<7>(isa, four, half),
+        kernel::<8>(isa, four, half),
+    ];
+    let tiles = n / TILE_ROWS;
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = (tiles / (threads * 4)).clamp(1, 16);
+    let ys_addr = ys.as_mut_ptr() as usize;
+    (0..tiles.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            for tile in task * per_task..((task + 1) * per_task).min(tiles) {
+                let mut i0 = 0;
+                while i0 < t {
+                    let m = per_pass.min(t - i0);
+                    // SAFETY: the kernel's CPU features were detected; tile `tile` and inputs
+                    // i0..i0 + m exist; each task writes only its own tiles' rows of `ys`
+                    // (t × n), which outlives the loop.
+                    unsafe { kernels[m - 1](w, tile, xi, i0, ys_addr as *mut f32) };
+                    i0 += m;
+                }
+            }
+        });
 }
 
 /// Where one tile's data and one pass's inputs lie.
