@@ -55,18 +55,16 @@ fn quantize_inputs(w: &AffineWeight, xs: &[f32]) -> QuantizedInputs {
         .zip(codes.chunks_exact_mut(BLOCK))
         .zip(scales.iter_mut())
     {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if amax == 0.0 || !amax.is_finite() {
-            // Zeros stay zero; a non-finite input makes the output non-finite below.
-            *s = if amax.is_finite() { 0.0 } else { f32::NAN };
-            continue;
-        }
+        let amax = match block_amax(x) {
+            Ok(amax) => amax,
+            Err(scale) => {
+                *s = scale;
+                continue;
+            }
+        };
         *s = amax / 32767.0;
         let inv = 32767.0 / amax;
-        // Round to nearest (ties to even) without a libm call: for |y| ≤ 32767, adding 1.5 · 2^23
-        // leaves a float whose unit in the last place is 1, so the sum is y rounded.
-        const MAGIC: f32 = 12_582_912.0;
-        let code = |v: f32| ((v * inv + MAGIC) - MAGIC) as i16;
+        let code = |v: f32| round_even(v * inv) as i16;
         // The order the kernels unpack a block's packed bytes in (see `avx2::unpack`): 4-bit codes
         // as four planes of eight (elements 4i, then 4i + 1, 4i + 2, 4i + 3), 8-bit codes as two
         // of sixteen (elements 2i, then 2i + 1).
@@ -86,6 +84,26 @@ fn quantize_inputs(w: &AffineWeight, xs: &[f32]) -> QuantizedInputs {
         scales,
         sums,
     }
+}
+
+/// The largest magnitude in a block of activations, or (`Err`) the scale to keep for a block that
+/// has none to round by: 0 for all zeros (they stay zero), NaN where a value is not finite (its
+/// outputs become non-finite).
+pub(super) fn block_amax(x: &[f32]) -> Result<f32, f32> {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    match amax {
+        a if !a.is_finite() => Err(f32::NAN),
+        0.0 => Err(0.0),
+        a => Ok(a),
+    }
+}
+
+/// `y` rounded to the nearest integer, ties to even, without a libm call (|y| ≤ 2^22): adding
+/// 1.5 · 2^23 leaves a float whose unit in the last place is 1.
+#[inline(always)]
+pub(super) fn round_even(y: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (y + MAGIC) - MAGIC
 }
 
 /// Exact f32 reference: one output row for one input.

@@ -19,6 +19,7 @@
 
 use rayon::prelude::*;
 
+use super::qmatvec::{block_amax, round_even};
 use crate::quant::{AffineWeight, CodeLayout, TILE_ROWS};
 
 /// Inputs per activation scale.
@@ -74,18 +75,16 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInput
         .zip(codes.chunks_exact_mut(2 * BLOCK))
         .zip(scales.iter_mut())
     {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if amax == 0.0 || !amax.is_finite() {
-            // Zeros stay zero; a non-finite input makes its outputs non-finite.
-            *s = if amax.is_finite() { 0.0 } else { f32::NAN };
-            continue;
-        }
+        let amax = match block_amax(x) {
+            Ok(amax) => amax,
+            Err(scale) => {
+                *s = scale;
+                continue;
+            }
+        };
         *s = amax / (127.0 * 128.0);
         let inv = 127.0 / amax;
-        // Round to nearest, ties to even, without a libm call: adding 1.5 · 2^23 to |y| ≤ 2^22
-        // leaves a float whose last place is 1.
-        const MAGIC: f32 = 12_582_912.0;
-        let round = |y: f32| (y + MAGIC) - MAGIC;
+        let round = round_even;
         let (hi, lo) = c.split_at_mut(BLOCK);
         for (e, &v) in x.iter().enumerate() {
             let y = v * inv;
