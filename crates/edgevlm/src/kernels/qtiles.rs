@@ -32,6 +32,9 @@ const BLOCK: usize = 32;
 #[derive(Default)]
 pub(super) struct ByteInputs {
     codes: Vec<i8>,
+    /// For 8-bit layers, each input's `128 · hi + lo` as one 16-bit code (|code| ≤ 16,320), in
+    /// order: the AVX2 form without VNNI widens 8-bit weights and multiplies 16-bit pairs.
+    wide: Vec<i16>,
     scales: Vec<f32>,
     sums: Vec<f32>,
 }
@@ -61,6 +64,7 @@ fn quantize(xs: &[f32], k: usize, gs: usize, bits: u32) -> ByteInputs {
 fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInputs) {
     let ByteInputs {
         codes,
+        wide,
         scales,
         sums,
     } = out;
@@ -94,6 +98,15 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInput
             hi[slot] = h as i8;
             lo[slot] = round((y - h) * 128.0) as i8;
         }
+    }
+    wide.clear();
+    if bits == 8 {
+        wide.extend(codes.chunks_exact(2 * BLOCK).flat_map(|c| {
+            let (hi, lo) = c.split_at(BLOCK);
+            hi.iter()
+                .zip(lo)
+                .map(|(&h, &l)| 128 * i16::from(h) + i16::from(l))
+        }));
     }
     debug_assert_eq!(xs.len() % k, 0);
 }
@@ -393,12 +406,10 @@ mod avx2 {
     }
 
     /// One tile for `N` inputs, eight rows at a time, the high and low activation codes into two
-    /// sums joined as `128 · high + low` per block. `VNNI` sums with `vpdpbusd` (4-bit words split
-    /// into nibbles, 8-bit ones whole). Otherwise `vpmaddubsw`, whose 16-bit pair sums saturate
-    /// above 32,767, takes nibbles only: a 4-bit word's low and high nibbles against their two
-    /// activation quads, an 8-bit word's low and high nibbles against the same quad into two sums
-    /// (the high one weighted 16 when widened); a block's 16-bit sums stay below
-    /// 8 · 2 · 15 · 127 = 30,480, and `vpmaddwd` widens them, weights included, once per block.
+    /// sums joined as `128 · high + low` per block: with `VNNI` by `vpdpbusd` (4-bit words split
+    /// into nibbles, 8-bit ones whole); otherwise (4-bit only) by `vpmaddubsw` on the nibbles
+    /// against their two activation quads, into 16-bit sums that stay below
+    /// 8 · 2 · 15 · 127 = 30,480 per block, widened with their weights (128, 1) by `vpmaddwd`.
     #[inline(always)]
     unsafe fn tile_with<const N: usize, const BITS: u32, const HALF: bool, const VNNI: bool>(
         w: &AffineWeight,
@@ -407,22 +418,18 @@ mod avx2 {
         i0: usize,
         ys: *mut f32,
     ) {
+        debug_assert!(VNNI || BITS == 4);
         let p = Pass::new(w, tile);
         let blocks = p.k / BLOCK;
         let nibble = _mm256_set1_epi8(0x0F);
-        // `vpmaddwd` weights of the 16-bit sums: [high codes, low codes] × [low, high nibbles].
-        let weights = [
-            [_mm256_set1_epi16(128), _mm256_set1_epi16(128 * 16)],
-            [_mm256_set1_epi16(1), _mm256_set1_epi16(16)],
-        ];
+        let weights = [_mm256_set1_epi16(128), _mm256_set1_epi16(1)];
         for h in 0..2 {
             let mut out = [_mm256_setzero_ps(); N];
             for g in 0..p.groups {
                 let s = values::<HALF>(p.scales, g, h);
                 for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
-                    // Per input, [high codes, low codes] × [sum (VNNI, 4-bit) or low nibbles'
-                    // sum, high nibbles' sum (8-bit without VNNI)].
-                    let mut acc = [[[_mm256_setzero_si256(); 2]; 2]; N];
+                    // Per input, the sums of its [high, low] codes.
+                    let mut acc = [[_mm256_setzero_si256(); 2]; N];
                     for d in 0..p.words_per_block {
                         let line = p.words_per_block * b + d;
                         if h == 0 {
@@ -436,71 +443,141 @@ mod avx2 {
                             let x = p.quads(xi, i0 + i, b);
                             for (part, a) in acc.iter_mut().enumerate() {
                                 let x = x.add(part * BLOCK / 4);
-                                match (BITS, VNNI) {
-                                    (8, true) => {
-                                        let x = _mm256_set1_epi32(*x.add(d));
-                                        a[0] = _mm256_dpbusd_avx_epi32(a[0], words, x);
-                                    }
-                                    (8, false) => {
-                                        let x = _mm256_set1_epi32(*x.add(d));
-                                        a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(lo, x));
-                                        a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(hi, x));
-                                    }
-                                    (_, true) => {
-                                        let x0 = _mm256_set1_epi32(*x.add(2 * d));
-                                        let x1 = _mm256_set1_epi32(*x.add(2 * d + 1));
-                                        a[0] = _mm256_dpbusd_avx_epi32(a[0], lo, x0);
-                                        a[0] = _mm256_dpbusd_avx_epi32(a[0], hi, x1);
-                                    }
-                                    _ => {
-                                        let x0 = _mm256_set1_epi32(*x.add(2 * d));
-                                        let x1 = _mm256_set1_epi32(*x.add(2 * d + 1));
-                                        let pair = _mm256_add_epi16(
-                                            _mm256_maddubs_epi16(lo, x0),
-                                            _mm256_maddubs_epi16(hi, x1),
-                                        );
-                                        a[0] = _mm256_add_epi16(a[0], pair);
-                                    }
+                                if BITS == 8 {
+                                    let x = _mm256_set1_epi32(*x.add(d));
+                                    *a = _mm256_dpbusd_avx_epi32(*a, words, x);
+                                    continue;
+                                }
+                                let x0 = _mm256_set1_epi32(*x.add(2 * d));
+                                let x1 = _mm256_set1_epi32(*x.add(2 * d + 1));
+                                if VNNI {
+                                    *a = _mm256_dpbusd_avx_epi32(*a, lo, x0);
+                                    *a = _mm256_dpbusd_avx_epi32(*a, hi, x1);
+                                } else {
+                                    let pair = _mm256_add_epi16(
+                                        _mm256_maddubs_epi16(lo, x0),
+                                        _mm256_maddubs_epi16(hi, x1),
+                                    );
+                                    *a = _mm256_add_epi16(*a, pair);
                                 }
                             }
                         }
                     }
                     for (i, o) in out.iter_mut().enumerate() {
                         let [high, low] = acc[i];
-                        let sums = match (VNNI, BITS) {
-                            (true, _) => _mm256_add_epi32(_mm256_slli_epi32(high[0], 7), low[0]),
-                            (false, 4) => _mm256_add_epi32(
-                                _mm256_madd_epi16(high[0], weights[0][0]),
-                                _mm256_madd_epi16(low[0], weights[1][0]),
-                            ),
-                            _ => _mm256_add_epi32(
-                                _mm256_add_epi32(
-                                    _mm256_madd_epi16(high[0], weights[0][0]),
-                                    _mm256_madd_epi16(high[1], weights[0][1]),
-                                ),
-                                _mm256_add_epi32(
-                                    _mm256_madd_epi16(low[0], weights[1][0]),
-                                    _mm256_madd_epi16(low[1], weights[1][1]),
-                                ),
-                            ),
+                        let sums = if VNNI {
+                            _mm256_add_epi32(_mm256_slli_epi32(high, 7), low)
+                        } else {
+                            _mm256_add_epi32(
+                                _mm256_madd_epi16(high, weights[0]),
+                                _mm256_madd_epi16(low, weights[1]),
+                            )
                         };
-                        let f = _mm256_mul_ps(s, _mm256_set1_ps(xi.scales[(i0 + i) * blocks + b]));
-                        *o = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, *o);
+                        *o = scaled(sums, s, xi.scales[(i0 + i) * blocks + b], *o);
                     }
                 }
-                let bias = values::<HALF>(p.biases, g, h);
-                for (i, o) in out.iter_mut().enumerate() {
-                    let sum = _mm256_set1_ps(xi.sums[(i0 + i) * p.groups + g]);
-                    *o = _mm256_fmadd_ps(bias, sum, *o);
-                }
+                add_bias::<N, HALF>(&mut out, &p, xi, i0, g, h);
             }
-            for (i, o) in out.iter().enumerate() {
-                _mm256_storeu_ps(ys.add((i0 + i) * p.out + tile * 16 + 8 * h), *o);
-            }
+            store(&out, &p, i0, tile, h, ys);
         }
     }
 
-    /// [`tile_with`] on AVX2.
+    /// One tile of 8-bit codes for `N` inputs on AVX2 without VNNI: `vpmaddubsw` would saturate
+    /// on codes up to 255, so the codes are widened to 16 bits (four rows per register, two lanes
+    /// per row) and `vpmaddwd` multiplies them by pairs of the 16-bit activation codes
+    /// `128 · hi + lo` (the same integer sums as the other forms: a block's stays below
+    /// 32 · 255 · 16,320 < 2³¹); one horizontal add per block folds each row's two lanes.
+    #[inline(always)]
+    unsafe fn tile_wide<const N: usize, const HALF: bool>(
+        w: &AffineWeight,
+        tile: usize,
+        xi: &ByteInputs,
+        i0: usize,
+        ys: *mut f32,
+    ) {
+        let p = Pass::new(w, tile);
+        let blocks = p.k / BLOCK;
+        for h in 0..2 {
+            let mut out = [_mm256_setzero_ps(); N];
+            for g in 0..p.groups {
+                let s = values::<HALF>(p.scales, g, h);
+                for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
+                    // Per input, rows 0-3 and rows 4-7 of the half, two lanes per row.
+                    let mut acc = [[_mm256_setzero_si256(); 2]; N];
+                    for d in 0..p.words_per_block {
+                        let line = p.words_per_block * b + d;
+                        if h == 0 {
+                            p.prefetch_next(line);
+                        }
+                        let at = p.codes.add(line * 64 + 32 * h);
+                        let rows = [
+                            _mm256_cvtepu8_epi16(_mm_loadu_si128(at as *const __m128i)),
+                            _mm256_cvtepu8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
+                        ];
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            // Inputs 4d .. 4d + 4 of the block, as two pairs, in every row.
+                            let x = xi.wide.as_ptr().add((i0 + i) * p.k + b * BLOCK + 4 * d);
+                            let x = _mm256_set1_epi64x((x as *const i64).read_unaligned());
+                            for (a, r) in acc.iter_mut().zip(&rows) {
+                                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(*r, x));
+                            }
+                        }
+                    }
+                    for (i, o) in out.iter_mut().enumerate() {
+                        // Lanes (r0 r0 r1 r1 | r2 r2 r3 r3) and (r4 ..): pairs added, rows put
+                        // back in order.
+                        let folded = _mm256_hadd_epi32(acc[i][0], acc[i][1]);
+                        let sums = _mm256_permute4x64_epi64(folded, 0b11_01_10_00);
+                        *o = scaled(sums, s, xi.scales[(i0 + i) * blocks + b], *o);
+                    }
+                }
+                add_bias::<N, HALF>(&mut out, &p, xi, i0, g, h);
+            }
+            store(&out, &p, i0, tile, h, ys);
+        }
+    }
+
+    /// `out + sums · (s · scale)`: a block's integer sums of eight rows, their group scales `s`
+    /// and the input's block scale.
+    #[inline(always)]
+    unsafe fn scaled(sums: __m256i, s: __m256, scale: f32, out: __m256) -> __m256 {
+        let f = _mm256_mul_ps(s, _mm256_set1_ps(scale));
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, out)
+    }
+
+    /// Each input's bias term of group `g` for half `h` of the tile.
+    #[inline(always)]
+    unsafe fn add_bias<const N: usize, const HALF: bool>(
+        out: &mut [__m256; N],
+        p: &Pass,
+        xi: &ByteInputs,
+        i0: usize,
+        g: usize,
+        h: usize,
+    ) {
+        let bias = values::<HALF>(p.biases, g, h);
+        for (i, o) in out.iter_mut().enumerate() {
+            let sum = _mm256_set1_ps(xi.sums[(i0 + i) * p.groups + g]);
+            *o = _mm256_fmadd_ps(bias, sum, *o);
+        }
+    }
+
+    /// Half `h` of the tile's outputs for each input.
+    #[inline(always)]
+    unsafe fn store<const N: usize>(
+        out: &[__m256; N],
+        p: &Pass,
+        i0: usize,
+        tile: usize,
+        h: usize,
+        ys: *mut f32,
+    ) {
+        for (i, o) in out.iter().enumerate() {
+            _mm256_storeu_ps(ys.add((i0 + i) * p.out + tile * 16 + 8 * h), *o);
+        }
+    }
+
+    /// [`tile_with`] (4-bit) or [`tile_wide`] (8-bit) on AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile<const N: usize, const BITS: u32, const HALF: bool>(
         w: &AffineWeight,
@@ -509,7 +586,11 @@ mod avx2 {
         i0: usize,
         ys: *mut f32,
     ) {
-        tile_with::<N, BITS, HALF, false>(w, tile, xi, i0, ys)
+        if BITS == 8 {
+            tile_wide::<N, HALF>(w, tile, xi, i0, ys)
+        } else {
+            tile_with::<N, 4, HALF, false>(w, tile, xi, i0, ys)
+        }
     }
 
     /// [`tile_with`] on AVX-VNNI.
@@ -576,7 +657,8 @@ mod tests {
     }
 
     /// Every kernel form, group size and value type against the f64 product of the same rounded
-    /// activations, and every input bit-identical to that input computed alone.
+    /// activations, every form bit-identical to the others, and every input bit-identical to
+    /// that input computed alone.
     #[test]
     fn tile_kernels_equal_the_exact_product_and_batch_like_alone() {
         let cases = [
@@ -594,9 +676,17 @@ mod tests {
             let t = 11;
             let xs = inputs(t, k);
             let want = reference(&w, &xs);
+            let mut first: Option<Vec<f32>> = None;
             for isa in Isa::available() {
                 let mut ys = vec![f32::NAN; t * n];
                 assert!(matmul_on(&w, &xs, &mut ys, isa));
+                // The same integer sums and float steps on every instruction set.
+                match &first {
+                    Some(f) => {
+                        assert_eq!(&ys, f, "{isa:?} {bits}-bit gs {gs} against the first form")
+                    }
+                    None => first = Some(ys.clone()),
+                }
                 for (i, (&y, &r)) in ys.iter().zip(&want).enumerate() {
                     assert!(
                         (f64::from(y) - r).abs() <= 1e-4 * (1.0 + r.abs()),
