@@ -260,9 +260,13 @@ def main():
         os.environ.update(EDGEVLM_NO_AVX512="1", EDGEVLM_NO_AVXVNNI="1", EDGEVLM_NO_AMX="1",
                           LLAMA_ISA="avx2")
     bin_dir = Path(sh(["bash", ROOT / "scripts/build-llamacpp.sh"]).strip())
-    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "edgevlm-cli"], cwd=ROOT,
-                   check=True, capture_output=True)
-    binary = ROOT / "target" / "release" / "edgevlm"
+    # AVX2 only: also a binary without the f32 GEMM's AVX-512 kernels, which pick the instruction set
+    # themselves (the environment variables above cannot reach them); in its own target folder.
+    target = ROOT / "target" / ("avx2" if a.isa == "avx2" else "")
+    features = ["--no-default-features"] if a.isa == "avx2" else []
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "edgevlm-cli", *features,
+                    "--target-dir", target], cwd=ROOT, check=True, capture_output=True)
+    binary = target / "release" / "edgevlm"
     files = ensure_models(bin_dir, a.quants.split(",")) if "smollm2" in models else {}
 
     results = {}
