@@ -453,11 +453,58 @@ mod avx2 {
         }
     }
 
-    /// One tile for `N` inputs, eight rows at a time, the high and low activation codes into two
-    /// sums joined as `128 · high + low` per block: with `VNNI` by `vpdpbusd` (4-bit words split
-    /// into nibbles, 8-bit ones whole); otherwise (4-bit only) by `vpmaddubsw` on the nibbles
-    /// against their two activation quads, into 16-bit sums that stay below
-    /// 8 · 2 · 15 · 127 = 30,480 per block, widened with their weights (128, 1) by `vpmaddwd`.
+    /// The walk both AVX2 forms share: for each half of the tile (eight rows), group and block,
+    /// `block_sums(b, h)` gives every input's integer sums of the block's rows, which are scaled
+    /// by the group's and the input's block scales, joined by the bias terms and stored.
+    #[inline(always)]
+    unsafe fn walk<const N: usize, const HALF: bool>(
+        p: &Pass,
+        xi: &ByteInputs,
+        i0: usize,
+        tile: usize,
+        ys: *mut f32,
+        mut block_sums: impl FnMut(usize, usize) -> [__m256i; N],
+    ) {
+        let blocks = p.k / BLOCK;
+        for h in 0..2 {
+            let mut out = [_mm256_setzero_ps(); N];
+            for g in 0..p.groups {
+                let s = values::<HALF>(p.scales, g, h);
+                for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
+                    let sums = block_sums(b, h);
+                    for (i, (o, sums)) in out.iter_mut().zip(sums).enumerate() {
+                        let f = _mm256_mul_ps(s, _mm256_set1_ps(xi.scales[(i0 + i) * blocks + b]));
+                        *o = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, *o);
+                    }
+                }
+                let bias = values::<HALF>(p.biases, g, h);
+                for (i, o) in out.iter_mut().enumerate() {
+                    let sum = _mm256_set1_ps(xi.sums[(i0 + i) * p.groups + g]);
+                    *o = _mm256_fmadd_ps(bias, sum, *o);
+                }
+            }
+            for (i, o) in out.iter().enumerate() {
+                _mm256_storeu_ps(ys.add((i0 + i) * p.out + tile * 16 + 8 * h), *o);
+            }
+        }
+    }
+
+    /// Half `h` of line `d` of block `b` (32 bytes: eight rows' words), fetching the next tile's
+    /// line on the first half.
+    #[inline(always)]
+    unsafe fn line(p: &Pass, b: usize, d: usize, h: usize) -> *const u8 {
+        let line = p.words_per_block * b + d;
+        if h == 0 {
+            p.prefetch_next(line);
+        }
+        p.codes.add(line * 64 + 32 * h)
+    }
+
+    /// One tile for `N` inputs, the high and low activation codes into two sums joined as
+    /// `128 · high + low` per block: with `VNNI` by `vpdpbusd` (4-bit words split into nibbles,
+    /// 8-bit ones whole); otherwise (4-bit only) by `vpmaddubsw` on the nibbles against their two
+    /// activation quads, into 16-bit sums that stay below 8 · 2 · 15 · 127 = 30,480 per block,
+    /// widened with their weights (128, 1) by `vpmaddwd`.
     #[inline(always)]
     unsafe fn tile_with<const N: usize, const BITS: u32, const HALF: bool, const VNNI: bool>(
         w: &AffineWeight,
@@ -468,66 +515,52 @@ mod avx2 {
     ) {
         debug_assert!(VNNI || BITS == 4);
         let p = Pass::new(w, tile);
-        let blocks = p.k / BLOCK;
         let nibble = _mm256_set1_epi8(0x0F);
         let weights = [_mm256_set1_epi16(128), _mm256_set1_epi16(1)];
-        for h in 0..2 {
-            let mut out = [_mm256_setzero_ps(); N];
-            for g in 0..p.groups {
-                let s = values::<HALF>(p.scales, g, h);
-                for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
-                    // Per input, the sums of its [high, low] codes.
-                    let mut acc = [[_mm256_setzero_si256(); 2]; N];
-                    for d in 0..p.words_per_block {
-                        let line = p.words_per_block * b + d;
-                        if h == 0 {
-                            p.prefetch_next(line);
+        // (Called once per block from `walk`, which is inlined here: one call site, inlined too.)
+        let block_sums = |b: usize, h: usize| {
+            // Per input, the sums of its [high, low] codes.
+            let mut acc = [[_mm256_setzero_si256(); 2]; N];
+            for d in 0..p.words_per_block {
+                let words = _mm256_loadu_si256(line(&p, b, d, h) as *const __m256i);
+                let lo = _mm256_and_si256(words, nibble);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let x = p.quads(xi, i0 + i, b);
+                    for (part, a) in acc.iter_mut().enumerate() {
+                        let x = x.add(part * BLOCK / 4);
+                        if BITS == 8 {
+                            let x = _mm256_set1_epi32(*x.add(d));
+                            *a = _mm256_dpbusd_avx_epi32(*a, words, x);
+                            continue;
                         }
-                        let at = p.codes.add(line * 64 + 32 * h);
-                        let words = _mm256_loadu_si256(at as *const __m256i);
-                        let lo = _mm256_and_si256(words, nibble);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
-                        for (i, acc) in acc.iter_mut().enumerate() {
-                            let x = p.quads(xi, i0 + i, b);
-                            for (part, a) in acc.iter_mut().enumerate() {
-                                let x = x.add(part * BLOCK / 4);
-                                if BITS == 8 {
-                                    let x = _mm256_set1_epi32(*x.add(d));
-                                    *a = _mm256_dpbusd_avx_epi32(*a, words, x);
-                                    continue;
-                                }
-                                let x0 = _mm256_set1_epi32(*x.add(2 * d));
-                                let x1 = _mm256_set1_epi32(*x.add(2 * d + 1));
-                                if VNNI {
-                                    *a = _mm256_dpbusd_avx_epi32(*a, lo, x0);
-                                    *a = _mm256_dpbusd_avx_epi32(*a, hi, x1);
-                                } else {
-                                    let pair = _mm256_add_epi16(
-                                        _mm256_maddubs_epi16(lo, x0),
-                                        _mm256_maddubs_epi16(hi, x1),
-                                    );
-                                    *a = _mm256_add_epi16(*a, pair);
-                                }
-                            }
-                        }
-                    }
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let [high, low] = acc[i];
-                        let sums = if VNNI {
-                            _mm256_add_epi32(_mm256_slli_epi32(high, 7), low)
+                        let x0 = _mm256_set1_epi32(*x.add(2 * d));
+                        let x1 = _mm256_set1_epi32(*x.add(2 * d + 1));
+                        if VNNI {
+                            *a = _mm256_dpbusd_avx_epi32(*a, lo, x0);
+                            *a = _mm256_dpbusd_avx_epi32(*a, hi, x1);
                         } else {
-                            _mm256_add_epi32(
-                                _mm256_madd_epi16(high, weights[0]),
-                                _mm256_madd_epi16(low, weights[1]),
-                            )
-                        };
-                        *o = scaled(sums, s, xi.scales[(i0 + i) * blocks + b], *o);
+                            let pair = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, x0),
+                                _mm256_maddubs_epi16(hi, x1),
+                            );
+                            *a = _mm256_add_epi16(*a, pair);
+                        }
                     }
                 }
-                add_bias::<N, HALF>(&mut out, &p, xi, i0, g, h);
             }
-            store(&out, &p, i0, tile, h, ys);
-        }
+            acc.map(|[high, low]| {
+                if VNNI {
+                    _mm256_add_epi32(_mm256_slli_epi32(high, 7), low)
+                } else {
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(high, weights[0]),
+                        _mm256_madd_epi16(low, weights[1]),
+                    )
+                }
+            })
+        };
+        walk::<N, HALF>(&p, xi, i0, tile, ys, block_sums)
     }
 
     /// One tile of 8-bit codes for `N` inputs on AVX2 without VNNI: `vpmaddubsw` would saturate
@@ -544,85 +577,31 @@ mod avx2 {
         ys: *mut f32,
     ) {
         let p = Pass::new(w, tile);
-        let blocks = p.k / BLOCK;
-        for h in 0..2 {
-            let mut out = [_mm256_setzero_ps(); N];
-            for g in 0..p.groups {
-                let s = values::<HALF>(p.scales, g, h);
-                for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
-                    // Per input, rows 0-3 and rows 4-7 of the half, two lanes per row.
-                    let mut acc = [[_mm256_setzero_si256(); 2]; N];
-                    for d in 0..p.words_per_block {
-                        let line = p.words_per_block * b + d;
-                        if h == 0 {
-                            p.prefetch_next(line);
-                        }
-                        let at = p.codes.add(line * 64 + 32 * h);
-                        let rows = [
-                            _mm256_cvtepu8_epi16(_mm_loadu_si128(at as *const __m128i)),
-                            _mm256_cvtepu8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
-                        ];
-                        for (i, acc) in acc.iter_mut().enumerate() {
-                            // Inputs 4d .. 4d + 4 of the block, as two pairs, in every row.
-                            let x = xi.wide.as_ptr().add((i0 + i) * p.k + b * BLOCK + 4 * d);
-                            let x = _mm256_set1_epi64x((x as *const i64).read_unaligned());
-                            for (a, r) in acc.iter_mut().zip(&rows) {
-                                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(*r, x));
-                            }
-                        }
-                    }
-                    for (i, o) in out.iter_mut().enumerate() {
-                        // Lanes (r0 r0 r1 r1 | r2 r2 r3 r3) and (r4 ..): pairs added, rows put
-                        // back in order.
-                        let folded = _mm256_hadd_epi32(acc[i][0], acc[i][1]);
-                        let sums = _mm256_permute4x64_epi64(folded, 0b11_01_10_00);
-                        *o = scaled(sums, s, xi.scales[(i0 + i) * blocks + b], *o);
+        // (Called once per block from `walk`, which is inlined here: one call site, inlined too.)
+        let block_sums = |b: usize, h: usize| {
+            // Per input, rows 0-3 and rows 4-7 of the half, two lanes per row.
+            let mut acc = [[_mm256_setzero_si256(); 2]; N];
+            for d in 0..p.words_per_block {
+                let at = line(&p, b, d, h);
+                let rows = [
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(at as *const __m128i)),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
+                ];
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    // Inputs 4d .. 4d + 4 of the block, as two pairs, in every row.
+                    let x = xi.wide.as_ptr().add((i0 + i) * p.k + b * BLOCK + 4 * d);
+                    let x = _mm256_set1_epi64x((x as *const i64).read_unaligned());
+                    for (a, r) in acc.iter_mut().zip(&rows) {
+                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(*r, x));
                     }
                 }
-                add_bias::<N, HALF>(&mut out, &p, xi, i0, g, h);
             }
-            store(&out, &p, i0, tile, h, ys);
-        }
-    }
-
-    /// `out + sums · (s · scale)`: a block's integer sums of eight rows, their group scales `s`
-    /// and the input's block scale.
-    #[inline(always)]
-    unsafe fn scaled(sums: __m256i, s: __m256, scale: f32, out: __m256) -> __m256 {
-        let f = _mm256_mul_ps(s, _mm256_set1_ps(scale));
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, out)
-    }
-
-    /// Each input's bias term of group `g` for half `h` of the tile.
-    #[inline(always)]
-    unsafe fn add_bias<const N: usize, const HALF: bool>(
-        out: &mut [__m256; N],
-        p: &Pass,
-        xi: &ByteInputs,
-        i0: usize,
-        g: usize,
-        h: usize,
-    ) {
-        let bias = values::<HALF>(p.biases, g, h);
-        for (i, o) in out.iter_mut().enumerate() {
-            let sum = _mm256_set1_ps(xi.sums[(i0 + i) * p.groups + g]);
-            *o = _mm256_fmadd_ps(bias, sum, *o);
-        }
-    }
-
-    /// Half `h` of the tile's outputs for each input.
-    #[inline(always)]
-    unsafe fn store<const N: usize>(
-        out: &[__m256; N],
-        p: &Pass,
-        i0: usize,
-        tile: usize,
-        h: usize,
-        ys: *mut f32,
-    ) {
-        for (i, o) in out.iter().enumerate() {
-            _mm256_storeu_ps(ys.add((i0 + i) * p.out + tile * 16 + 8 * h), *o);
-        }
+            // Lanes (r0 r0 r1 r1 | r2 r2 r3 r3) and (r4 ..): pairs added, rows put back in order.
+            acc.map(|[lo4, hi4]| {
+                _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo4, hi4), 0b11_01_10_00)
+            })
+        };
+        walk::<N, HALF>(&p, xi, i0, tile, ys, block_sums)
     }
 
     /// [`tile_with`] (4-bit) or [`tile_wide`] (8-bit) on AVX2.
