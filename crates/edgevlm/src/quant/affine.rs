@@ -238,6 +238,14 @@ impl GroupValues {
         }
     }
 
+    /// `len` zeros of this value type.
+    fn zeros(&self, len: usize) -> Self {
+        match self {
+            Self::F16(_) => Self::F16(vec![f16::ZERO; len]),
+            Self::F32(_) => Self::F32(vec![0.0; len]),
+        }
+    }
+
     /// Item `to` set to `src`'s item `from` (both of the same value type).
     fn copy_item(&mut self, to: usize, src: &GroupValues, from: usize) {
         match (self, src) {
@@ -278,7 +286,8 @@ pub enum CodeLayout {
     /// Tiles of [`TILE_ROWS`] rows, each column-major: word `d` of row `r` at
     /// `(r / 16) · 16 · words + 16 · d + r % 16`, group values likewise. Word `d` of sixteen rows is
     /// one 64-byte line, so a vector kernel gets one lane per row with a single load (the kernels of
-    /// `kernels::qtiles`). Layers whose row count is a multiple of 16 are held so.
+    /// `kernels::qtiles`). Every layer is held so once loaded, a last tile of fewer rows padded
+    /// with zeros.
     Tiles,
 }
 
@@ -557,19 +566,9 @@ impl AffineWeight {
         }
     }
 
-    /// The layout the CPU kernels run this layer in: [`CodeLayout::Tiles`] for whole tiles of rows,
-    /// [`CodeLayout::Rows`] otherwise.
+    /// The layout the CPU kernels run this layer in: [`CodeLayout::Tiles`] (a last tile of fewer
+    /// than 16 rows padded with zero codes, scales and biases).
     pub fn in_kernel_layout(self) -> Self {
-        if self.out_dim.is_multiple_of(TILE_ROWS) && self.out_dim > 0 {
-            self.into_tiles()
-        } else {
-            self.into_rows()
-        }
-    }
-
-    /// This layer in [`CodeLayout::Tiles`] order (`out_dim` a multiple of [`TILE_ROWS`]).
-    fn into_tiles(self) -> Self {
-        debug_assert!(self.out_dim.is_multiple_of(TILE_ROWS));
         self.relaid(CodeLayout::Tiles)
     }
 
@@ -578,13 +577,25 @@ impl AffineWeight {
         self.relaid(CodeLayout::Rows)
     }
 
+    /// Rows stored under `layout`: whole tiles for [`CodeLayout::Tiles`].
+    fn stored_rows(&self, layout: CodeLayout) -> usize {
+        match layout {
+            CodeLayout::Rows => self.out_dim,
+            CodeLayout::Tiles => self.out_dim.next_multiple_of(TILE_ROWS),
+        }
+    }
+
     /// This layer with its words and group values moved to `layout`'s places.
     fn relaid(self, layout: CodeLayout) -> Self {
         if self.layout == layout {
             return self;
         }
+        let rows = self.stored_rows(layout);
         let mut out = Self {
             layout,
+            packed: vec![0; rows * self.words_per_row()],
+            scales: self.scales.zeros(rows * self.groups()),
+            biases: self.biases.zeros(rows * self.groups()),
             ..self.clone()
         };
         for r in 0..self.out_dim {
