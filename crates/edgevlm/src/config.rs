@@ -22,8 +22,14 @@ pub struct TextConfig {
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub hidden_act: String,
+    /// Biases on all four attention projections (Llama's `attention_bias`).
     pub attention_bias: bool,
+    /// Biases on the query, key and value projections only (Qwen2).
+    pub qkv_bias: bool,
     pub mlp_bias: bool,
+    /// Multimodal RoPE (Qwen2-VL): how many of the head's frequency pairs turn with the temporal,
+    /// height and width positions; `None`: one position per token.
+    pub mrope_section: Option<[usize; 3]>,
 }
 
 /// The SigLIP vision encoder's hyper-parameters.
@@ -154,11 +160,22 @@ impl TextConfig {
                 self.rms_norm_eps, self.rope_theta
             )));
         }
-        Ok(())
+        self.validate_mrope()
     }
 
     /// Parse a Llama `text_config` (defaults of `transformers.LlamaConfig`).
     pub fn from_value(v: &Value) -> Result<Self> {
+        Self::parse(v, false)
+    }
+
+    /// Parse a Qwen2-VL / Qwen2.5-VL text configuration (its `text_config`, or the top level of a
+    /// transformers 4.x config.json): Q/K/V biases, and multimodal RoPE whose `mrope_section`
+    /// comes from `rope_parameters` (5.x) or `rope_scaling` (4.x, `type: "mrope"`).
+    pub fn from_qwen2_vl_value(v: &Value) -> Result<Self> {
+        Self::parse(v, true)
+    }
+
+    fn parse(v: &Value, qwen2_vl: bool) -> Result<Self> {
         let hidden_size = nonzero("text_config.hidden_size", usize_or(v, "hidden_size", 4096)?)?;
         let num_attention_heads = nonzero(
             "text_config.num_attention_heads",
@@ -192,6 +209,15 @@ impl TextConfig {
                 (t, ty)
             }
         };
+        let mrope_section = if qwen2_vl {
+            Some(mrope_section(v)?)
+        } else {
+            None
+        };
+        let rope_type = match rope_type.as_str() {
+            "mrope" if qwen2_vl => "default".to_string(),
+            _ => rope_type,
+        };
         if rope_type != "default" {
             return Err(Error::Unsupported(format!(
                 "rope scaling type `{rope_type}` is not supported yet (only unscaled RoPE)"
@@ -218,9 +244,46 @@ impl TextConfig {
             rope_theta,
             max_position_embeddings: usize_or(v, "max_position_embeddings", 2048)?,
             hidden_act,
-            attention_bias: bool_or(v, "attention_bias", false)?,
-            mlp_bias: bool_or(v, "mlp_bias", false)?,
+            attention_bias: !qwen2_vl && bool_or(v, "attention_bias", false)?,
+            qkv_bias: qwen2_vl,
+            mlp_bias: !qwen2_vl && bool_or(v, "mlp_bias", false)?,
+            mrope_section,
         })
+    }
+
+    /// Check the multimodal RoPE sections against the head: they must cover its frequency pairs.
+    pub fn validate_mrope(&self) -> Result<()> {
+        if let Some(s) = self.mrope_section {
+            if s.iter().sum::<usize>() != self.head_dim / 2 {
+                return Err(Error::Config(format!(
+                    "mrope_section {s:?} does not add up to half the head ({})",
+                    self.head_dim / 2
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `mrope_section` from `rope_parameters` or `rope_scaling`.
+fn mrope_section(v: &Value) -> Result<[usize; 3]> {
+    let holder = get(v, "rope_parameters")
+        .filter(|p| get(p, "mrope_section").is_some())
+        .or_else(|| get(v, "rope_scaling"))
+        .ok_or_else(|| Error::Config("no mrope_section (rope_parameters / rope_scaling)".into()))?;
+    let list = get(holder, "mrope_section")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::Config("mrope_section must be a list of 3 integers".into()))?;
+    let parts: Vec<usize> = list
+        .iter()
+        .filter_map(|x| x.as_u64().map(|n| n as usize))
+        .collect();
+    match parts.as_slice() {
+        [t, h, w] if list.len() == 3 => Ok([*t, *h, *w]),
+        _ => Err(Error::Config(format!(
+            "mrope_section must be a list of 3 integers, got {}",
+            Value::Array(list.clone())
+        ))),
     }
 }
 

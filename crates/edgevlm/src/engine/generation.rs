@@ -144,7 +144,11 @@ impl Engine {
         if tokens.is_empty() {
             return Ok(());
         }
-        let logits = self.model.text().decode_batch(&tokens, &mut caches)?;
+        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let logits = self
+            .model
+            .text()
+            .decode_batch(&tokens, &positions, &mut caches)?;
         drop(caches);
         for (r, &i) in rows.iter().enumerate() {
             let g = &mut generations[i];

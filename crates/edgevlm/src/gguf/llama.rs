@@ -84,7 +84,9 @@ pub fn llama_config(f: &GgufFile) -> Result<TextConfig> {
         max_position_embeddings: f.get_usize("llama.context_length")?.unwrap_or(2048),
         hidden_act: "silu".into(),
         attention_bias: f.contains("blk.0.attn_q.bias"),
+        qkv_bias: false,
         mlp_bias: f.contains("blk.0.ffn_up.bias"),
+        mrope_section: None,
     };
     cfg.validate()
         .map_err(|e| Error::file(f.path(), e.to_string()))?;

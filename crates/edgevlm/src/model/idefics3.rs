@@ -7,7 +7,7 @@ use super::nn::{LoadOptions, Weights};
 use super::text::TextModel;
 use super::vision::{Connector, VisionTransformer};
 use crate::config::Idefics3Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub struct Idefics3 {
     pub vision: VisionTransformer,
@@ -95,43 +95,6 @@ impl Idefics3 {
     /// Input embeddings `(1, ids.len(), hidden)` with the rows of `<image>` tokens replaced, in order, by
     /// `image_features` (one row per `<image>` token).
     pub fn merge_embeddings(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
-        let text = self.text.embed(ids)?;
-        let n_image_tokens = ids
-            .iter()
-            .filter(|&&i| i == self.cfg.image_token_id)
-            .count();
-        let feats = match image_features {
-            None if n_image_tokens == 0 => return Ok(text.unsqueeze(0)?),
-            None => {
-                return Err(Error::ModelInput(format!(
-                    "prompt has {n_image_tokens} <image> tokens but no image was given"
-                )))
-            }
-            Some(f) => f,
-        };
-        let rows = feats.dim(0)?;
-        if rows != n_image_tokens {
-            return Err(Error::ModelInput(format!(
-                "image features and image tokens do not match: {n_image_tokens} <image> tokens, {rows} feature rows"
-            )));
-        }
-        // One gather over [text rows; image rows].
-        let n = ids.len() as u32;
-        let mut next_image = n;
-        let index: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(pos, &id)| {
-                if id == self.cfg.image_token_id {
-                    next_image += 1;
-                    next_image - 1
-                } else {
-                    pos as u32
-                }
-            })
-            .collect();
-        let all = Tensor::cat(&[&text, &feats.to_dtype(text.dtype())?], 0)?;
-        let index = Tensor::new(index.as_slice(), text.device())?;
-        Ok(all.index_select(&index, 0)?.unsqueeze(0)?)
+        super::scatter_image_features(&self.text, ids, self.cfg.image_token_id, image_features)
     }
 }

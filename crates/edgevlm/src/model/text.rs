@@ -9,11 +9,36 @@ use super::nn::{
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 
+/// Where the new tokens of a pass sit: the decoder's rotary positions, given by the caller rather
+/// than implied by the cache length (a Qwen2-VL image spans fewer positions than tokens).
+#[derive(Clone, Copy, Debug)]
+pub enum Positions<'a> {
+    /// Token `i` at position `start + i` (every axis, for multimodal RoPE).
+    From(usize),
+    /// Multimodal RoPE: each token's (temporal, height, width) position.
+    Multi(&'a [[u32; 3]]),
+}
+
+impl Positions<'_> {
+    /// The one position of a single token whose axes all agree (any text token); `None` otherwise.
+    fn single(&self) -> Option<usize> {
+        match self {
+            Positions::From(p) => Some(*p),
+            Positions::Multi([[t, h, w]]) if t == h && h == w => Some(*t as usize),
+            Positions::Multi(_) => None,
+        }
+    }
+}
+
 /// Rotary position tables, computed in f32 exactly as HF's default RoPE does.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
     max_len: usize,
+    inv_freq: Vec<f32>,
+    /// Multimodal RoPE: the axis (0 temporal, 1 height, 2 width) each frequency pair turns with.
+    axis_of_pair: Option<Vec<usize>>,
+    dtype: DType,
 }
 
 impl Rope {
@@ -23,6 +48,13 @@ impl Rope {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0f32 / base.powf((2 * i) as f32 / cfg.head_dim as f32))
             .collect();
+        let axis_of_pair = cfg.mrope_section.map(|sections| {
+            sections
+                .iter()
+                .enumerate()
+                .flat_map(|(axis, &n)| std::iter::repeat_n(axis, n))
+                .collect::<Vec<_>>()
+        });
         let mut cos = Vec::with_capacity(max_len * half);
         let mut sin = Vec::with_capacity(max_len * half);
         for p in 0..max_len {
@@ -36,7 +68,44 @@ impl Rope {
             cos: Tensor::from_vec(cos, (max_len, half), device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, (max_len, half), device)?.to_dtype(dtype)?,
             max_len,
+            inv_freq,
+            axis_of_pair,
+            dtype,
         })
+    }
+
+    /// `(t, half)` cos and sin tables of multimodal positions: pair `i` of token `j` turns by
+    /// `positions[j][axis(i)] · inv_freq[i]`, the same f32 product the 1-D tables hold.
+    fn multi_tables(&self, positions: &[[u32; 3]], device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let axes = self.axis_of_pair.as_deref().ok_or_else(|| {
+            Error::ModelInput("multimodal positions for a decoder without multimodal RoPE".into())
+        })?;
+        if axes.len() != half {
+            return Err(Error::Internal(
+                "mrope sections do not cover the head".into(),
+            ));
+        }
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            if let Some(&far) = p.iter().find(|&&x| x as usize >= self.max_len) {
+                return Err(Error::ModelInput(format!(
+                    "position {far} is beyond the model's {} positions",
+                    self.max_len
+                )));
+            }
+            for (&f, &axis) in self.inv_freq.iter().zip(axes) {
+                let a = p[axis] as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let t = positions.len();
+        Ok((
+            Tensor::from_vec(cos, (t, half), device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(sin, (t, half), device)?.to_dtype(self.dtype)?,
+        ))
     }
 
     /// Rotate `x` (heads of `d` values, one position) for position `pos` in place, exactly as candle's
@@ -66,9 +135,22 @@ impl Rope {
         matches!(rotated, Ok(Some(Ok(Some(())))))
     }
 
-    /// Rotate `(b, heads, t, d)` for positions `offset..offset+t`.
-    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    /// Rotate `(b, heads, t, d)` for the `t` positions given.
+    fn apply(&self, x: &Tensor, positions: Positions) -> Result<Tensor> {
         let t = x.dim(2)?;
+        let offset = match positions {
+            Positions::From(offset) => offset,
+            Positions::Multi(p) => {
+                if p.len() != t {
+                    return Err(Error::ModelInput(format!(
+                        "{} positions for {t} tokens",
+                        p.len()
+                    )));
+                }
+                let (cos, sin) = self.multi_tables(p, x.device())?;
+                return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+            }
+        };
         if offset + t > self.max_len {
             return Err(Error::ModelInput(format!(
                 "position {} is beyond the model's {} positions",
@@ -138,11 +220,12 @@ impl DecoderLayer {
         let a = w.pp("self_attn");
         let m = w.pp("mlp");
         let ab = cfg.attention_bias;
+        let qkv_bias = ab || cfg.qkv_bias;
         Self::new(DecoderParts {
             input_norm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-            q: Linear::load(&a.pp("q_proj"), h, cfg.num_attention_heads * d, ab)?,
-            k: Linear::load(&a.pp("k_proj"), h, cfg.num_key_value_heads * d, ab)?,
-            v: Linear::load(&a.pp("v_proj"), h, cfg.num_key_value_heads * d, ab)?,
+            q: Linear::load(&a.pp("q_proj"), h, cfg.num_attention_heads * d, qkv_bias)?,
+            k: Linear::load(&a.pp("k_proj"), h, cfg.num_key_value_heads * d, qkv_bias)?,
+            v: Linear::load(&a.pp("v_proj"), h, cfg.num_key_value_heads * d, qkv_bias)?,
             o: Linear::load(&a.pp("o_proj"), cfg.num_attention_heads * d, h, ab)?,
             post_norm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
             gate: Linear::load(&m.pp("gate_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
@@ -160,13 +243,13 @@ impl DecoderLayer {
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
-        offset: usize,
+        positions: Positions,
         mask: Option<&CausalMask>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
         let y = self.input_norm.forward(x)?;
-        if t == 1 && b == 1 && mask.is_none() {
+        if let (1, 1, None, Some(offset)) = (t, b, mask, positions.single()) {
             let o = match &self.qkv {
                 ProjectionGroup::Fused { linear, .. } => {
                     self.attend_row(&linear.forward(&y)?, rope, cache, layer, offset)?
@@ -186,8 +269,8 @@ impl DecoderLayer {
         let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
             return Err(Error::Internal("attention projections missing".into()));
         };
-        let q = rope.apply(&heads(q, self.heads)?, offset)?;
-        let k = rope.apply(&heads(k, self.kv_heads)?, offset)?;
+        let q = rope.apply(&heads(q, self.heads)?, positions)?;
+        let k = rope.apply(&heads(k, self.kv_heads)?, positions)?;
         let v = heads(v, self.kv_heads)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         // The rest reads the cache in the queries' type (an f16 cache widened, exactly).
@@ -231,6 +314,7 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &Rope,
         caches: &mut [&mut KvCache],
+        positions: &[usize],
         layer: usize,
     ) -> Result<Tensor> {
         let y = self.input_norm.forward(x)?;
@@ -239,8 +323,7 @@ impl DecoderLayer {
             ProjectionGroup::Separate(_) => (None, self.qkv.forward_each_batch(&y)?),
         };
         let mut outs = Vec::with_capacity(caches.len());
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let offset = cache.len();
+        for (i, (cache, &offset)) in caches.iter_mut().zip(positions).enumerate() {
             let o = match &fused {
                 Some(all) => self.attend_row(&all.narrow(0, i, 1)?, rope, cache, layer, offset)?,
                 None => {
@@ -298,8 +381,8 @@ impl DecoderLayer {
         };
         let heads =
             |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((1, n, 1, d))?.contiguous()?) };
-        let q = rope.apply(&heads(q, self.heads)?, offset)?;
-        let k = rope.apply(&heads(k, self.kv_heads)?, offset)?;
+        let q = rope.apply(&heads(q, self.heads)?, Positions::From(offset))?;
+        let k = rope.apply(&heads(k, self.kv_heads)?, Positions::From(offset))?;
         let v = heads(v, self.kv_heads)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         if let Some(o) = decode_attention(&q, &k, &v, self.kv_heads, d)? {
@@ -623,36 +706,56 @@ impl TextModel {
         self.embed_tokens.lookup(ids, self.dtype, &self.device)
     }
 
-    /// Run `embeds` `(1, t, hidden)` at positions `cache.len()..` and return logits `(t, vocab)` for
-    /// every position when `all_logits`, else `(1, vocab)` for the last one. Logits are f32.
+    /// Run `embeds` `(1, t, hidden)` at rotary positions `cache.len()..` (a Llama's; see
+    /// [`Self::forward_at`]) and return logits as [`Self::forward_at`] does.
     pub fn forward(
         &self,
         embeds: &Tensor,
         cache: &mut KvCache,
         all_logits: bool,
     ) -> Result<Tensor> {
+        self.forward_at(embeds, Positions::From(cache.len()), cache, all_logits)
+    }
+
+    /// Run `embeds` `(1, t, hidden)` at the rotary `positions` given (their keys and values go to
+    /// cache slots `cache.len()..`) and return logits `(t, vocab)` for every position when
+    /// `all_logits`, else `(1, vocab)` for the last one. Logits are f32.
+    pub fn forward_at(
+        &self,
+        embeds: &Tensor,
+        positions: Positions,
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
         // Run the whole pass on a worker of the thread pool: its products then split work with the
         // other workers directly, instead of each of the ~200 products per token being handed over
         // from (and back to) a thread outside the pool.
-        rayon::scope(|_| self.forward_in_pool(embeds, cache, all_logits))
+        rayon::scope(|_| self.forward_in_pool(embeds, positions, cache, all_logits))
     }
 
-    /// One decode step for several sequences at once: `tokens[i]` goes in at position
-    /// `caches[i].len()` of its own cache; returns logits `(sequences, vocab)` in f32. Each row is
-    /// bit-identical to [`Self::forward`] of that token alone on that cache, so a sequence's answer
-    /// does not depend on what it was batched with; the weights are read once for all of them.
-    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        if tokens.len() != caches.len() || tokens.is_empty() {
+    /// One decode step for several sequences at once: `tokens[i]` goes in at rotary position
+    /// `positions[i]`, appended to its own cache `caches[i]`; returns logits `(sequences, vocab)`
+    /// in f32. Each row is bit-identical to [`Self::forward_at`] of that token alone on that cache,
+    /// so a sequence's answer does not depend on what it was batched with; the weights are read
+    /// once for all of them.
+    pub fn decode_batch(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        if tokens.len() != caches.len() || positions.len() != caches.len() || tokens.is_empty() {
             return Err(Error::ModelInput(format!(
-                "{} tokens for {} caches",
+                "{} tokens and {} positions for {} caches",
                 tokens.len(),
+                positions.len(),
                 caches.len()
             )));
         }
         rayon::scope(|_| {
             let mut x = self.embed(tokens)?;
             for (i, layer) in self.layers.iter().enumerate() {
-                x = layer.decode_batch(&x, &self.rope, caches, i)?;
+                x = layer.decode_batch(&x, &self.rope, caches, positions, i)?;
             }
             for c in caches.iter_mut() {
                 c.advance(1);
@@ -665,6 +768,7 @@ impl TextModel {
     fn forward_in_pool(
         &self,
         embeds: &Tensor,
+        positions: Positions,
         cache: &mut KvCache,
         all_logits: bool,
     ) -> Result<Tensor> {
@@ -673,7 +777,7 @@ impl TextModel {
         let mask = (t > 1).then(|| CausalMask::new(t, offset, embeds.device()));
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.rope, cache, i, offset, mask.as_ref())?;
+            x = layer.forward(&x, &self.rope, cache, i, positions, mask.as_ref())?;
         }
         cache.advance(t);
         let x = if all_logits {

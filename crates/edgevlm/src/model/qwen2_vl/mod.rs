@@ -1,0 +1,149 @@
+//! Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`):
+//! a ViT with 2-D RoPE (and, in 2.5, window attention) whose 2×2 patch merger writes image tokens
+//! into a Qwen2 decoder with multimodal RoPE: image tokens take (temporal, row, column) positions,
+//! text tokens one position on all three axes.
+
+pub mod config;
+pub mod processor;
+pub mod vision;
+
+use candle_core::{Device, Tensor};
+
+use super::nn::{LoadOptions, Weights};
+use super::text::TextModel;
+use crate::error::{Error, Result};
+pub use config::{QwenVariant, QwenVisionConfig, QwenVlConfig};
+pub use processor::{process_image, smart_resize, QwenImage, QwenImageConfig};
+pub use vision::QwenVision;
+
+pub struct QwenVl {
+    pub vision: QwenVision,
+    pub text: TextModel,
+    pub cfg: QwenVlConfig,
+    device: Device,
+}
+
+impl QwenVl {
+    /// Load from the hub layout (`visual.*`, `model.*`, `lm_head`) or transformers 5's
+    /// (`model.visual.*`, `model.language_model.*`, `lm_head`).
+    pub fn load(w: &Weights, cfg: &QwenVlConfig) -> Result<Self> {
+        let (visual, text) = if w.contains("model.language_model.embed_tokens.weight") {
+            (
+                w.pp("model").pp("visual"),
+                w.pp("model").pp("language_model"),
+            )
+        } else {
+            (w.pp("visual"), w.pp("model"))
+        };
+        // The vision tower computes in f32 from its checkpoint weights (no bf16 tiles: the SigLIP
+        // tiles are shaped for SmolVLM's encoder).
+        let vision_opts = LoadOptions {
+            quantize: if w.opts.skip_vision {
+                None
+            } else {
+                w.opts.quantize
+            },
+            bf16_tiles: false,
+            ..w.opts.clone()
+        };
+        let text_opts = LoadOptions {
+            bf16_tiles: false,
+            ..w.opts.clone()
+        };
+        Ok(Self {
+            vision: QwenVision::load(&visual.with_opts(&vision_opts), &cfg.vision)?,
+            text: TextModel::load(
+                &text.with_opts(&text_opts),
+                &w.with_opts(&text_opts).pp("lm_head"),
+                &cfg.text,
+                cfg.tie_word_embeddings,
+            )?,
+            cfg: cfg.clone(),
+            device: w.opts.device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Image tokens of an image of `grid` (t, h, w) patches.
+    pub fn image_tokens(&self, grid: [usize; 3]) -> usize {
+        let m = self.cfg.vision.spatial_merge_size;
+        grid[0] * grid[1] * grid[2] / (m * m)
+    }
+
+    /// Merged image tokens `(tokens, hidden)` of one processed image.
+    pub fn encode_image(&self, image: &QwenImage) -> Result<Tensor> {
+        let n = image.grid.iter().product::<usize>();
+        if n == 0 || !image.pixel_values.len().is_multiple_of(n) {
+            return Err(Error::ModelInput(format!(
+                "{} pixel values for a {:?} patch grid",
+                image.pixel_values.len(),
+                image.grid
+            )));
+        }
+        let px = Tensor::from_slice(
+            &image.pixel_values,
+            (n, image.pixel_values.len() / n),
+            &self.device,
+        )?;
+        self.vision.forward(&px, &[image.grid])
+    }
+
+    /// transformers' `get_rope_index` for one prompt: each image's tokens take (t, row, column)
+    /// positions offset by the position where the image starts, and the text after it continues
+    /// from that offset plus the image's longer side in merged tokens. `grids` are the prompt's
+    /// images in order. Returns the positions and the offset of the first generated token from
+    /// the prompt length (positions of generated tokens are `cache length + delta`).
+    pub fn rope_positions(
+        &self,
+        ids: &[u32],
+        grids: &[[usize; 3]],
+    ) -> Result<(Vec<[u32; 3]>, i64)> {
+        let m = self.cfg.vision.spatial_merge_size;
+        let image = self.cfg.image_token_id;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut grids = grids.iter();
+        let mut current = 0usize;
+        let mut i = 0;
+        while i < ids.len() {
+            if ids[i] != image {
+                out.push([current as u32; 3]);
+                current += 1;
+                i += 1;
+                continue;
+            }
+            let &[t, h, w] = grids.next().ok_or_else(|| {
+                Error::ModelInput("the prompt has more images than were given".into())
+            })?;
+            let (lh, lw) = (h / m, w / m);
+            let n = t * lh * lw;
+            if ids.len() < i + n || ids[i..i + n].iter().any(|&x| x != image) {
+                return Err(Error::ModelInput(format!(
+                    "an image of {n} tokens does not match the prompt's image tokens at {i}"
+                )));
+            }
+            for ti in 0..t {
+                for y in 0..lh {
+                    for x in 0..lw {
+                        out.push([
+                            (current + ti) as u32,
+                            (current + y) as u32,
+                            (current + x) as u32,
+                        ]);
+                    }
+                }
+            }
+            current += lh.max(lw);
+            i += n;
+        }
+        if grids.next().is_some() {
+            return Err(Error::ModelInput(
+                "more images were given than the prompt has".into(),
+            ));
+        }
+        let delta = current as i64 - ids.len() as i64;
+        Ok((out, delta))
+    }
+}
