@@ -40,15 +40,23 @@ fn main() {
     .expect("fixture image");
     let dir = model_dir();
     let engine = Engine::load_dir(&dir, "bench", EngineOptions::default()).expect("load model");
-    let cfg = engine.image_config().expect("a vision model").clone();
+    let smolvlm: &edgevlm::model::idefics3::Idefics3Vlm = engine
+        .model()
+        .vision()
+        .and_then(|v| v.as_any().downcast_ref())
+        .expect("a SmolVLM model");
+    let cfg = smolvlm.image.clone();
     let ms = median_ms(|| drop(process_image(&img, &cfg, true).unwrap()), 5);
     println!("image processor, 2300x1500 PNG -> 13 tiles: {ms:.1} ms");
 
     let p = process_image(&img, &cfg, true).unwrap();
-    let one = edgevlm::image::ProcessedImage {
+    let one = edgevlm::model::family::EncoderInput {
         pixel_values: p.pixel_values[..3 * p.height * p.width].to_vec(),
-        num_tiles: 1,
-        ..p.clone()
+        layout: edgevlm::model::family::ImageLayout {
+            units: 1,
+            tokens: cfg.image_seq_len,
+            shape: [0, 0, p.height, p.width],
+        },
     };
     let ms = median_ms(
         || drop(engine.encode_images(std::slice::from_ref(&one)).unwrap()),

@@ -289,7 +289,7 @@ fn a_literal_image_placeholder_in_text_is_text() {
     let p = engine.prepare(&with_literal).unwrap();
     let image_id = engine.tokenizer().token_to_id("<image>").unwrap();
     // 64 image tokens per tile of the one image, none from the text.
-    let tiles = p.images[0].num_tiles;
+    let tiles = p.images[0].layout.units;
     assert_eq!(p.ids.iter().filter(|&&i| i == image_id).count(), 64 * tiles);
     assert!(p.text.text.contains("Is <image> a tag?"));
     let c = engine.chat(&with_literal).unwrap();

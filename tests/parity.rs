@@ -101,7 +101,7 @@ fn image_processor_and_input_ids_match_transformers() {
         let split = case["split"].as_bool().unwrap();
         let img =
             load_image_path(&fixtures().join("images").join(name), &Default::default()).unwrap();
-        let p = process_image(&img, engine.image_config().unwrap(), split).unwrap();
+        let p = process_image(&img, &smolvlm_of(&engine).image, split).unwrap();
         let shape: Vec<usize> = serde_json::from_value(case["pixel_values_shape"].clone()).unwrap();
         assert_eq!(
             vec![p.num_tiles, 3, p.height, p.width],
@@ -131,7 +131,7 @@ fn image_processor_and_input_ids_match_transformers() {
         let text = image::expand_image_tokens(
             &edgevlm::prompt::PromptText::template(prompt),
             &[p],
-            engine.image_config().unwrap().image_seq_len,
+            smolvlm_of(&engine).image.image_seq_len,
         )
         .unwrap();
         let ids = engine.tokenizer().encode_prompt(&text).unwrap();
@@ -361,7 +361,7 @@ fn masked_tile_feature_diff(engine: &Engine) -> f32 {
         &Default::default(),
     )
     .unwrap();
-    let p = process_image(&img, engine.image_config().unwrap(), false).unwrap();
+    let p = process_image(&img, &smolvlm_of(engine).image, false).unwrap();
     let (h, w) = (p.height, p.width);
     let mut mask = vec![0u8; h * w];
     let mut px = p.pixel_values.clone();
@@ -379,10 +379,8 @@ fn masked_tile_feature_diff(engine: &Engine) -> f32 {
     let pm = patch_mask_from_pixels(&mask, h, w, 16);
     assert_eq!(pm.iter().filter(|&&b| b).count(), 19 * 13);
     let t = Tensor::from_vec(px, (1, 3, h, w), &Device::Cpu).unwrap();
-    let feats = engine
-        .model()
-        .idefics3()
-        .unwrap()
+    let feats = smolvlm_of(engine)
+        .model
         .encode_images(&t, Some(&[pm]), 1)
         .unwrap();
     let ours: Vec<f32> = feats.flatten_all().unwrap().to_vec1().unwrap();

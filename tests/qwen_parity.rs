@@ -14,7 +14,10 @@ use edgevlm::limits::Limits;
 use edgevlm::model::nn::{LoadOptions, Weights};
 use edgevlm::model::qwen2_vl::{process_image, QwenImageConfig, QwenVariant, QwenVl, QwenVlConfig};
 use edgevlm::model::{KvCache, Positions};
+use edgevlm::openai::{ChatMessage, ChatRequest, ContentPart, ImageUrl, MessageContent};
 use edgevlm::weights::WeightStore;
+use edgevlm::{Engine, EngineOptions};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const LOGIT_TOL: f32 = 1e-4;
@@ -74,6 +77,8 @@ fn qwen_image_processor_matches_transformers_bit_for_bit() {
 }
 
 struct Case {
+    messages: Value,
+    prompt: String,
     family: String,
     name: String,
     images: Vec<String>,
@@ -91,6 +96,8 @@ fn cases() -> Vec<Case> {
         .map(|c| {
             let pos: Vec<Vec<u32>> = serde_json::from_value(c["position_ids"].clone()).unwrap();
             Case {
+                messages: c["messages"].clone(),
+                prompt: c["prompt"].as_str().unwrap().to_string(),
                 family: c["family"].as_str().unwrap().to_string(),
                 name: c["case"].as_str().unwrap().to_string(),
                 images: serde_json::from_value(c["images"].clone()).unwrap(),
@@ -149,7 +156,7 @@ fn qwen_models_match_transformers_logits_and_greedy_tokens() {
             } else {
                 let f: Vec<Tensor> = images
                     .iter()
-                    .map(|i| model.encode_image(i).unwrap())
+                    .map(|i| model.encode_image(&i.pixel_values, i.grid).unwrap())
                     .collect();
                 Some(Tensor::cat(&f, 0).unwrap())
             };
@@ -205,4 +212,123 @@ fn qwen_models_match_transformers_logits_and_greedy_tokens() {
             );
         }
     }
+}
+
+/// HF chat messages (JSON, string or part-list contents) to an OpenAI request, images given as
+/// fixture paths in order; greedy, `max_tokens` tokens, end-of-sequence ignored.
+fn request(messages: &Value, images: &[String], max_tokens: u64) -> ChatRequest {
+    let mut it = images.iter();
+    let messages = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let content = match &m["content"] {
+                Value::String(t) => MessageContent::Text(t.clone()),
+                parts => MessageContent::Parts(
+                    parts
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| match p["type"].as_str().unwrap() {
+                            "image" => ContentPart::ImageUrl {
+                                image_url: ImageUrl::Plain(
+                                    fixtures()
+                                        .join("images")
+                                        .join(it.next().unwrap())
+                                        .display()
+                                        .to_string(),
+                                ),
+                            },
+                            _ => ContentPart::Text {
+                                text: p["text"].as_str().unwrap().to_string(),
+                            },
+                        })
+                        .collect(),
+                ),
+            };
+            ChatMessage {
+                role: m["role"].as_str().unwrap().to_string(),
+                content: Some(content),
+                name: None,
+            }
+        })
+        .collect();
+    ChatRequest {
+        messages,
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
+        ignore_eos: Some(true),
+        ..Default::default()
+    }
+}
+
+fn engine(family: &str) -> Engine {
+    let dir = qwen_tiny_dir(family, &format!("qwen-engine-{family}"));
+    Engine::load_dir(&dir, family, EngineOptions::default()).expect("load tiny qwen")
+}
+
+/// Through the engine, as a user meets it: the real tokenizer and chat template render and
+/// tokenize each request to transformers' prompt and ids, the family computes the same position
+/// ids, the last-prompt logits match, and generation gives the 20 greedy tokens.
+#[test]
+fn qwen_engine_matches_transformers_prompt_ids_logits_and_answer() {
+    let tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(qwen_fixtures().join("logits.safetensors"), &Device::Cpu)
+            .unwrap();
+    for family in ["qwen2.5-vl", "qwen2-vl"] {
+        let engine = engine(family);
+        for case in cases().iter().filter(|c| c.family == family) {
+            let req = request(&case.messages, &case.images, case.continuation.len() as u64);
+            let prepared = engine.prepare(&req).unwrap();
+            assert_eq!(
+                prepared.text.text.matches("<|image_pad|>").count() > 0,
+                !case.images.is_empty()
+            );
+            let rendered = engine.render_prompt(&req).unwrap();
+            assert_eq!(
+                rendered.text, case.prompt,
+                "{family} {}: chat template",
+                case.name
+            );
+            assert_eq!(prepared.ids, case.ids, "{family} {}: input ids", case.name);
+            match &prepared.positions {
+                Some(p) => assert_eq!(p.positions, case.positions, "{family} {}", case.name),
+                None => panic!("{family}: no multimodal positions"),
+            }
+            let logits = last_logits(&engine, &prepared);
+            let want = tensors[&format!("{family}.{}.last_prompt_logits", case.name)]
+                .to_vec1::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(&logits, &want);
+            assert!(
+                diff < LOGIT_TOL,
+                "{family} {}: logits differ by {diff}",
+                case.name
+            );
+            let settings = engine.settings(&req).unwrap();
+            let out = engine.generate(&prepared, &settings, |_, _| {}).unwrap();
+            assert_eq!(
+                out.tokens, case.continuation,
+                "{family} {}: answer tokens",
+                case.name
+            );
+        }
+    }
+}
+
+/// Decoding batched with other sequences (each at its own multimodal position offset) gives each
+/// the tokens it gets alone.
+#[test]
+fn qwen_batched_decoding_equals_alone() {
+    let engine = engine("qwen2.5-vl");
+    let requests: Vec<ChatRequest> = cases()
+        .iter()
+        .filter(|c| c.family == "qwen2.5-vl")
+        .map(|c| request(&c.messages, &c.images, 12))
+        .collect();
+    let alone = generate_alone(&engine, &requests);
+    let batched = generate_batched(&engine, &requests);
+    assert_eq!(alone, batched);
+    assert!(alone.iter().all(|t| t.len() == 12));
 }

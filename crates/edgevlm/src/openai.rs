@@ -68,6 +68,12 @@ pub struct ChatRequest {
     /// until `max_tokens` (for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Extension (Qwen2-VL family, as mlx-vlm and vLLM's processor arguments): the pixel budget
+    /// this request's images are resized to; fewer pixels, fewer image tokens, a faster answer.
+    #[serde(default)]
+    pub min_pixels: Option<usize>,
+    #[serde(default)]
+    pub max_pixels: Option<usize>,
     /// Every other field, kept to be reported as ignored or refused.
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,

@@ -18,25 +18,23 @@ use crate::model::KvCache;
 /// process, so a client cannot craft a collision).
 pub type ImageKey = u128;
 
-pub fn image_key(bytes: &[u8]) -> ImageKey {
+/// `bytes` is the encoded image, `settings` how it is processed (features differ with them).
+pub fn image_key(bytes: &[u8], settings: &str) -> ImageKey {
     static KEYS: OnceLock<[std::collections::hash_map::RandomState; 2]> = OnceLock::new();
     let keys = KEYS.get_or_init(Default::default);
     let hash = |k: &std::collections::hash_map::RandomState| {
         let mut h = k.build_hasher();
         h.write_usize(bytes.len());
         h.write(bytes);
+        h.write(settings.as_bytes());
         h.finish()
     };
     (u128::from(hash(&keys[0])) << 64) | u128::from(hash(&keys[1]))
 }
 
-/// An image's features as the vision encoder and connector produced them, with its tile layout.
+/// An image's features as its family's encoder produced them, with its layout.
 pub struct CachedImage {
-    pub rows: usize,
-    pub cols: usize,
-    pub num_tiles: usize,
-    pub tile_height: usize,
-    pub tile_width: usize,
+    pub layout: crate::model::family::ImageLayout,
     /// `(image tokens, hidden)`.
     pub features: Tensor,
 }

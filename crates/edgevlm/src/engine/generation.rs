@@ -68,7 +68,7 @@ impl Engine {
         let max_tokens = self.completion_budget(&prepared, settings)?;
         let sampler = Sampler::new(settings.sampling.clone())?;
         // Where each image's tokens start, and the images the reuse cache can tell apart.
-        let image_token = self.model.idefics3().map(|m| m.cfg.image_token_id);
+        let image_token = self.model.vision().map(|m| m.image_token_id());
         let positions: Vec<usize> = match image_token {
             Some(t) => (0..n_prompt).filter(|&i| prepared.ids[i] == t).collect(),
             None => Vec::new(),
@@ -77,7 +77,7 @@ impl Engine {
         let mut c = 0;
         for img in &prepared.images {
             first_positions.push(positions.get(c).copied().unwrap_or(n_prompt));
-            c += img.num_tiles * self.image_cfg.as_ref().map_or(0, |cfg| cfg.image_seq_len);
+            c += img.layout.tokens;
         }
         let mut keyed = Vec::new();
         let mut reusable = n_prompt;
@@ -95,7 +95,7 @@ impl Engine {
         };
         let timings = Timings {
             image_preprocess_ms: prepared.preprocess_ms,
-            image_tiles: prepared.images.iter().map(|i| i.num_tiles).sum(),
+            image_tiles: prepared.images.iter().map(|i| i.layout.units).sum(),
             prompt_tokens: n_prompt,
             reused_prompt_tokens: reused,
             ..Default::default()
@@ -108,6 +108,7 @@ impl Engine {
             sampler,
             features: vec![None; n_images],
             tiles: Vec::new(),
+            units_done: 0,
             positions,
             keyed,
             reusable,
@@ -129,6 +130,7 @@ impl Engine {
         let mut tokens = Vec::with_capacity(generations.len());
         let mut caches = Vec::with_capacity(generations.len());
         let mut rows = Vec::with_capacity(generations.len());
+        let mut positions = Vec::with_capacity(generations.len());
         for (i, g) in generations.iter_mut().enumerate() {
             if !std::ptr::eq(g.engine, self) {
                 return Err(Error::ModelInput(
@@ -137,6 +139,7 @@ impl Engine {
             }
             if let Some(t) = g.unfed {
                 tokens.push(t);
+                positions.push(g.next_position());
                 caches.push(&mut g.cache);
                 rows.push(i);
             }
@@ -144,7 +147,6 @@ impl Engine {
         if tokens.is_empty() {
             return Ok(());
         }
-        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
         let logits = self
             .model
             .text()
@@ -196,8 +198,9 @@ pub struct Starting<'e> {
     sampler: Sampler,
     /// Each image's features, once known.
     features: Vec<Option<Tensor>>,
-    /// The encoded tiles of the image being encoded.
+    /// The encoded units (tiles) of the image being encoded, and how many units they hold.
     tiles: Vec<Tensor>,
+    units_done: usize,
     /// Positions of the prompt's image tokens.
     positions: Vec<usize>,
     /// (first image-token position, key) of the images the reuse cache can identify.
@@ -223,11 +226,10 @@ impl<'e> Starting<'e> {
             return Ok(true);
         }
         let engine = self.engine;
-        let seq_len = engine.image_cfg.as_ref().map_or(0, |c| c.image_seq_len);
         // Images with tokens at or after the first position to compute, not yet encoded.
         let mut first_token = 0;
         for i in 0..self.prepared.images.len() {
-            let n = self.prepared.images[i].num_tiles * seq_len;
+            let n = self.prepared.images[i].layout.tokens;
             let last = self
                 .positions
                 .get(first_token + n - 1)
@@ -255,8 +257,9 @@ impl<'e> Starting<'e> {
         // the start would: the attention scores of a chunk are `chunk × context` instead of
         // `prompt × prompt`, which bounds the memory of long (image) prompts.
         let len = PREFILL_CHUNK.min(n_prompt - self.pos);
-        let l = engine.model.text().forward(
+        let l = engine.model.text().forward_at(
             &embeds.narrow(1, self.pos - self.reused, len)?,
+            self.prepared.rotary(self.pos),
             &mut self.cache,
             false,
         )?;
@@ -277,33 +280,20 @@ impl<'e> Starting<'e> {
             self.features[i] = Some(c.features.clone());
             return Ok(());
         }
-        let (model, _) = engine.vision()?;
+        let vision = engine.vision()?;
         let img = &self.prepared.images[i];
-        let tile = img.height * img.width * 3;
-        let done = self.tiles.len();
-        let n = engine.opts.vision_batch.max(1).min(img.num_tiles - done);
-        let px = Tensor::from_slice(
-            &img.pixel_values[done * tile..(done + n) * tile],
-            (n, 3, img.height, img.width),
-            model.device(),
-        )?;
-        // One tile at a time is what `Idefics3::encode_images` does with a batch of one, so the
-        // features are those of the image encoded whole.
-        for t in 0..n {
-            self.tiles
-                .push(model.encode_images(&px.narrow(0, t, 1)?, None, 1)?);
-        }
-        if self.tiles.len() == img.num_tiles {
+        let done = self.units_done;
+        let n = engine.opts.vision_batch.max(1).min(img.layout.units - done);
+        self.tiles.push(vision.encode(img, done..done + n)?);
+        self.units_done += n;
+        if self.units_done == img.layout.units {
+            self.units_done = 0;
             let features = Tensor::cat(&std::mem::take(&mut self.tiles), 0)?;
             if let Some(Some(key)) = self.prepared.image_keys.get(i) {
                 engine.reuse.insert_image(
                     *key,
                     CachedImage {
-                        rows: img.rows,
-                        cols: img.cols,
-                        num_tiles: img.num_tiles,
-                        tile_height: img.height,
-                        tile_width: img.width,
+                        layout: img.layout,
                         features: features.clone(),
                     },
                 );
@@ -323,15 +313,10 @@ impl<'e> Starting<'e> {
             .iter()
             .take_while(|&&p| p < self.reused)
             .count();
-        let seq_len = self
-            .engine
-            .image_cfg
-            .as_ref()
-            .map_or(0, |c| c.image_seq_len);
         let mut rows = Vec::new();
         let mut seen = 0;
         for (img, f) in self.prepared.images.iter().zip(&self.features) {
-            let n = img.num_tiles * seq_len;
+            let n = img.layout.tokens;
             let from = skip.saturating_sub(seen).min(n);
             seen += n;
             if from == n {
@@ -365,8 +350,10 @@ impl<'e> Starting<'e> {
             .reuse
             .insert_prefix(&ids[..self.reusable], &self.keyed, &self.cache)?;
         let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let position_delta = self.prepared.position_delta();
         Ok(Generation {
             engine,
+            position_delta,
             text: TextAssembler::new(&self.settings.stop),
             settings: self.settings,
             cache: self.cache,
@@ -407,6 +394,9 @@ pub struct GenerationOutput {
 pub struct Generation<'e> {
     engine: &'e Engine,
     settings: GenerationSettings,
+    /// Offset of each new token's rotary position from its cache slot (Qwen2-VL: an image spans
+    /// fewer positions than tokens).
+    position_delta: i64,
     cache: KvCache,
     sampler: Sampler,
     /// Prompt and answer ids (the repetition penalty's context).
@@ -489,10 +479,16 @@ impl Generation<'_> {
         };
         let decoder = self.engine.model.text();
         let emb = decoder.embed(&[token])?.unsqueeze(0)?;
-        let logits = decoder.forward(&emb, &mut self.cache, false)?;
+        let position = self.next_position();
+        let logits = decoder.forward_at(&emb, Positions::From(position), &mut self.cache, false)?;
         self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
         self.unfed = None;
         Ok(())
+    }
+
+    /// The rotary position of the next token fed.
+    fn next_position(&self) -> usize {
+        (self.cache.len() as i64 + self.position_delta).max(0) as usize
     }
 
     /// Sample a token from the current logits and advance the answer text.

@@ -8,14 +8,17 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::config::{eos_token_ids, Idefics3Config};
+use crate::config::eos_token_ids;
 use crate::error::{Error, Result};
-use crate::image::{self, ImageProcessorConfig, ProcessedImage, IMAGE_PLACEHOLDER};
+use crate::image;
 use crate::limits::Limits;
+use crate::model::family::{
+    self, EncoderInput, FamilyFiles, ImageLayout, ImageOptions, PromptPositions,
+    VisionLanguageModel,
+};
 use crate::model::nn::{CheckpointQuant, LoadOptions, Weights};
 use crate::model::text::TextModel;
-use crate::model::vision::patch_mask_from_pixels;
-use crate::model::{Idefics3, KvCache};
+use crate::model::{KvCache, Positions};
 use crate::openai::*;
 use crate::prompt::{random_u64, PromptText};
 use crate::quant::QuantSpec;
@@ -111,8 +114,12 @@ impl DeviceKind {
 pub struct EngineOptions {
     pub precision: Precision,
     pub device: DeviceKind,
-    /// Split large images into tiles plus a global view (the processor's default).
+    /// Split large images into tiles plus a global view (SmolVLM; `None`: the processor's default).
     pub image_splitting: Option<bool>,
+    /// Pixel budget of a resized image (Qwen2-VL; `None`: the processor's `min_pixels` /
+    /// `max_pixels`). A smaller `max_pixels` is the fast mode: fewer image tokens.
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
     /// Tiles encoded per vision forward pass (bounds activation memory). Default 1: on the 2-thread
     /// AMX machine measured, as fast as 2 (408 / 413 ms per tile, 3 alternating runs) with 59 MB
     /// less peak RSS; the encoder attention splits heads' queries across threads when a pass has
@@ -158,6 +165,8 @@ impl Default for EngineOptions {
             precision: Precision::F32,
             device: DeviceKind::Cpu,
             image_splitting: None,
+            min_pixels: None,
+            max_pixels: None,
             vision_batch: 1,
             quantize: None,
             skip_vision: false,
@@ -217,13 +226,31 @@ pub struct PreparedPrompt {
     /// The prompt text with images expanded (message text marked where it spells special tokens).
     pub text: PromptText,
     pub ids: Vec<u32>,
-    /// Each image's tiles (no pixels where its features come from the reuse cache).
-    pub images: Vec<ProcessedImage>,
+    /// Each image as its family's encoder reads it (no pixels where its features come from the
+    /// reuse cache).
+    pub images: Vec<EncoderInput>,
+    /// Rotary positions of the prompt where they are not `0..ids.len()` (Qwen2-VL's image tokens).
+    pub positions: Option<Arc<PromptPositions>>,
     /// Each image's key in the reuse cache (`None` for images given already decoded).
     pub image_keys: Vec<Option<ImageKey>>,
     /// Each image's features, where the reuse cache held them.
     pub cached_images: Vec<Option<Arc<CachedImage>>>,
     pub preprocess_ms: f64,
+}
+
+impl PreparedPrompt {
+    /// Rotary positions of the prompt tokens from `start` on.
+    pub fn rotary(&self, start: usize) -> Positions<'_> {
+        match &self.positions {
+            Some(p) => Positions::Multi(&p.positions[start.min(p.positions.len())..]),
+            None => Positions::From(start),
+        }
+    }
+
+    /// Offset of generated tokens' rotary positions from their cache slot.
+    pub fn position_delta(&self) -> i64 {
+        self.positions.as_ref().map_or(0, |p| p.delta)
+    }
 }
 
 /// An image on its way into a prompt.
@@ -245,34 +272,34 @@ pub struct GenerationSettings {
     pub stop_at_eos: bool,
 }
 
-/// The loaded network: a vision-language model, or a text-only chat model (GGUF).
+/// The loaded network: a vision-language model of some family, or a text-only chat model (GGUF).
 pub enum Model {
-    Idefics3(Box<Idefics3>),
-    Llama(Box<TextModel>),
+    Vision(Box<dyn VisionLanguageModel>),
+    Text(Box<TextModel>),
 }
 
 impl Model {
     /// The text decoder.
     pub fn text(&self) -> &TextModel {
         match self {
-            Model::Idefics3(m) => &m.text,
-            Model::Llama(m) => m,
+            Model::Vision(m) => m.text(),
+            Model::Text(m) => m,
         }
     }
 
     /// The vision-language model, where this is one.
-    pub fn idefics3(&self) -> Option<&Idefics3> {
+    pub fn vision(&self) -> Option<&dyn VisionLanguageModel> {
         match self {
-            Model::Idefics3(m) => Some(m),
-            Model::Llama(_) => None,
+            Model::Vision(m) => Some(m.as_ref()),
+            Model::Text(_) => None,
         }
     }
 
-    /// Input embeddings `(1, n, hidden)` of a prompt, with image features in place of `<image>` tokens.
+    /// Input embeddings `(1, n, hidden)` of a prompt, with image features in place of image tokens.
     pub fn embed_prompt(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         match self {
-            Model::Idefics3(m) => m.merge_embeddings(ids, image_features),
-            Model::Llama(m) => Ok(m.embed(ids)?.unsqueeze(0)?),
+            Model::Vision(m) => m.embed_prompt(ids, image_features),
+            Model::Text(m) => Ok(m.embed(ids)?.unsqueeze(0)?),
         }
     }
 }
@@ -281,8 +308,6 @@ pub struct Engine {
     model: Model,
     tokenizer: Tokenizer,
     template: ChatTemplate,
-    /// Image processor settings; None for a text-only model.
-    image_cfg: Option<ImageProcessorConfig>,
     eos_ids: Vec<u32>,
     name: String,
     opts: EngineOptions,
@@ -398,10 +423,9 @@ impl Engine {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
         Ok(Self {
-            model: Model::Llama(Box::new(model)),
+            model: Model::Text(Box::new(model)),
             tokenizer,
             template,
-            image_cfg: None,
             eos_ids,
             name,
             opts,
@@ -421,12 +445,9 @@ impl Engine {
         let config_path = dir.join("config.json");
         let cfg_text =
             std::fs::read_to_string(&config_path).map_err(|e| Error::file(&config_path, e))?;
-        let cfg = Idefics3Config::from_json_str(&cfg_text).map_err(|e| match e {
-            Error::Config(m) | Error::Unsupported(m) => Error::file(&config_path, m),
-            other => other,
-        })?;
+        let cfg_json: Value = serde_json::from_str(&cfg_text)
+            .map_err(|e| Error::file(&config_path, format!("not valid JSON: {e}")))?;
         opts.limits.validate()?;
-        let cfg_json: Value = serde_json::from_str(&cfg_text).unwrap_or(Value::Null);
 
         // Everything small first (tokenizer, template, processor and generation settings), so that a
         // missing or broken file is reported before the weights load.
@@ -448,20 +469,20 @@ impl Engine {
                 .cloned()
                 .unwrap_or(Value::Null),
         };
-        let tokens_per_tile = cfg.image_tokens_per_tile();
-        let seq_len = proc_cfg
-            .as_ref()
-            .and_then(|v| v.get("image_seq_len"))
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-            .unwrap_or(tokens_per_tile);
-        if seq_len != tokens_per_tile {
-            return Err(Error::file(
-                dir.join("processor_config.json"),
-                format!("image_seq_len {seq_len} does not match the model's {tokens_per_tile} tokens per tile"),
-            ));
-        }
-        let image_cfg = ImageProcessorConfig::from_values(&pre, Some(seq_len))?;
+        // The family, chosen by config.json's architecture, checks its files before any weight.
+        let setup = family::setup(&FamilyFiles {
+            config: &cfg_json,
+            preprocessor: &pre,
+            processor: proc_cfg.as_ref(),
+            tokenizer: &tokenizer,
+        })
+        .map_err(|e| match e {
+            Error::Config(m) | Error::Unsupported(m) => Error::file(
+                dir,
+                format!("{m} (config.json / preprocessor_config.json / processor_config.json)"),
+            ),
+            other => other,
+        })?;
 
         let gen_defaults =
             read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
@@ -478,13 +499,6 @@ impl Engine {
         eos_ids.sort_unstable();
         eos_ids.dedup();
 
-        if tokenizer.token_to_id(IMAGE_PLACEHOLDER) != Some(cfg.image_token_id) {
-            return Err(Error::Tokenizer(format!(
-                "<image> is not token {} in tokenizer.json, as config.json's image_token_id says",
-                cfg.image_token_id
-            )));
-        }
-
         let device = opts.open_device()?;
         let store = WeightStore::open_dir(dir)?;
         let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
@@ -497,14 +511,13 @@ impl Engine {
             load_opts.quantize = Some(spec);
             load_opts.skip_vision = opts.skip_vision;
         }
-        let model = Idefics3::load(&Weights::new(&store, &load_opts), &cfg)?;
+        let model = setup.load(&Weights::new(&store, &load_opts))?;
         drop(store);
         return_freed_memory();
         Ok(Self {
-            model: Model::Idefics3(Box::new(model)),
+            model: Model::Vision(model),
             tokenizer,
             template,
-            image_cfg: Some(image_cfg),
             eos_ids,
             name: name.to_string(),
             opts,
@@ -526,9 +539,17 @@ impl Engine {
     pub fn template(&self) -> &ChatTemplate {
         &self.template
     }
-    /// The image processor settings; None for a text-only model.
-    pub fn image_config(&self) -> Option<&ImageProcessorConfig> {
-        self.image_cfg.as_ref()
+    /// Whether the model takes images.
+    pub fn takes_images(&self) -> bool {
+        self.model.vision().is_some()
+    }
+    /// The image choices of the engine's options, for its family's processor.
+    pub fn image_options(&self) -> ImageOptions {
+        ImageOptions {
+            splitting: self.opts.image_splitting,
+            min_pixels: self.opts.min_pixels,
+            max_pixels: self.opts.max_pixels,
+        }
     }
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
@@ -537,18 +558,13 @@ impl Engine {
         self.model.text().config().max_position_embeddings
     }
 
-    fn splitting(&self, cfg: &ImageProcessorConfig) -> bool {
-        self.opts.image_splitting.unwrap_or(cfg.do_image_splitting)
-    }
-
-    fn vision(&self) -> Result<(&Idefics3, &ImageProcessorConfig)> {
-        match (self.model.idefics3(), &self.image_cfg) {
-            (Some(m), Some(c)) => Ok((m, c)),
-            _ => Err(Error::Request(format!(
+    fn vision(&self) -> Result<&dyn VisionLanguageModel> {
+        self.model.vision().ok_or_else(|| {
+            Error::Request(format!(
                 "model `{}` is text-only and takes no images",
                 self.name
-            ))),
-        }
+            ))
+        })
     }
 
     /// Messages in the template's shape, plus the image references in prompt order
@@ -565,8 +581,9 @@ impl Engine {
     }
 
     fn render_messages(&self, messages: &[TemplateMessage]) -> Result<PromptText> {
+        let placeholder = self.model.vision().map(|v| v.placeholder());
         self.template.render_prompt(messages, true, |text| {
-            text.contains(IMAGE_PLACEHOLDER) || self.tokenizer.spells_special(text)
+            placeholder.is_some_and(|p| text.contains(p)) || self.tokenizer.spells_special(text)
         })
     }
 
@@ -580,39 +597,35 @@ impl Engine {
             .iter()
             .map(|i| ImageInput::Decoded(i, None))
             .collect();
-        self.prepare_inputs(prompt, inputs)
+        self.prepare_inputs(prompt, inputs, &self.image_options())
     }
 
     fn prepare_inputs(
         &self,
         prompt: &PromptText,
         inputs: Vec<ImageInput>,
+        options: &ImageOptions,
     ) -> Result<PreparedPrompt> {
         let t0 = Instant::now();
-        if inputs.is_empty() && self.image_cfg.is_none() {
+        let Some(vision) = self.model.vision() else {
+            if !inputs.is_empty() {
+                self.vision()?;
+            }
             let ids = self.tokenizer.encode_prompt(prompt)?;
             return Ok(PreparedPrompt {
                 text: prompt.clone(),
                 ids,
                 ..Default::default()
             });
-        }
-        let (_, cfg) = self.vision()?;
-        let split = self.splitting(cfg);
+        };
         let mut p = PreparedPrompt::default();
         for input in inputs {
             let (processed, key, cached) = match input {
-                ImageInput::Decoded(img, key) => {
-                    (image::process_image(img, cfg, split)?, key, None)
-                }
+                ImageInput::Decoded(img, key) => (vision.process_image(img, options)?, key, None),
                 ImageInput::Cached(key, c) => (
-                    ProcessedImage {
+                    EncoderInput {
                         pixel_values: Vec::new(),
-                        num_tiles: c.num_tiles,
-                        height: c.tile_height,
-                        width: c.tile_width,
-                        rows: c.rows,
-                        cols: c.cols,
+                        layout: c.layout,
                     },
                     Some(key),
                     Some(c),
@@ -623,8 +636,10 @@ impl Engine {
             p.cached_images.push(cached);
         }
         p.preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
-        p.text = image::expand_image_tokens(prompt, &p.images, cfg.image_seq_len)?;
+        let layouts: Vec<ImageLayout> = p.images.iter().map(|i| i.layout).collect();
+        p.text = vision.expand_prompt(prompt, &layouts)?;
         p.ids = self.tokenizer.encode_prompt(&p.text)?;
+        p.positions = vision.prompt_positions(&p.ids, &layouts)?.map(Arc::new);
         Ok(p)
     }
 
@@ -638,11 +653,15 @@ impl Engine {
         }
         self.opts.limits.check_image_count(refs.len())?;
         let prompt = self.render_messages(&messages)?;
+        let mut options = self.image_options();
+        options.min_pixels = req.min_pixels.or(options.min_pixels);
+        options.max_pixels = req.max_pixels.or(options.max_pixels);
         let t0 = Instant::now();
         let mut decoded = Vec::with_capacity(refs.len());
         for r in &refs {
             let (bytes, source) = image::read_image_ref(r, &self.opts.limits)?;
-            let key = cache::image_key(&bytes);
+            // Features depend on the image and on how it is resized.
+            let key = cache::image_key(&bytes, &format!("{options:?}"));
             decoded.push(match self.reuse.image(key) {
                 Some(c) => Err((key, c)),
                 None => Ok((
@@ -659,7 +678,7 @@ impl Engine {
                 Err((key, c)) => ImageInput::Cached(*key, c.clone()),
             })
             .collect();
-        let mut p = self.prepare_inputs(&prompt, inputs)?;
+        let mut p = self.prepare_inputs(&prompt, inputs, &options)?;
         p.preprocess_ms += decode_ms;
         Ok(p)
     }
@@ -670,49 +689,16 @@ impl Engine {
     }
 
     /// Image features for all images of a prompt, `(image tokens, hidden)`, or None without images.
-    pub fn encode_images(&self, images: &[ProcessedImage]) -> Result<Option<Tensor>> {
+    pub fn encode_images(&self, images: &[EncoderInput]) -> Result<Option<Tensor>> {
         if images.is_empty() {
             return Ok(None);
         }
-        let (model, _) = self.vision()?;
-        let device = model.device();
-        let mut tiles = Vec::with_capacity(images.len());
-        for img in images {
-            let t = Tensor::from_slice(
-                &img.pixel_values,
-                (img.num_tiles, 3, img.height, img.width),
-                device,
-            )?;
-            tiles.push(t);
-        }
-        // Tiles of different images may differ in size only when settings differ; pad to the largest as
-        // HF does, with the pixel mask marking the padding.
-        let max_h = images.iter().map(|i| i.height).max().unwrap_or(0);
-        let max_w = images.iter().map(|i| i.width).max().unwrap_or(0);
-        let uniform = images.iter().all(|i| i.height == max_h && i.width == max_w);
-        let (pixels, masks) = if uniform {
-            (Tensor::cat(&tiles, 0)?, None)
-        } else {
-            let mut padded = Vec::with_capacity(tiles.len());
-            let mut masks = Vec::new();
-            for (t, img) in tiles.iter().zip(images) {
-                let t = t.pad_with_zeros(2, 0, max_h - img.height)?.pad_with_zeros(
-                    3,
-                    0,
-                    max_w - img.width,
-                )?;
-                padded.push(t);
-                let mut m = vec![0u8; max_h * max_w];
-                for y in 0..img.height {
-                    m[y * max_w..y * max_w + img.width].fill(1);
-                }
-                let pm = patch_mask_from_pixels(&m, max_h, max_w, model.cfg.vision.patch_size);
-                masks.extend(std::iter::repeat_n(pm, img.num_tiles));
-            }
-            (Tensor::cat(&padded, 0)?, Some(masks))
-        };
-        let feats = model.encode_images(&pixels, masks.as_deref(), self.opts.vision_batch)?;
-        Ok(Some(feats))
+        let vision = self.vision()?;
+        let feats = images
+            .iter()
+            .map(|img| vision.encode(img, 0..img.layout.units))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&feats, 0)?))
     }
 
     /// A KV cache for `capacity` positions, in the type the options ask for.
@@ -731,7 +717,7 @@ impl Engine {
         let embeds = self.model.embed_prompt(&prepared.ids, feats.as_ref())?;
         let text = self.model.text();
         let mut cache = self.new_cache(prepared.ids.len());
-        text.forward(&embeds, &mut cache, all_positions)
+        text.forward_at(&embeds, prepared.rotary(0), &mut cache, all_positions)
     }
 
     /// Logits `(positions, vocab)` of text tokens fed one at a time, as generation feeds what it

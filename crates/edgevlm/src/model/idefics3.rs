@@ -1,13 +1,23 @@
 //! `Idefics3ForConditionalGeneration` (SmolVLM): vision encoder → pixel-shuffle connector → Llama decoder,
 //! with image features written over the `<image>` token embeddings.
 
-use candle_core::{Device, Tensor};
+use std::any::Any;
+use std::ops::Range;
 
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use super::family::{
+    EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, VisionLanguageModel,
+};
 use super::nn::{LoadOptions, Weights};
 use super::text::TextModel;
 use super::vision::{Connector, VisionTransformer};
 use crate::config::Idefics3Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::image::resample::Image8;
+use crate::image::{self, ImageProcessorConfig, IMAGE_PLACEHOLDER};
+use crate::prompt::PromptText;
 
 pub struct Idefics3 {
     pub vision: VisionTransformer,
@@ -96,5 +106,119 @@ impl Idefics3 {
     /// `image_features` (one row per `<image>` token).
     pub fn merge_embeddings(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         super::scatter_image_features(&self.text, ids, self.cfg.image_token_id, image_features)
+    }
+}
+
+/// SmolVLM as the engine drives it: the model and its image processor settings.
+pub struct Idefics3Vlm {
+    pub model: Idefics3,
+    pub image: ImageProcessorConfig,
+}
+
+struct Idefics3Setup {
+    cfg: Idefics3Config,
+    image: ImageProcessorConfig,
+}
+
+/// Check SmolVLM's small files: the config, the processor settings (whose `image_seq_len` must be
+/// the model's tokens per tile) and the tokenizer's `<image>` id.
+pub(super) fn setup(files: &FamilyFiles) -> Result<Box<dyn FamilySetup>> {
+    let cfg = Idefics3Config::from_value(files.config)?;
+    let per_tile = cfg.image_tokens_per_tile();
+    let seq_len = files
+        .processor
+        .and_then(|v| v.get("image_seq_len"))
+        .and_then(Value::as_u64)
+        .map_or(per_tile, |n| n as usize);
+    if seq_len != per_tile {
+        return Err(Error::Config(format!(
+            "processor_config.json: image_seq_len {seq_len} does not match the model's {per_tile} tokens per tile"
+        )));
+    }
+    let image = ImageProcessorConfig::from_values(files.preprocessor, Some(seq_len))?;
+    if files.tokenizer.token_to_id(IMAGE_PLACEHOLDER) != Some(cfg.image_token_id) {
+        return Err(Error::Tokenizer(format!(
+            "<image> is not token {} in tokenizer.json, as config.json's image_token_id says",
+            cfg.image_token_id
+        )));
+    }
+    Ok(Box::new(Idefics3Setup { cfg, image }))
+}
+
+impl FamilySetup for Idefics3Setup {
+    fn load(self: Box<Self>, weights: &Weights) -> Result<Box<dyn VisionLanguageModel>> {
+        Ok(Box::new(Idefics3Vlm {
+            model: Idefics3::load(weights, &self.cfg)?,
+            image: self.image,
+        }))
+    }
+}
+
+impl VisionLanguageModel for Idefics3Vlm {
+    fn text(&self) -> &TextModel {
+        &self.model.text
+    }
+
+    fn image_token_id(&self) -> u32 {
+        self.model.cfg.image_token_id
+    }
+
+    fn placeholder(&self) -> &str {
+        IMAGE_PLACEHOLDER
+    }
+
+    fn process_image(&self, img: &Image8, opts: &ImageOptions) -> Result<EncoderInput> {
+        let split = opts.splitting.unwrap_or(self.image.do_image_splitting);
+        let p = image::process_image(img, &self.image, split)?;
+        Ok(EncoderInput {
+            pixel_values: p.pixel_values,
+            layout: ImageLayout {
+                units: p.num_tiles,
+                tokens: p.num_tiles * self.image.image_seq_len,
+                shape: [p.rows, p.cols, p.height, p.width],
+            },
+        })
+    }
+
+    fn expand_prompt(&self, prompt: &PromptText, images: &[ImageLayout]) -> Result<PromptText> {
+        let expansions: Vec<String> = images
+            .iter()
+            .map(|l| {
+                image::processor::image_prompt_string(
+                    l.shape[0],
+                    l.shape[1],
+                    self.image.image_seq_len,
+                )
+            })
+            .collect();
+        prompt.expand(IMAGE_PLACEHOLDER, &expansions)
+    }
+
+    /// One tile at a time: what [`Idefics3::encode_images`] does with a batch of one, so a tile's
+    /// features do not depend on how many are encoded together.
+    fn encode(&self, image: &EncoderInput, units: Range<usize>) -> Result<Tensor> {
+        let [_, _, h, w] = image.layout.shape;
+        let tile = 3 * h * w;
+        if units.end > image.layout.units || image.pixel_values.len() < units.end * tile {
+            return Err(Error::ModelInput(format!(
+                "tiles {units:?} of an image of {} tiles",
+                image.layout.units
+            )));
+        }
+        let feats = units
+            .map(|t| {
+                let px = Tensor::from_slice(
+                    &image.pixel_values[t * tile..(t + 1) * tile],
+                    (1, 3, h, w),
+                    self.model.device(),
+                )?;
+                self.model.encode_images(&px, None, 1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&feats, 0)?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

@@ -1,5 +1,6 @@
 //! Model definitions: plain structs with `load` and `forward`, free of file and network I/O.
 
+pub mod family;
 pub mod idefics3;
 pub mod kv_cache;
 pub mod nn;

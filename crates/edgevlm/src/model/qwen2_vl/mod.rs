@@ -7,11 +7,23 @@ pub mod config;
 pub mod processor;
 pub mod vision;
 
+use std::any::Any;
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 
+use super::family::{
+    EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, PromptPositions,
+    VisionLanguageModel,
+};
 use super::nn::{LoadOptions, Weights};
 use super::text::TextModel;
 use crate::error::{Error, Result};
+use crate::image::resample::Image8;
+use crate::prompt::PromptText;
+
+/// What the chat template writes where an image goes (inside `<|vision_start|>…<|vision_end|>`).
+pub const IMAGE_PAD: &str = "<|image_pad|>";
 pub use config::{QwenVariant, QwenVisionConfig, QwenVlConfig};
 pub use processor::{process_image, smart_resize, QwenImage, QwenImageConfig};
 pub use vision::QwenVision;
@@ -73,22 +85,17 @@ impl QwenVl {
         grid[0] * grid[1] * grid[2] / (m * m)
     }
 
-    /// Merged image tokens `(tokens, hidden)` of one processed image.
-    pub fn encode_image(&self, image: &QwenImage) -> Result<Tensor> {
-        let n = image.grid.iter().product::<usize>();
-        if n == 0 || !image.pixel_values.len().is_multiple_of(n) {
+    /// Merged image tokens `(tokens, hidden)` of one image's patches (`grid`: t, h, w).
+    pub fn encode_image(&self, pixel_values: &[f32], grid: [usize; 3]) -> Result<Tensor> {
+        let n = grid.iter().product::<usize>();
+        if n == 0 || !pixel_values.len().is_multiple_of(n) {
             return Err(Error::ModelInput(format!(
-                "{} pixel values for a {:?} patch grid",
-                image.pixel_values.len(),
-                image.grid
+                "{} pixel values for a {grid:?} patch grid",
+                pixel_values.len(),
             )));
         }
-        let px = Tensor::from_slice(
-            &image.pixel_values,
-            (n, image.pixel_values.len() / n),
-            &self.device,
-        )?;
-        self.vision.forward(&px, &[image.grid])
+        let px = Tensor::from_slice(pixel_values, (n, pixel_values.len() / n), &self.device)?;
+        self.vision.forward(&px, &[grid])
     }
 
     /// transformers' `get_rope_index` for one prompt: each image's tokens take (t, row, column)
@@ -145,5 +152,112 @@ impl QwenVl {
         }
         let delta = current as i64 - ids.len() as i64;
         Ok((out, delta))
+    }
+}
+
+/// Qwen2-VL / Qwen2.5-VL as the engine drives it: the model and its image processor settings.
+pub struct QwenVlm {
+    pub model: QwenVl,
+    pub image: QwenImageConfig,
+}
+
+struct QwenSetup {
+    cfg: QwenVlConfig,
+    image: QwenImageConfig,
+}
+
+/// Check the small files: config, processor settings, and the tokenizer's `<|image_pad|>` id.
+pub(super) fn setup(files: &FamilyFiles, variant: QwenVariant) -> Result<Box<dyn FamilySetup>> {
+    let cfg = QwenVlConfig::from_value(files.config, variant)?;
+    let image = QwenImageConfig::from_value(files.preprocessor)?;
+    if image.merge_size != cfg.vision.spatial_merge_size
+        || image.patch_size != cfg.vision.patch_size
+        || image.temporal_patch_size != cfg.vision.temporal_patch_size
+    {
+        return Err(Error::Config(format!(
+            "preprocessor_config.json's patches ({} px, merge {}, temporal {}) do not match the vision tower's ({} px, merge {}, temporal {})",
+            image.patch_size,
+            image.merge_size,
+            image.temporal_patch_size,
+            cfg.vision.patch_size,
+            cfg.vision.spatial_merge_size,
+            cfg.vision.temporal_patch_size
+        )));
+    }
+    if files.tokenizer.token_to_id(IMAGE_PAD) != Some(cfg.image_token_id) {
+        return Err(Error::Tokenizer(format!(
+            "{IMAGE_PAD} is not token {} in tokenizer.json, as config.json's image_token_id says",
+            cfg.image_token_id
+        )));
+    }
+    Ok(Box::new(QwenSetup { cfg, image }))
+}
+
+impl FamilySetup for QwenSetup {
+    fn load(self: Box<Self>, weights: &Weights) -> Result<Box<dyn VisionLanguageModel>> {
+        Ok(Box::new(QwenVlm {
+            model: QwenVl::load(weights, &self.cfg)?,
+            image: self.image,
+        }))
+    }
+}
+
+impl VisionLanguageModel for QwenVlm {
+    fn text(&self) -> &TextModel {
+        &self.model.text
+    }
+
+    fn image_token_id(&self) -> u32 {
+        self.model.cfg.image_token_id
+    }
+
+    fn placeholder(&self) -> &str {
+        IMAGE_PAD
+    }
+
+    fn process_image(&self, img: &Image8, opts: &ImageOptions) -> Result<EncoderInput> {
+        let cfg = self.image.with_pixels(opts.min_pixels, opts.max_pixels)?;
+        let p = process_image(img, &cfg)?;
+        let [t, h, w] = p.grid;
+        Ok(EncoderInput {
+            pixel_values: p.pixel_values,
+            layout: ImageLayout {
+                units: 1,
+                tokens: self.model.image_tokens(p.grid),
+                shape: [t, h, w, 0],
+            },
+        })
+    }
+
+    fn expand_prompt(&self, prompt: &PromptText, images: &[ImageLayout]) -> Result<PromptText> {
+        let expansions: Vec<String> = images.iter().map(|l| IMAGE_PAD.repeat(l.tokens)).collect();
+        prompt.expand(IMAGE_PAD, &expansions)
+    }
+
+    fn encode(&self, image: &EncoderInput, units: Range<usize>) -> Result<Tensor> {
+        if units != (0..1) {
+            return Err(Error::ModelInput(format!(
+                "units {units:?} of an image encoded whole"
+            )));
+        }
+        let [t, h, w, _] = image.layout.shape;
+        self.model.encode_image(&image.pixel_values, [t, h, w])
+    }
+
+    fn prompt_positions(
+        &self,
+        ids: &[u32],
+        images: &[ImageLayout],
+    ) -> Result<Option<PromptPositions>> {
+        let grids: Vec<[usize; 3]> = images
+            .iter()
+            .map(|l| [l.shape[0], l.shape[1], l.shape[2]])
+            .collect();
+        let (positions, delta) = self.model.rope_positions(ids, &grids)?;
+        Ok(Some(PromptPositions { positions, delta }))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
