@@ -224,6 +224,10 @@ struct RunArgs {
     /// Stop when this text appears (up to 4).
     #[arg(long = "stop", value_name = "STR")]
     stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens up to --max-tokens (for comparisons and
+    /// benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Return the log-probabilities of the N most likely tokens at each step (implies --json).
     #[arg(long, value_name = "N")]
     logprobs: Option<usize>,
@@ -285,6 +289,9 @@ fn build_request(a: &RunArgs) -> Result<ChatRequest> {
     req.min_p = a.min_p.or(req.min_p);
     req.repetition_penalty = a.repeat_penalty.or(req.repetition_penalty);
     req.seed = a.seed.or(req.seed);
+    if a.ignore_eos {
+        req.ignore_eos = Some(true);
+    }
     if !a.stop.is_empty() {
         req.stop = Some(StopField::Many(a.stop.clone()));
     }
