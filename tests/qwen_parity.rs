@@ -16,7 +16,7 @@ use edgevlm::model::qwen2_vl::{process_image, QwenImageConfig, QwenVariant, Qwen
 use edgevlm::model::{KvCache, Positions};
 use edgevlm::openai::{ChatMessage, ChatRequest, ContentPart, ImageUrl, MessageContent};
 use edgevlm::weights::WeightStore;
-use edgevlm::{Engine, EngineOptions};
+use edgevlm::Engine;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -265,7 +265,7 @@ fn request(messages: &Value, images: &[String], max_tokens: u64) -> ChatRequest 
 
 fn engine(family: &str) -> Engine {
     let dir = qwen_tiny_dir(family, &format!("qwen-engine-{family}"));
-    Engine::load_dir(&dir, family, EngineOptions::default()).expect("load tiny qwen")
+    Engine::load_dir(&dir, family, exact_options()).expect("load tiny qwen")
 }
 
 /// Through the engine, as a user meets it: the real tokenizer and chat template render and
@@ -331,4 +331,71 @@ fn qwen_batched_decoding_equals_alone() {
     let batched = generate_batched(&engine, &requests);
     assert_eq!(alone, batched);
     assert!(alone.iter().all(|t| t.len() == 12));
+}
+
+/// A prompt longer than one prefill chunk (256 positions) runs in chunks, each with its slice of
+/// the multimodal positions: the answer equals a single-pass greedy loop on the model.
+#[test]
+fn qwen_long_image_prompt_in_chunks_equals_one_pass() {
+    let engine = engine("qwen2.5-vl");
+    let mut req = request(
+        &serde_json::json!([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "Describe this image."}]}]),
+        &["large.png".to_string()],
+        8,
+    );
+    // 28x28 pixels per token: about 400 image tokens.
+    req.max_pixels = Some(28 * 28 * 400);
+    let prepared = engine.prepare(&req).unwrap();
+    assert!(
+        prepared.ids.len() > 300,
+        "{} prompt tokens",
+        prepared.ids.len()
+    );
+    let settings = engine.settings(&req).unwrap();
+    let chunked = engine
+        .generate(&prepared, &settings, |_, _| {})
+        .unwrap()
+        .tokens;
+
+    let vlm: &edgevlm::model::qwen2_vl::QwenVlm = engine
+        .model()
+        .vision()
+        .and_then(|v| v.as_any().downcast_ref())
+        .unwrap();
+    let model = &vlm.model;
+    let feats = engine.encode_images(&prepared.images).unwrap();
+    let embeds = edgevlm::model::scatter_image_features(
+        &model.text,
+        &prepared.ids,
+        model.cfg.image_token_id,
+        feats.as_ref(),
+    )
+    .unwrap();
+    let p = prepared.positions.as_ref().unwrap();
+    let mut cache = model.text.new_cache(prepared.ids.len() + 16);
+    let mut logits = model
+        .text
+        .forward_at(&embeds, Positions::Multi(&p.positions), &mut cache, false)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut one_pass = Vec::new();
+    for _ in 0..8 {
+        let next = argmax(&logits);
+        one_pass.push(next);
+        let pos = (cache.len() as i64 + p.delta) as usize;
+        let e = model.text.embed(&[next]).unwrap().unsqueeze(0).unwrap();
+        logits = model
+            .text
+            .forward_at(&e, Positions::From(pos), &mut cache, false)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+    }
+    assert_eq!(chunked, one_pass);
 }

@@ -259,7 +259,7 @@ impl<'e> Starting<'e> {
         let len = PREFILL_CHUNK.min(n_prompt - self.pos);
         let l = engine.model.text().forward_at(
             &embeds.narrow(1, self.pos - self.reused, len)?,
-            self.prepared.rotary(self.pos),
+            self.prepared.rotary(self.pos, len),
             &mut self.cache,
             false,
         )?;

@@ -239,10 +239,13 @@ pub struct PreparedPrompt {
 }
 
 impl PreparedPrompt {
-    /// Rotary positions of the prompt tokens from `start` on.
-    pub fn rotary(&self, start: usize) -> Positions<'_> {
+    /// Rotary positions of the `len` prompt tokens from `start`.
+    pub fn rotary(&self, start: usize, len: usize) -> Positions<'_> {
         match &self.positions {
-            Some(p) => Positions::Multi(&p.positions[start.min(p.positions.len())..]),
+            Some(p) => {
+                let end = (start + len).min(p.positions.len());
+                Positions::Multi(&p.positions[start.min(end)..end])
+            }
             None => Positions::From(start),
         }
     }
@@ -717,7 +720,12 @@ impl Engine {
         let embeds = self.model.embed_prompt(&prepared.ids, feats.as_ref())?;
         let text = self.model.text();
         let mut cache = self.new_cache(prepared.ids.len());
-        text.forward_at(&embeds, prepared.rotary(0), &mut cache, all_positions)
+        text.forward_at(
+            &embeds,
+            prepared.rotary(0, prepared.ids.len()),
+            &mut cache,
+            all_positions,
+        )
     }
 
     /// Logits `(positions, vocab)` of text tokens fed one at a time, as generation feeds what it

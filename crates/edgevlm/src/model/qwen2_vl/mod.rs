@@ -47,15 +47,17 @@ impl QwenVl {
         } else {
             (w.pp("visual"), w.pp("model"))
         };
-        // The vision tower computes in f32 from its checkpoint weights (no bf16 tiles: the SigLIP
-        // tiles are shaped for SmolVLM's encoder).
+        // The vision tower's dense weights stay in the checkpoint's bf16/f16 on the CPU and compute
+        // in f32, or on AMX tiles (inputs rounded to bf16) where the options allow, as SmolVLM's.
+        let cpu = w.opts.device.is_cpu();
         let vision_opts = LoadOptions {
             quantize: if w.opts.skip_vision {
                 None
             } else {
                 w.opts.quantize
             },
-            bf16_tiles: false,
+            half_weights: cpu,
+            bf16_tiles: cpu && w.opts.bf16_tiles,
             ..w.opts.clone()
         };
         let text_opts = LoadOptions {

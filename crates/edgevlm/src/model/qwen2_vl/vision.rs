@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{QwenVariant, QwenVisionConfig};
 use crate::error::{Error, Result};
-use crate::model::nn::{attention, LayerNorm, Linear, RmsNorm, Weights};
+use crate::model::nn::{attention, with_cpu_f32, LayerNorm, Linear, RmsNorm, Weights};
 
 enum Norm {
     Layer(LayerNorm),
@@ -70,6 +70,8 @@ struct Block {
     proj: Linear,
     mlp: Mlp,
     heads: usize,
+    /// AMX tiles for the attention (as for the layer's bf16 products).
+    tiles: bool,
 }
 
 impl Block {
@@ -95,6 +97,7 @@ impl Block {
             proj: Linear::load(&w.pp("attn").pp("proj"), d, d, true)?,
             mlp,
             heads: cfg.num_heads,
+            tiles: w.opts.bf16_tiles,
         })
     }
 
@@ -103,43 +106,111 @@ impl Block {
         let (n, d) = x.dims2()?;
         let hd = d / self.heads;
         let y = self.norm1.forward(x)?;
-        // (n, 3, heads, hd) -> three (1, heads, n, hd), rotated in f32.
-        let qkv = self.qkv.forward(&y)?.reshape((n, 3, self.heads, hd))?;
-        let part = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(1, i, 1)?
-                .squeeze(1)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .unsqueeze(0)?)
-        };
+        // Rows of `[q | k | v]`, each `heads × hd`; q and k rotated in that row layout.
+        let qkv = self.qkv.forward(&y)?.reshape((1, n, 3 * self.heads, hd))?;
         let (cos, sin) = rope;
-        let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
-        let v = part(2)?;
+        let rotate = |i: usize| -> Result<Tensor> {
+            let part = qkv.narrow(2, i * self.heads, self.heads)?.contiguous()?;
+            Ok(candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((n, d))?)
+        };
+        let (q, k) = (rotate(0)?, rotate(1)?);
+        let v = qkv.narrow(2, 2 * self.heads, self.heads)?.reshape((n, d))?;
         let scale = (hd as f64).powf(-0.5);
-        let mut outs = Vec::with_capacity(bounds.len());
-        for span in bounds.windows(2) {
-            let (a, len) = (span[0], span[1] - span[0]);
-            if len == 0 {
-                continue;
+        let o = match self.attend_cpu(&q, &k, &v, bounds, scale as f32)? {
+            Some(o) => o,
+            None => {
+                // Any device or type: per span, heads split out.
+                let split = |t: &Tensor, a: usize, len: usize| -> Result<Tensor> {
+                    Ok(t.narrow(0, a, len)?
+                        .reshape((len, self.heads, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()?
+                        .unsqueeze(0)?)
+                };
+                let mut outs = Vec::with_capacity(bounds.len());
+                for span in bounds.windows(2) {
+                    let (a, len) = (span[0], span[1] - span[0]);
+                    if len == 0 {
+                        continue;
+                    }
+                    let o = attention(
+                        &split(&q, a, len)?,
+                        &split(&k, a, len)?,
+                        &split(&v, a, len)?,
+                        scale,
+                        None,
+                    )?;
+                    outs.push(o.squeeze(0)?.transpose(0, 1)?.reshape((len, d))?);
+                }
+                Tensor::cat(&outs, 0)?
             }
-            let o = attention(
-                &q.narrow(2, a, len)?,
-                &k.narrow(2, a, len)?,
-                &v.narrow(2, a, len)?,
-                scale,
-                None,
-            )?;
-            outs.push(o);
-        }
-        let o = Tensor::cat(&outs, 2)?
-            .squeeze(0)?
-            .transpose(0, 1)?
-            .reshape((n, d))?;
+        };
         let x = (x + self.proj.forward(&o)?)?;
         let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
         Ok((x + y)?)
+    }
+
+    /// Attention of each span through the encoder attention kernel, read in place from the
+    /// `(n, heads·hd)` rows, for f32 on the CPU (AMX tiles where the layer's inputs are rounded to
+    /// bf16 anyway); `None` elsewhere.
+    fn attend_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bounds: &[usize],
+        scale: f32,
+    ) -> Result<Option<Tensor>> {
+        use crate::kernels::encoder_attention::{
+            encoder_attention, EncoderAttention, EncoderAttentionShape, StridedRows,
+        };
+        let (n, d) = q.dims2()?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let out = with_cpu_f32(&q, |qs| {
+            with_cpu_f32(&k, |ks| {
+                with_cpu_f32(&v, |vs| {
+                    let mut out = vec![0f32; n * d];
+                    for span in bounds.windows(2) {
+                        let (a, len) = (span[0], span[1] - span[0]);
+                        if len == 0 || span[1] > n {
+                            continue;
+                        }
+                        let rows = |data| StridedRows {
+                            data,
+                            offset: a * d,
+                            stride: d,
+                        };
+                        let attention = EncoderAttention {
+                            q: rows(qs),
+                            k: rows(ks),
+                            v: rows(vs),
+                            shape: EncoderAttentionShape {
+                                batch: 1,
+                                seq: len,
+                                heads: self.heads,
+                                head_dim: d / self.heads,
+                            },
+                            scale,
+                            key_bias: None,
+                        };
+                        encoder_attention(&attention, self.tiles, &mut out[a * d..span[1] * d]);
+                    }
+                    out
+                })
+            })
+        })?;
+        // Three nested reads: each level is `None` where its tensor is not f32 on the CPU.
+        let out = match out {
+            Some(inner) => match inner? {
+                Some(innermost) => innermost?,
+                None => None,
+            },
+            None => None,
+        };
+        match out {
+            Some(o) => Ok(Some(Tensor::from_vec(o, (n, d), q.device())?)),
+            None => Ok(None),
+        }
     }
 }
 
