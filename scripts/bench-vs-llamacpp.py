@@ -30,6 +30,10 @@ are timed once per round from a cold start: vision ms per tile (llama.cpp: the m
 per-tile "batch encoding done" times), time to first token (image encoding plus the prompt pass),
 decode tokens/s after the image prompt, peak RSS. llama.cpp's last two are timed on its streamed
 output (see `llama_mtmd`).
+
+Qwen2.5-VL (`--models qwen2.5-vl`): the same, on the full-size random-weight Qwen2.5-VL-3B
+(scripts/compare_qwen_full_size.py builds it, ~7.5 GB) and a 1024x768 image (one image of 999 tokens
+at the default pixel budget); llama.cpp's "batch encoding done" time is its whole image.
 """
 
 import argparse
@@ -142,15 +146,27 @@ def write_png(path, width, height):
     Path(path).write_bytes(png)
 
 
-def ensure_smolvlm(bin_dir, text_quant):
-    """The random full-size SmolVLM-256M folder, and llama.cpp's conversion of it: (folder, text GGUF,
-    mmproj GGUF)."""
+# The vision-language models compared: the random full-size folder (its builder script and cache
+# variable), llama.cpp's conversion folder, and the test image size.
+VLMS = {
+    "smolvlm": dict(folder="smolvlm-256m-random", env="EDGEVLM_FULL_MODEL", builder="compare_full_size",
+                    lcpp="smolvlm-256m-random-lcpp", image=(512, 384), name="SmolVLM-256M"),
+    "qwen2.5-vl": dict(folder="qwen2.5-vl-3b-random", env="EDGEVLM_QWEN_FULL_MODEL",
+                       builder="compare_qwen_full_size", lcpp="qwen2.5-vl-3b-random-lcpp",
+                       image=(1024, 768), name="Qwen2.5-VL-3B"),
+}
+
+
+def ensure_vlm(bin_dir, which, text_quant):
+    """The random full-size model folder, and llama.cpp's conversion of it: (folder, text GGUF,
+    mmproj GGUF, image)."""
+    spec = VLMS[which]
     py = venv_python()
-    model = Path(os.environ.get("EDGEVLM_FULL_MODEL", CACHE / "smolvlm-256m-random"))
-    if not (model / "model.safetensors").exists():
-        sh([py, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import compare_full_size as c; "
+    model = Path(os.environ.get(spec["env"], CACHE / spec["folder"]))
+    if not any(model.glob("model*.safetensors")):
+        sh([py, "-c", f"import sys; sys.path.insert(0, sys.argv[1]); import {spec['builder']} as c; "
             "c.build_model()", ROOT / "scripts"])
-    out = CACHE / "smolvlm-256m-random-lcpp"
+    out = CACHE / spec["lcpp"]
     out.mkdir(exist_ok=True)
     convert = CACHE / "llama.cpp-0.3.36" / "src" / "convert_hf_to_gguf.py"
     text_f16, mmproj = out / "text-f16.gguf", out / "mmproj-f16.gguf"
@@ -161,9 +177,10 @@ def ensure_smolvlm(bin_dir, text_quant):
     text = out / f"text-{text_quant}.gguf"
     if not text.exists():
         sh([bin_dir / "llama-quantize", text_f16, text, text_quant])
-    image = out / "image-512x384.png"
+    w, h = spec["image"]
+    image = out / f"image-{w}x{h}.png"
     if not image.exists():
-        write_png(image, 512, 384)
+        write_png(image, w, h)
     return model, text, mmproj, image
 
 
@@ -230,8 +247,8 @@ def edgevlm_vlm(binary, model, image, a):
     }
 
 
-VLM_METRICS = [("vision_ms_per_tile", "vision ms per 512x512 tile"),
-               ("ttft_ms", "time to first token ms (13 tiles + prompt)"),
+VLM_METRICS = [("vision_ms_per_tile", "vision ms per tile (SmolVLM: 512x512; Qwen: the whole image)"),
+               ("ttft_ms", "time to first token ms (image + prompt)"),
                ("decode_tokens_per_s", "decode tokens/s after the image prompt"),
                ("peak_rss_mb", "peak RSS MB")]
 
@@ -270,14 +287,15 @@ def main():
     files = ensure_models(bin_dir, a.quants.split(",")) if "smollm2" in models else {}
 
     results = {}
-    vlm = None
-    if "smolvlm" in models:
-        folder, text, mmproj, image = ensure_smolvlm(bin_dir, a.vlm_text_quant)
+    vlms = {}
+    for which in [m for m in models if m in VLMS]:
+        folder, text, mmproj, image = ensure_vlm(bin_dir, which, a.vlm_text_quant)
         runs = {"edgevlm": [], "llama.cpp": []}
         for _ in range(a.rounds):
             runs["edgevlm"].append(edgevlm_vlm(binary, folder, image, a))
             runs["llama.cpp"].append(llama_mtmd(bin_dir, text, mmproj, image, a))
-        vlm = {eng: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for eng, rs in runs.items()}
+        vlms[which] = {eng: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                       for eng, rs in runs.items()}
     for q, model in files.items():
         runs = {"edgevlm": [], "llama.cpp": []}
         for _ in range(a.rounds):
@@ -288,10 +306,11 @@ def main():
         }
 
     if a.json:
-        print(json.dumps({"smollm2": results, "smolvlm": vlm}, indent=2))
+        print(json.dumps({"smollm2": results, **vlms}, indent=2))
         return
-    if vlm:
-        print(f"SmolVLM-256M (random full-size weights), {a.threads} threads, ISA {a.isa}, 512x384 image "
+    for which, vlm in vlms.items():
+        w, h = VLMS[which]["image"]
+        print(f"{VLMS[which]['name']} (random full-size weights), {a.threads} threads, ISA {a.isa}, {w}x{h} image "
               f"({vlm['edgevlm']['image_tiles']:.0f} / {vlm['llama.cpp']['image_tiles']:.0f} tiles), "
               f"tg{a.gen_tokens}; text {a.vlm_text_quant} (llama.cpp) / q4 groups of 32 (edgevlm); "
               f"vision f16 (llama.cpp) / bf16 weights, {edgevlm_vision_math()} (edgevlm); "

@@ -71,7 +71,8 @@ fn detect() -> bool {
     false
 }
 
-/// Whether [`TileWeight`] takes an `(n, k)` weight.
+/// Whether [`TileWeight`] holds an `(n, k)` weight without padding (any other non-empty shape is
+/// padded with zeros to multiples of 32).
 pub fn supports(n: usize, k: usize) -> bool {
     n > 0 && k > 0 && n.is_multiple_of(TILE) && k.is_multiple_of(KSTEP)
 }
@@ -139,36 +140,46 @@ unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) -> usize {
 
 /// A bf16 `(n, k)` weight in the order the tile products read it, packed once (at load) from the
 /// row-major checkpoint layout: the same bytes, reordered. Tile `(nb, kb)` holds columns `16nb..`
-/// and inputs `32kb..` as `[pair p][column c][element e] = W[16nb + c][32kb + 2p + e]`.
+/// and inputs `32kb..` as `[pair p][column c][element e] = W[16nb + c][32kb + 2p + e]`. Sizes that
+/// are not multiples of 32 are padded with zero columns and inputs (`n_pad`, `k_pad`): Qwen2.5-VL's
+/// 3,420-wide vision MLP runs on the tiles too.
 #[derive(Debug, Clone)]
 pub struct TileWeight {
     n: usize,
     k: usize,
+    n_pad: usize,
+    k_pad: usize,
     tiles: Vec<u16>,
 }
 
 impl TileWeight {
-    /// `None` where the shape is not one [`supports`] takes, or `w` is not `n × k` values.
+    /// `None` where the shape is empty or `w` is not `n × k` values.
     pub fn pack(w: &[bf16], n: usize, k: usize) -> Option<Self> {
-        if !supports(n, k) || w.len() != n * k {
+        if n == 0 || k == 0 || w.len() != n * k {
             return None;
         }
-        let mut tiles = vec![0u16; n * k];
+        let (n_pad, k_pad) = (n.div_ceil(TILE) * TILE, k.div_ceil(KSTEP) * KSTEP);
+        let mut tiles = vec![0u16; n_pad * k_pad];
         tiles
-            .par_chunks_mut(16 * k)
+            .par_chunks_mut(16 * k_pad)
             .enumerate()
             .for_each(|(nb, dst)| {
                 for (kb, tile) in dst.chunks_exact_mut(16 * KSTEP).enumerate() {
-                    for c in 0..16 {
-                        let row = &w[(16 * nb + c) * k + kb * KSTEP..][..KSTEP];
-                        for (p, pair) in row.chunks_exact(2).enumerate() {
-                            tile[(p * 16 + c) * 2] = pair[0].to_bits();
-                            tile[(p * 16 + c) * 2 + 1] = pair[1].to_bits();
+                    for c in (0..16).filter(|c| 16 * nb + c < n) {
+                        let row = &w[(16 * nb + c) * k..][..k];
+                        for e in (0..KSTEP).filter(|e| kb * KSTEP + e < k) {
+                            tile[(e / 2 * 16 + c) * 2 + e % 2] = row[kb * KSTEP + e].to_bits();
                         }
                     }
                 }
             });
-        Some(Self { n, k, tiles })
+        Some(Self {
+            n,
+            k,
+            n_pad,
+            k_pad,
+            tiles,
+        })
     }
 
     /// Output size `n`.
@@ -184,28 +195,30 @@ impl TileWeight {
     /// Row `r` of `W` in f32 (exact), into `out[..k]`: for products of a few rows off the tiles.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let c = r % 16;
-        let block = &self.tiles[r / 16 * 16 * self.k..][..16 * self.k];
+        let block = &self.tiles[r / 16 * 16 * self.k_pad..][..16 * self.k_pad];
         for (tile, dst) in block
             .chunks_exact(16 * KSTEP)
-            .zip(out.chunks_exact_mut(KSTEP))
+            .zip(out[..self.k].chunks_mut(KSTEP))
         {
-            for (p, pair) in dst.chunks_exact_mut(2).enumerate() {
-                pair[0] = f32::from_bits(u32::from(tile[(p * 16 + c) * 2]) << 16);
-                pair[1] = f32::from_bits(u32::from(tile[(p * 16 + c) * 2 + 1]) << 16);
+            for (e, v) in dst.iter_mut().enumerate() {
+                *v = f32::from_bits(u32::from(tile[(e / 2 * 16 + c) * 2 + e % 2]) << 16);
             }
         }
     }
 
     /// Weights of the same input size stacked row-wise (a fused projection: outputs side by side);
-    /// `None` when the input sizes differ or there are none.
+    /// `None` when the input sizes differ, some part has padded outputs, or there are none.
     pub fn stack(parts: &[&TileWeight]) -> Option<TileWeight> {
-        let k = parts.first()?.k;
-        if parts.iter().any(|p| p.k != k) {
+        let (k, k_pad) = (parts.first()?.k, parts.first()?.k_pad);
+        if parts.iter().any(|p| p.k != k || p.n != p.n_pad) {
             return None;
         }
+        let n = parts.iter().map(|p| p.n).sum();
         Some(TileWeight {
-            n: parts.iter().map(|p| p.n).sum(),
+            n,
             k,
+            n_pad: n,
+            k_pad,
             tiles: parts.iter().flat_map(|p| p.tiles.iter().copied()).collect(),
         })
     }
@@ -213,7 +226,7 @@ impl TileWeight {
     /// `ys (t × n) = xs (t × k) · Wᵀ` on the tiles, inputs rounded to bf16. Returns false (and leaves
     /// `ys` alone) where AMX is not available or the sizes do not fit.
     pub fn matmul(&self, xs: &[f32], ys: &mut [f32]) -> bool {
-        let (n, k) = (self.n, self.k);
+        let (n, k, n_pad, k_pad) = (self.n, self.k, self.n_pad, self.k_pad);
         if !available() || !xs.len().is_multiple_of(k) {
             return false;
         }
@@ -224,30 +237,37 @@ impl TileWeight {
         #[cfg(target_arch = "x86_64")]
         {
             let t_pad = t.div_ceil(TILE) * TILE;
-            // Inputs in bf16, padded rows zero.
-            let mut a = vec![0u16; t_pad * k];
-            a.par_chunks_mut(k * 64)
-                .zip(xs.par_chunks(k * 64))
-                .for_each(|(dst, src)| to_bf16_slice(src, dst));
-            let (b, kb_count) = (&self.tiles, k / KSTEP);
-            // Output rows padded too, where `t` is not a multiple of the tile height.
-            let mut padded = if t_pad == t {
+            // Inputs in bf16, padded rows and inputs zero.
+            let mut a = vec![0u16; t_pad * k_pad];
+            if k == k_pad {
+                a.par_chunks_mut(k * 64)
+                    .zip(xs.par_chunks(k * 64))
+                    .for_each(|(dst, src)| to_bf16_slice(src, dst));
+            } else {
+                a.par_chunks_mut(k_pad)
+                    .zip(xs.par_chunks(k))
+                    .for_each(|(dst, src)| to_bf16_slice(src, &mut dst[..k]));
+            }
+            let (b, kb_count) = (&self.tiles, k_pad / KSTEP);
+            // Output rows and columns padded too, where `t` or `n` is not a multiple of 32.
+            let direct = t_pad == t && n_pad == n;
+            let mut padded = if direct {
                 Vec::new()
             } else {
-                vec![0f32; t_pad * n]
+                vec![0f32; t_pad * n_pad]
             };
-            let out_addr = if t_pad == t {
+            let out_addr = if direct {
                 ys.as_mut_ptr() as usize
             } else {
                 padded.as_mut_ptr() as usize
             };
             let tasks: Vec<(usize, usize)> = (0..t_pad)
                 .step_by(TASK_ROWS)
-                .flat_map(|r| (0..n).step_by(TASK_COLS).map(move |c| (r, c)))
+                .flat_map(|r| (0..n_pad).step_by(TASK_COLS).map(move |c| (r, c)))
                 .collect();
             tasks.into_par_iter().for_each(|(r0, c0)| {
                 let rows = TASK_ROWS.min(t_pad - r0);
-                let cols = TASK_COLS.min(n - c0);
+                let cols = TASK_COLS.min(n_pad - c0);
                 // SAFETY: AMX is available (checked above); every tile load reads inside `a` (rows
                 // r0.. < t_pad, k columns) or `b` (column blocks < n/16, kb < k/32), and every
                 // store writes the disjoint block rows r0..r0+rows, columns c0..c0+cols of the
@@ -259,14 +279,16 @@ impl TileWeight {
                         out_addr as *mut f32,
                         (r0, rows),
                         (c0, cols),
-                        n,
-                        k,
+                        n_pad,
+                        k_pad,
                         kb_count,
                     );
                 }
             });
-            if t_pad != t {
-                ys.copy_from_slice(&padded[..t * n]);
+            if !direct {
+                for (dst, src) in ys.chunks_exact_mut(n).zip(padded.chunks_exact(n_pad)) {
+                    dst.copy_from_slice(&src[..n]);
+                }
             }
             true
         }
@@ -393,31 +415,34 @@ mod tests {
         if skip_without_amx() {
             return;
         }
-        let (n, k) = (96, 160);
-        let w: Vec<bf16> = (0..n * k)
-            .map(|i| bf16::from_f32(((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3))
-            .collect();
-        for t in [32, 45, 300] {
-            let xs: Vec<f32> = (0..t * k)
-                .map(|i| ((i * 13 % 29) as f32 / 7.3) - 2.0 + (i / k) as f32 * 0.01)
+        // The second shape is padded (neither size a multiple of 32).
+        for (n, k) in [(96, 160), (52, 100)] {
+            let w: Vec<bf16> = (0..n * k)
+                .map(|i| bf16::from_f32(((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3))
                 .collect();
-            let mut ys = vec![f32::NAN; t * n];
-            let tw = TileWeight::pack(&w, n, k).expect("a supported shape");
-            assert!(tw.matmul(&xs, &mut ys));
-            for i in 0..t {
-                for c in 0..n {
-                    let (mut want, mut mag) = (0f64, 0f64);
-                    for j in 0..k {
-                        let x = f64::from(bf16::from_bits(to_bf16_bits(xs[i * k + j])).to_f32());
-                        let p = x * f64::from(w[c * k + j].to_f32());
-                        want += p;
-                        mag += p.abs();
+            for t in [32, 45, 300] {
+                let xs: Vec<f32> = (0..t * k)
+                    .map(|i| ((i * 13 % 29) as f32 / 7.3) - 2.0 + (i / k) as f32 * 0.01)
+                    .collect();
+                let mut ys = vec![f32::NAN; t * n];
+                let tw = TileWeight::pack(&w, n, k).expect("a supported shape");
+                assert!(tw.matmul(&xs, &mut ys));
+                for i in 0..t {
+                    for c in 0..n {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for j in 0..k {
+                            let x =
+                                f64::from(bf16::from_bits(to_bf16_bits(xs[i * k + j])).to_f32());
+                            let p = x * f64::from(w[c * k + j].to_f32());
+                            want += p;
+                            mag += p.abs();
+                        }
+                        let got = f64::from(ys[i * n + c]);
+                        assert!(
+                            (got - want).abs() <= 1e-6 * mag + 1e-6,
+                            "({n}, {k}) t {t} row {i} col {c}: {got} vs {want}"
+                        );
                     }
-                    let got = f64::from(ys[i * n + c]);
-                    assert!(
-                        (got - want).abs() <= 1e-6 * mag + 1e-6,
-                        "t {t} row {i} col {c}: {got} vs {want}"
-                    );
                 }
             }
         }
@@ -438,7 +463,17 @@ mod tests {
             assert_eq!(row, want, "row {r}");
         }
         assert_eq!((two.out_dim(), two.in_dim()), (2 * n, k));
-        assert!(TileWeight::pack(&w[..48 * k], 48, k).is_none());
+        // Padded: 48 outputs, 90 inputs read back exactly, and not stacked (padded outputs).
+        let (n, k) = (48, 90);
+        let tw = TileWeight::pack(&w[..n * k], n, k).expect("padded");
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            tw.row_f32(r, &mut row);
+            let want: Vec<f32> = w[r * k..][..k].iter().map(|v| v.to_f32()).collect();
+            assert_eq!(row, want, "padded row {r}");
+        }
+        assert!(TileWeight::stack(&[&tw, &tw]).is_none());
+        assert!(TileWeight::pack(&w[..10], 3, 4).is_none());
     }
 
     #[test]
