@@ -27,22 +27,9 @@ CMAKE="$(dirname "$PY")/cmake"
 mkdir -p "$ROOT/src"
 if [[ ! -f "$ROOT/src/CMakeLists.txt" ]]; then
     TMP="$(mktemp -d)"
-    # The sdist straight from PyPI's simple index (hash-checked): `pip download --no-binary :all:` would
-    # also build its build dependencies (cmake, ninja) from source, which takes longer than llama.cpp.
-    "$PY" - "$VERSION" "$TMP" <<'PY' >&2
-import hashlib, json, sys, urllib.request
-version, dest = sys.argv[1], sys.argv[2]
-name = f"llama_cpp_python-{version}.tar.gz"
-req = urllib.request.Request("https://pypi.org/simple/llama-cpp-python/",
-                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-files = {f["filename"]: f for f in json.load(urllib.request.urlopen(req))["files"]}
-if name not in files:
-    sys.exit(f"{name} is not on PyPI")
-data = urllib.request.urlopen(files[name]["url"]).read()
-if hashlib.sha256(data).hexdigest() != files[name]["hashes"]["sha256"]:
-    sys.exit(f"{name}: sha256 does not match PyPI's")
-open(f"{dest}/{name}", "wb").write(data)
-PY
+    # The sdist straight from PyPI's simple index (hash-checked).
+    "$PY" "$HERE/pypi_file.py" llama-cpp-python "llama_cpp_python-$VERSION.tar.gz" \
+        "$TMP/llama_cpp_python-$VERSION.tar.gz" >&2
     tar -xzf "$TMP"/llama_cpp_python-"$VERSION".tar.gz -C "$TMP"
     cp -r "$TMP/llama_cpp_python-$VERSION/vendor/llama.cpp/." "$ROOT/src/"
     rm -rf "$TMP"

@@ -50,6 +50,25 @@ def build_model():
         shutil.copy(SHARED / f, CACHE / f)
 
 
+def compare_steps(hf_tokens, hf_steps, decoded, ev_content):
+    """Print step by step whether edgevlm's greedy token is transformers' and how far their top-5
+    logprobs are apart; `hf_steps[i]` maps token id -> logprob, `decoded` token text -> id."""
+    worst = 0.0
+    agree = 0
+    for step, (hf, e) in enumerate(zip(hf_steps, ev_content)):
+        ev_map = {decoded[t["token"]]: t["logprob"] for t in e["top_logprobs"] if t["token"] in decoded}
+        common = [i for i in hf if i in ev_map]
+        diff = max((abs(hf[i] - ev_map[i]) for i in common), default=float("nan"))
+        worst = max(worst, diff)
+        same_token = decoded.get(e["token"]) == hf_tokens[step]
+        print(f"step {step:2d}: hf {hf_tokens[step]:6d} {'==' if same_token else '!='} edgevlm {e['token']!r:14}"
+              f" top-{TOP} shared {len(common)}/{TOP}, max |dlogprob| {diff:.2e}")
+        if not same_token:
+            break
+        agree += 1
+    print(f"\n{agree}/{STEPS} greedy steps agree; max |d logprob| over the top-{TOP}: {worst:.3e}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--edgevlm", default=str(ROOT / "target" / "release" / "edgevlm"))
@@ -103,20 +122,7 @@ def main():
     decoded = {}
     for i in set(hf_tokens) | {i for step in hf_steps for i in step}:
         decoded.setdefault(tok.decode([i]), i)
-    worst = 0.0
-    agree = 0
-    for step, (hf, e) in enumerate(zip(hf_steps, ev_content)):
-        ev_map = {decoded[t["token"]]: t["logprob"] for t in e["top_logprobs"] if t["token"] in decoded}
-        common = [i for i in hf if i in ev_map]
-        diff = max((abs(hf[i] - ev_map[i]) for i in common), default=float("nan"))
-        worst = max(worst, diff)
-        same_token = decoded.get(e["token"]) == hf_tokens[step]
-        print(f"step {step:2d}: hf {hf_tokens[step]:6d} {'==' if same_token else '!='} edgevlm {e['token']!r:14}"
-              f" top-{TOP} shared {len(common)}/{TOP}, max |dlogprob| {diff:.2e}")
-        if not same_token:
-            break
-        agree += 1
-    print(f"\n{agree}/{STEPS} greedy steps agree; max |d logprob| over the top-{TOP}: {worst:.3e}")
+    compare_steps(hf_tokens, hf_steps, decoded, ev_content)
     print(f"prompt tokens {n}; wall time (load + image + 16 steps): transformers {hf_s:.1f}s, edgevlm {ev_s:.1f}s")
 
 

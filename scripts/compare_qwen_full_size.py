@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_full_size import compare_steps  # noqa: E402
 from make_qwen_fixtures import ImageTextProcessor, randomize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,22 +139,9 @@ def main():
     print(res.stderr.strip())
     ev_content = ev["choices"][0]["logprobs"]["content"]
     decoded = {}
-    for i, s in ref["decoded"].items():
-        decoded.setdefault(s, int(i))
-    worst, agree = 0.0, 0
-    for step, (hf, e) in enumerate(zip(ref["steps"], ev_content)):
-        hf = {i: v for i, v in hf}
-        ev_map = {decoded[t["token"]]: t["logprob"] for t in e["top_logprobs"] if t["token"] in decoded}
-        common = [i for i in hf if i in ev_map]
-        diff = max((abs(hf[i] - ev_map[i]) for i in common), default=float("nan"))
-        worst = max(worst, diff)
-        same = decoded.get(e["token"]) == ref["tokens"][step]
-        print(f"step {step:2d}: hf {ref['tokens'][step]:6d} {'==' if same else '!='} edgevlm {e['token']!r:14}"
-              f" top-{TOP} shared {len(common)}/{TOP}, max |dlogprob| {diff:.2e}")
-        if not same:
-            break
-        agree += 1
-    print(f"\n{agree}/{STEPS} greedy steps agree; max |d logprob| over the top-{TOP}: {worst:.3e}")
+    for i, text in ref["decoded"].items():
+        decoded.setdefault(text, int(i))
+    compare_steps(ref["tokens"], [{i: v for i, v in step} for step in ref["steps"]], decoded, ev_content)
     print(f"prompt tokens {ref['prompt_tokens']}; wall time: transformers (image + 16 steps) {ref['seconds']:.1f}s, "
           f"edgevlm (load + image + 16 steps) {ev_s:.1f}s")
 

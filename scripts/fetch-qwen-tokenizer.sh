@@ -15,21 +15,17 @@ DEST="$CACHE/qwen2.5-vl-tokenizer"
 if [[ -s "$DEST/tokenizer.json" && -s "$DEST/chat_template.json" ]]; then echo "$DEST"; exit 0; fi
 VERSION=0.3.36
 mkdir -p "$DEST"
-python3 - "$VERSION" "$DEST" <<'PY' >&2
-import hashlib, io, json, os, struct, sys, tarfile, urllib.request
+HERE="$(cd "$(dirname "$0")" && pwd)"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+SDIST="$TMP/llama_cpp_python-$VERSION.tar.gz"
+python3 "$HERE/pypi_file.py" llama-cpp-python "llama_cpp_python-$VERSION.tar.gz" "$SDIST" >&2
+python3 - "$VERSION" "$DEST" "$SDIST" <<'PY' >&2
+import json, os, struct, sys, tarfile
 
-version, dest = sys.argv[1], sys.argv[2]
-name = f"llama_cpp_python-{version}.tar.gz"
-req = urllib.request.Request("https://pypi.org/simple/llama-cpp-python/",
-                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-files = {f["filename"]: f for f in json.load(urllib.request.urlopen(req))["files"]}
-if name not in files:
-    sys.exit(f"{name} is not on PyPI")
-data = urllib.request.urlopen(files[name]["url"]).read()
-if hashlib.sha256(data).hexdigest() != files[name]["hashes"]["sha256"]:
-    sys.exit(f"{name}: sha256 does not match PyPI's")
+version, dest, sdist = sys.argv[1], sys.argv[2], sys.argv[3]
 member = f"llama_cpp_python-{version}/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"
-with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+with tarfile.open(sdist, mode="r:gz") as tar:
     gguf = tar.extractfile(member).read()
 
 # GGUF metadata: header, then typed key/value pairs (only what a vocabulary file holds).

@@ -121,6 +121,33 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// `n` greedy tokens from the prompt's last `logits`, each fed one at a time at its cache slot plus
+/// the prompt's multimodal `delta`.
+fn greedy(
+    model: &QwenVl,
+    mut logits: Vec<f32>,
+    cache: &mut KvCache,
+    delta: i64,
+    n: usize,
+) -> Vec<u32> {
+    let mut tokens = Vec::with_capacity(n);
+    for _ in 0..n {
+        let next = argmax(&logits);
+        tokens.push(next);
+        let pos = (cache.len() as i64 + delta) as usize;
+        let e = model.text.embed(&[next]).unwrap().unsqueeze(0).unwrap();
+        logits = model
+            .text
+            .forward_at(&e, Positions::From(pos), cache, false)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+    }
+    tokens
+}
+
 /// Positions, last-prompt logits and 20 greedy tokens of each golden case, run through the model
 /// directly (prompt ids from the golden; the engine's own tokenization is checked separately).
 #[test]
@@ -189,22 +216,7 @@ fn qwen_models_match_transformers_logits_and_greedy_tokens() {
                 "{family} {}: logits differ by {diff}",
                 case.name
             );
-            let mut tokens = Vec::new();
-            let mut next = argmax(&logits);
-            for _ in 0..case.continuation.len() {
-                tokens.push(next);
-                let pos = (cache.len() as i64 + delta) as usize;
-                let e = model.text.embed(&[next]).unwrap().unsqueeze(0).unwrap();
-                let l = model
-                    .text
-                    .forward_at(&e, Positions::From(pos), &mut cache, false)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                next = argmax(&l);
-            }
+            let tokens = greedy(&model, logits, &mut cache, delta, case.continuation.len());
             assert_eq!(
                 tokens, case.continuation,
                 "{family} {}: greedy tokens",
@@ -374,7 +386,7 @@ fn qwen_long_image_prompt_in_chunks_equals_one_pass() {
     .unwrap();
     let p = prepared.positions.as_ref().unwrap();
     let mut cache = model.text.new_cache(prepared.ids.len() + 16);
-    let mut logits = model
+    let logits = model
         .text
         .forward_at(&embeds, Positions::Multi(&p.positions), &mut cache, false)
         .unwrap()
@@ -382,20 +394,5 @@ fn qwen_long_image_prompt_in_chunks_equals_one_pass() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let mut one_pass = Vec::new();
-    for _ in 0..8 {
-        let next = argmax(&logits);
-        one_pass.push(next);
-        let pos = (cache.len() as i64 + p.delta) as usize;
-        let e = model.text.embed(&[next]).unwrap().unsqueeze(0).unwrap();
-        logits = model
-            .text
-            .forward_at(&e, Positions::From(pos), &mut cache, false)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-    }
-    assert_eq!(chunked, one_pass);
+    assert_eq!(chunked, greedy(model, logits, &mut cache, p.delta, 8));
 }

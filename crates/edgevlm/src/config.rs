@@ -74,6 +74,16 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
+/// `key` as a count, `None` where absent or null.
+pub(crate) fn count(v: &Value, key: &str) -> Result<Option<usize>> {
+    match get(v, key) {
+        None => Ok(None),
+        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))
+        }),
+    }
+}
+
 fn usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
     match get(v, key) {
         None => Ok(default),

@@ -50,7 +50,8 @@ impl Default for ImageProcessorConfig {
     }
 }
 
-fn triple(v: Option<&Value>, default: [f32; 3], key: &str) -> Result<[f32; 3]> {
+/// Three numbers (or one for all three) under `key`, `default` where absent.
+pub(crate) fn triple(v: Option<&Value>, default: [f32; 3], key: &str) -> Result<[f32; 3]> {
     match v {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Number(n)) => {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::family::{
     EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, VisionLanguageModel,
 };
-use super::nn::{LoadOptions, Weights};
+use super::nn::Weights;
 use super::text::TextModel;
 use super::vision::{Connector, VisionTransformer};
 use crate::config::Idefics3Config;
@@ -32,27 +32,9 @@ impl Idefics3 {
     /// `lm_head`).
     pub fn load(w: &Weights, cfg: &Idefics3Config) -> Result<Self> {
         let m = w.pp("model");
-        // `skip_vision` keeps the vision tower dense while the rest quantizes on load.
-        // The vision tower's dense weights stay in the checkpoint's bf16/f16 and compute in f32 on
-        // the CPU (half the memory of f32 copies; products per tile are large enough that expanding
-        // a panel at a time costs nothing). `skip_vision` keeps them dense while the rest quantizes.
-        let vision_opts = LoadOptions {
-            quantize: if w.opts.skip_vision {
-                None
-            } else {
-                w.opts.quantize
-            },
-            half_weights: w.opts.device.is_cpu(),
-            bf16_tiles: w.opts.device.is_cpu() && w.opts.bf16_tiles,
-            ..w.opts.clone()
-        };
+        let vision_opts = w.opts.for_vision();
         let vision_w = m.with_opts(&vision_opts);
-        // The connector and the text model keep their quantized products' inputs to 16 significant
-        // bits (bf16 tiles are the vision encoder's).
-        let text_opts = LoadOptions {
-            bf16_tiles: false,
-            ..w.opts.clone()
-        };
+        let text_opts = w.opts.for_text();
         let (m, w) = (m.with_opts(&text_opts), w.with_opts(&text_opts));
         Ok(Self {
             vision: VisionTransformer::load(&vision_w.pp("vision_model"), &cfg.vision)?,

@@ -47,6 +47,33 @@ impl LoadOptions {
             bf16_tiles: false,
         }
     }
+
+    /// A vision tower's options: dense weights kept in the checkpoint's bf16/f16 and computed in
+    /// f32 on the CPU (half the memory of f32 copies; its products are large enough that expanding
+    /// a panel at a time costs nothing), on AMX tiles where `bf16_tiles` allows; `skip_vision`
+    /// keeps them dense while the rest quantizes.
+    pub fn for_vision(&self) -> Self {
+        let cpu = self.device.is_cpu();
+        Self {
+            quantize: if self.skip_vision {
+                None
+            } else {
+                self.quantize
+            },
+            half_weights: cpu,
+            bf16_tiles: cpu && self.bf16_tiles,
+            ..self.clone()
+        }
+    }
+
+    /// A text decoder's (and connector's) options: quantized products keep their inputs to 16
+    /// significant bits (bf16 tiles are the vision tower's).
+    pub fn for_text(&self) -> Self {
+        Self {
+            bf16_tiles: false,
+            ..self.clone()
+        }
+    }
 }
 
 /// MLX's `quantization` section: default bits/group size plus per-module overrides (`false` = dense).

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::config::TextConfig;
+use crate::config::{count, TextConfig};
 use crate::error::{Error, Result};
 
 /// Which of the two vision towers.
@@ -53,15 +53,6 @@ pub struct QwenVlConfig {
     pub tie_word_embeddings: bool,
 }
 
-fn count(v: &Value, key: &str) -> Result<Option<usize>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-            Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))
-        }),
-    }
-}
-
 fn need(v: &Value, key: &str, default: usize) -> Result<usize> {
     let n = count(v, key)?.unwrap_or(default);
     if n == 0 {
@@ -82,66 +73,62 @@ impl QwenVlConfig {
             .get("vision_config")
             .filter(|t| t.is_object())
             .ok_or_else(|| Error::Config("no vision_config".into()))?;
-        let vision = match variant {
+        // What differs: Qwen2-VL names the ViT width `embed_dim` and sizes its MLP by `mlp_ratio`
+        // (its `hidden_size` is the merger's output); Qwen2.5-VL has window attention.
+        let (hidden_size, intermediate_size, out_hidden_size, act) = match variant {
             QwenVariant::Qwen2 => {
                 let embed = need(vis, "embed_dim", 1280)?;
                 let ratio = vis.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0);
-                QwenVisionConfig {
-                    variant,
-                    depth: need(vis, "depth", 32)?,
-                    hidden_size: embed,
-                    intermediate_size: (embed as f64 * ratio) as usize,
-                    num_heads: need(vis, "num_heads", 16)?,
-                    out_hidden_size: need(vis, "hidden_size", text.hidden_size)?,
-                    patch_size: need(vis, "patch_size", 14)?,
-                    spatial_merge_size: need(vis, "spatial_merge_size", 2)?,
-                    temporal_patch_size: need(vis, "temporal_patch_size", 2)?,
-                    in_channels: count(vis, "in_channels")?
-                        .or(count(vis, "in_chans")?)
-                        .unwrap_or(3),
-                    hidden_act: vis
-                        .get("hidden_act")
-                        .and_then(Value::as_str)
-                        .unwrap_or("quick_gelu")
-                        .to_string(),
-                    window_size: 0,
-                    fullatt_block_indexes: Vec::new(),
-                    rope_theta: vision_theta(vis),
-                }
+                let out = need(vis, "hidden_size", text.hidden_size)?;
+                (embed, (embed as f64 * ratio) as usize, out, "quick_gelu")
             }
-            QwenVariant::Qwen25 => QwenVisionConfig {
-                variant,
-                depth: need(vis, "depth", 32)?,
-                hidden_size: need(vis, "hidden_size", 1280)?,
-                intermediate_size: need(vis, "intermediate_size", 3420)?,
-                num_heads: need(vis, "num_heads", 16)?,
-                out_hidden_size: need(vis, "out_hidden_size", text.hidden_size)?,
-                patch_size: need(vis, "patch_size", 14)?,
-                spatial_merge_size: need(vis, "spatial_merge_size", 2)?,
-                temporal_patch_size: need(vis, "temporal_patch_size", 2)?,
-                in_channels: count(vis, "in_channels")?
-                    .or(count(vis, "in_chans")?)
-                    .unwrap_or(3),
-                hidden_act: vis
-                    .get("hidden_act")
-                    .and_then(Value::as_str)
-                    .unwrap_or("silu")
-                    .to_string(),
-                window_size: need(vis, "window_size", 112)?,
-                fullatt_block_indexes: vis
-                    .get("fullatt_block_indexes")
+            QwenVariant::Qwen25 => (
+                need(vis, "hidden_size", 1280)?,
+                need(vis, "intermediate_size", 3420)?,
+                need(vis, "out_hidden_size", text.hidden_size)?,
+                "silu",
+            ),
+        };
+        let windowed = variant == QwenVariant::Qwen25;
+        let vision = QwenVisionConfig {
+            variant,
+            depth: need(vis, "depth", 32)?,
+            hidden_size,
+            intermediate_size,
+            num_heads: need(vis, "num_heads", 16)?,
+            out_hidden_size,
+            patch_size: need(vis, "patch_size", 14)?,
+            spatial_merge_size: need(vis, "spatial_merge_size", 2)?,
+            temporal_patch_size: need(vis, "temporal_patch_size", 2)?,
+            in_channels: count(vis, "in_channels")?
+                .or(count(vis, "in_chans")?)
+                .unwrap_or(3),
+            hidden_act: vis
+                .get("hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or(act)
+                .to_string(),
+            window_size: if windowed {
+                need(vis, "window_size", 112)?
+            } else {
+                0
+            },
+            fullatt_block_indexes: if windowed {
+                vis.get("fullatt_block_indexes")
                     .and_then(Value::as_array)
                     .map(|a| {
                         a.iter()
                             .filter_map(|x| x.as_u64().map(|n| n as usize))
                             .collect()
                     })
-                    .unwrap_or_else(|| vec![7, 15, 23, 31]),
-                rope_theta: vision_theta(vis),
+                    .unwrap_or_else(|| vec![7, 15, 23, 31])
+            } else {
+                Vec::new()
             },
+            rope_theta: vision_theta(vis),
         };
         let vc = &vision;
-        if vc.hidden_size % vc.num_heads != 0 || vc.head_dim() % 4 != 0 {
+        if !vc.hidden_size.is_multiple_of(vc.num_heads) || !vc.head_dim().is_multiple_of(4) {
             return Err(Error::Config(format!(
                 "vision width {} over {} heads: the head must be a multiple of 4 (2-D RoPE)",
                 vc.hidden_size, vc.num_heads

@@ -16,7 +16,7 @@ use super::family::{
     EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, PromptPositions,
     VisionLanguageModel,
 };
-use super::nn::{LoadOptions, Weights};
+use super::nn::Weights;
 use super::text::TextModel;
 use crate::error::{Error, Result};
 use crate::image::resample::Image8;
@@ -47,23 +47,7 @@ impl QwenVl {
         } else {
             (w.pp("visual"), w.pp("model"))
         };
-        // The vision tower's dense weights stay in the checkpoint's bf16/f16 on the CPU and compute
-        // in f32, or on AMX tiles (inputs rounded to bf16) where the options allow, as SmolVLM's.
-        let cpu = w.opts.device.is_cpu();
-        let vision_opts = LoadOptions {
-            quantize: if w.opts.skip_vision {
-                None
-            } else {
-                w.opts.quantize
-            },
-            half_weights: cpu,
-            bf16_tiles: cpu && w.opts.bf16_tiles,
-            ..w.opts.clone()
-        };
-        let text_opts = LoadOptions {
-            bf16_tiles: false,
-            ..w.opts.clone()
-        };
+        let (vision_opts, text_opts) = (w.opts.for_vision(), w.opts.for_text());
         Ok(Self {
             vision: QwenVision::load(&visual.with_opts(&vision_opts), &cfg.vision)?,
             text: TextModel::load(

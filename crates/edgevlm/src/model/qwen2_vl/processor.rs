@@ -5,7 +5,9 @@
 
 use serde_json::Value;
 
+use crate::config::count;
 use crate::error::{Error, Result};
+use crate::image::processor::triple;
 use crate::image::resample::{resize, Filter, Image8};
 
 /// Settings from `preprocessor_config.json`.
@@ -37,34 +39,6 @@ impl Default for QwenImageConfig {
     }
 }
 
-fn count(v: &Value, key: &str) -> Result<Option<usize>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-            Error::Config(format!("`{key}` must be a non-negative integer, got {x}"))
-        }),
-    }
-}
-
-fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Array(a)) if a.len() == 3 => {
-            let mut out = [0f32; 3];
-            for (o, x) in out.iter_mut().zip(a) {
-                *o = x
-                    .as_f64()
-                    .ok_or_else(|| Error::Config(format!("`{key}` must hold 3 numbers")))?
-                    as f32;
-            }
-            Ok(out)
-        }
-        Some(other) => Err(Error::Config(format!(
-            "`{key}` must be 3 numbers, got {other}"
-        ))),
-    }
-}
-
 impl QwenImageConfig {
     /// Parse `preprocessor_config.json` (`min_pixels` / `max_pixels`, or transformers 5's
     /// `size: {shortest_edge, longest_edge}` holding the same two numbers).
@@ -81,8 +55,8 @@ impl QwenImageConfig {
             patch_size: count(v, "patch_size")?.unwrap_or(d.patch_size),
             temporal_patch_size: count(v, "temporal_patch_size")?.unwrap_or(d.temporal_patch_size),
             merge_size: count(v, "merge_size")?.unwrap_or(d.merge_size),
-            image_mean: triple(v, "image_mean", d.image_mean)?,
-            image_std: triple(v, "image_std", d.image_std)?,
+            image_mean: triple(v.get("image_mean"), d.image_mean, "image_mean")?,
+            image_std: triple(v.get("image_std"), d.image_std, "image_std")?,
             rescale_factor: v
                 .get("rescale_factor")
                 .and_then(Value::as_f64)
