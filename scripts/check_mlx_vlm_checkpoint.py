@@ -33,19 +33,55 @@ PROMPT = "Describe this image."
 
 
 def hf_name(name):
-    """transformers' name of an mlx-vlm Idefics3 tensor (the inverse of mlx-vlm's `sanitize`)."""
+    """transformers' name of an mlx-vlm Idefics3 or Qwen2-VL tensor (the inverse of mlx-vlm's
+    `sanitize`)."""
     if name.startswith("language_model.lm_head"):
         return name[len("language_model."):]
+    if name.startswith("language_model.model."):
+        return name[len("language_model."):]
+    if name.startswith("vision_tower."):
+        return "visual." + name[len("vision_tower."):]
     if name.startswith("language_model."):
         return "model.text_model." + name[len("language_model."):]
     return "model." + name
+
+
+def mlx_vlm_input(model, staging):
+    """`model`, or for a Qwen2-VL / Qwen2.5-VL folder written by transformers 5 (a nested
+    `text_config`, `rope_parameters`), a staging folder beside it with the config in the 4.x layout the
+    hub's checkpoints have and mlx-vlm reads (text settings at the top level, `rope_scaling` with
+    `mrope_section`), the other files linked."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    if cfg.get("model_type") not in ("qwen2_5_vl", "qwen2_vl") or "text_config" not in cfg:
+        return model
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in Path(model).iterdir():
+        if f.name != "config.json":
+            (staging / f.name).symlink_to(f.resolve())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters", {})
+    for k, v in text.items():
+        if k != "model_type":
+            cfg.setdefault(k, v)
+    cfg["rope_theta"] = rope.get("rope_theta", 1000000.0)
+    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    vision = cfg["vision_config"]
+    vision.pop("rope_parameters", None)
+    vision["model_type"] = cfg["model_type"]
+    if "in_channels" in vision:
+        vision["in_chans"] = vision.pop("in_channels")
+    (staging / "config.json").write_text(json.dumps(cfg, indent=1))
+    return str(staging)
 
 
 def dequantized_reference(qdir, out):
     cfg = json.loads((qdir / "config.json").read_text())
     q = cfg.pop("quantization")
     cfg.pop("quantization_config", None)
-    weights = mx.load(str(qdir / "model.safetensors"))
+    weights = {}
+    for f in sorted(qdir.glob("model*.safetensors")):
+        weights.update(mx.load(str(f)))
     ref = {}
     quantized = 0
     for name, v in weights.items():
@@ -61,6 +97,8 @@ def dequantized_reference(qdir, out):
             quantized += 1
         elif name.endswith("patch_embedding.weight") and v.ndim == 4:
             v = v.transpose(0, 3, 1, 2)
+        elif name.endswith("patch_embed.proj.weight") and v.ndim == 5:
+            v = v.transpose(0, 4, 1, 2, 3)
         ref[hf_name(name)] = v
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), ref, metadata={"format": "pt"})
@@ -91,14 +129,16 @@ def main():
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image", default=str(ROOT / "tests" / "fixtures" / "images" / "wide.png"))
+    p.add_argument("--tag", default="", help="name prefix of the cached outputs (default: none, SmolVLM)")
     a = p.parse_args()
     tag = a.quant_predicate or f"q{a.bits}"
-    qdir = CACHE / f"mlx-vlm-{tag}"
-    refdir = CACHE / f"mlx-vlm-{tag}-dequantized"
+    qdir = CACHE / f"mlx-vlm-{a.tag}{tag}"
+    refdir = CACHE / f"mlx-vlm-{a.tag}{tag}-dequantized"
     for d in (qdir, refdir):
         shutil.rmtree(d, ignore_errors=True)
     recipe = ["--quant-predicate", a.quant_predicate] if a.quant_predicate else ["--q-bits", str(a.bits)]
-    subprocess.run([sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", a.model, "--mlx-path", str(qdir),
+    source = mlx_vlm_input(a.model, CACHE / f"mlx-vlm-{a.tag}input")
+    subprocess.run([sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", source, "--mlx-path", str(qdir),
                     "-q", *recipe], check=True, capture_output=True)
     quantized, total = dequantized_reference(qdir, refdir)
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "edgevlm-cli"], check=True, cwd=ROOT)

@@ -12,9 +12,12 @@
 set -euo pipefail
 CACHE="${EDGEVLM_CACHE:-$HOME/.cache/edgevlm}"
 DEST="$CACHE/qwen2.5-vl-tokenizer"
-if [[ -s "$DEST/tokenizer.json" && -s "$DEST/chat_template.json" ]]; then echo "$DEST"; exit 0; fi
 VERSION=0.3.36
 mkdir -p "$DEST"
+# One writer at a time (tests call this in parallel); chat_template.json is written last.
+exec 9>"$DEST/.lock"
+flock 9
+if [[ -s "$DEST/tokenizer.json" && -s "$DEST/chat_template.json" ]]; then echo "$DEST"; exit 0; fi
 HERE="$(cd "$(dirname "$0")" && pwd)"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
@@ -115,7 +118,7 @@ def write(name, obj):
         json.dump(obj, f, ensure_ascii=False)
     os.replace(tmp, os.path.join(dest, name))
 write("tokenizer_config.json", config)
-write("chat_template.json", {"chat_template": template})
 write("tokenizer.json", tokenizer)
+write("chat_template.json", {"chat_template": template})
 PY
 echo "$DEST"

@@ -275,8 +275,8 @@ fn request(messages: &Value, images: &[String], max_tokens: u64) -> ChatRequest 
     }
 }
 
-fn engine(family: &str) -> Engine {
-    let dir = qwen_tiny_dir(family, &format!("qwen-engine-{family}"));
+fn engine(family: &str, test: &str) -> Engine {
+    let dir = qwen_tiny_dir(family, &format!("{test}-{family}"));
     Engine::load_dir(&dir, family, exact_options()).expect("load tiny qwen")
 }
 
@@ -289,7 +289,7 @@ fn qwen_engine_matches_transformers_prompt_ids_logits_and_answer() {
         candle_core::safetensors::load(qwen_fixtures().join("logits.safetensors"), &Device::Cpu)
             .unwrap();
     for family in ["qwen2.5-vl", "qwen2-vl"] {
-        let engine = engine(family);
+        let engine = engine(family, "qwen-engine");
         for case in cases().iter().filter(|c| c.family == family) {
             let req = request(&case.messages, &case.images, case.continuation.len() as u64);
             let prepared = engine.prepare(&req).unwrap();
@@ -333,7 +333,7 @@ fn qwen_engine_matches_transformers_prompt_ids_logits_and_answer() {
 /// the tokens it gets alone.
 #[test]
 fn qwen_batched_decoding_equals_alone() {
-    let engine = engine("qwen2.5-vl");
+    let engine = engine("qwen2.5-vl", "qwen-batched");
     let requests: Vec<ChatRequest> = cases()
         .iter()
         .filter(|c| c.family == "qwen2.5-vl")
@@ -349,7 +349,7 @@ fn qwen_batched_decoding_equals_alone() {
 /// the multimodal positions: the answer equals a single-pass greedy loop on the model.
 #[test]
 fn qwen_long_image_prompt_in_chunks_equals_one_pass() {
-    let engine = engine("qwen2.5-vl");
+    let engine = engine("qwen2.5-vl", "qwen-chunks");
     let mut req = request(
         &serde_json::json!([{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": "Describe this image."}]}]),
@@ -395,4 +395,42 @@ fn qwen_long_image_prompt_in_chunks_equals_one_pass() {
         .to_vec1::<f32>()
         .unwrap();
     assert_eq!(chunked, greedy(model, logits, &mut cache, p.delta, 8));
+}
+
+/// A checkpoint in mlx-vlm's Qwen layout (`vision_tower.*`, `language_model.model.*`, the Conv3d
+/// channels-last) loads as the hub layout does: the same answer as the transformers golden.
+#[test]
+fn qwen_mlx_vlm_layout_loads_as_the_hub_layout() {
+    let dir = qwen_tiny_dir("qwen2.5-vl", "qwen-mlx-layout");
+    let hub = repo_root().join("models/tiny-qwen2.5-vl/model.safetensors");
+    let renamed: HashMap<String, Tensor> = candle_core::safetensors::load(&hub, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let name = match (k.strip_prefix("visual."), k.strip_prefix("model.")) {
+                (Some(r), _) => format!("vision_tower.{r}"),
+                (_, Some(r)) => format!("language_model.model.{r}"),
+                _ => format!("language_model.{k}"),
+            };
+            let v = if k.ends_with("patch_embed.proj.weight") {
+                v.permute((0, 2, 3, 4, 1)).unwrap().contiguous().unwrap()
+            } else {
+                v
+            };
+            (name, v)
+        })
+        .collect();
+    assert!(renamed.contains_key("vision_tower.patch_embed.proj.weight"));
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    candle_core::safetensors::save(&renamed, dir.join("model.safetensors")).unwrap();
+    let engine = Engine::load_dir(&dir, "mlx-layout", exact_options()).unwrap();
+    let case = cases()
+        .into_iter()
+        .find(|c| c.family == "qwen2.5-vl" && c.name == "one_image")
+        .unwrap();
+    let req = request(&case.messages, &case.images, case.continuation.len() as u64);
+    let prepared = engine.prepare(&req).unwrap();
+    let settings = engine.settings(&req).unwrap();
+    let out = engine.generate(&prepared, &settings, |_, _| {}).unwrap();
+    assert_eq!(out.tokens, case.continuation);
 }

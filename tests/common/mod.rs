@@ -79,6 +79,8 @@ pub fn smolvlm_tiny_dir(name: &str) -> PathBuf {
 }
 
 pub fn link(src: &Path, dst: &Path) {
+    // Never copy through a link already there (that would overwrite its target with itself).
+    let _ = std::fs::remove_file(dst);
     #[cfg(unix)]
     let ok = std::os::unix::fs::symlink(src, dst).is_ok();
     #[cfg(not(unix))]

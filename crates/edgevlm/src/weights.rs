@@ -115,12 +115,21 @@ impl WeightStore {
             entries = entries
                 .into_iter()
                 .map(|(name, mut e)| {
+                    let sh = &e.shape;
                     if name.ends_with("patch_embedding.weight")
-                        && e.shape.len() == 4
-                        && e.shape[1] == e.shape[2]
-                        && e.shape[3] < e.shape[1]
+                        && sh.len() == 4
+                        && sh[1] == sh[2]
+                        && sh[3] < sh[1]
                     {
-                        e.shape = vec![e.shape[0], e.shape[3], e.shape[1], e.shape[2]];
+                        e.shape = vec![sh[0], sh[3], sh[1], sh[2]];
+                        e.channels_last = true;
+                    } else if name.ends_with("patch_embed.proj.weight")
+                        && sh.len() == 5
+                        && sh[2] == sh[3]
+                        && sh[4] < sh[2]
+                    {
+                        // Qwen2-VL's Conv3d, (out, t, kh, kw, in) in MLX.
+                        e.shape = vec![sh[0], sh[4], sh[1], sh[2], sh[3]];
                         e.channels_last = true;
                     }
                     (hf_name_from_mlx_vlm(&name).unwrap_or(name), e)
@@ -195,7 +204,12 @@ impl WeightStore {
     ) -> Result<Tensor> {
         let e = self.float_entry(name, shape)?;
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let t = if e.channels_last {
+        let t = if e.channels_last && shape.len() == 5 {
+            let [o, i, t, kh, kw] = [shape[0], shape[1], shape[2], shape[3], shape[4]];
+            Tensor::from_raw_buffer(bytes, e.dtype, &[o, t, kh, kw, i], &Device::Cpu)?
+                .permute((0, 4, 1, 2, 3))?
+                .contiguous()?
+        } else if e.channels_last {
             let [o, i, kh, kw] = [shape[0], shape[1], shape[2], shape[3]];
             Tensor::from_raw_buffer(bytes, e.dtype, &[o, kh, kw, i], &Device::Cpu)?
                 .permute((0, 3, 1, 2))?
@@ -296,12 +310,20 @@ impl FloatRows<'_> {
     }
 }
 
-/// The Hugging Face name of a tensor or module in mlx-vlm's Idefics3 / SmolVLM layout (its `sanitize`
-/// drops the `model.` prefix, renames `text_model` to `language_model` and moves `lm_head` under it),
-/// as mlx-community publishes those checkpoints; `None` for a name outside that layout.
+/// The Hugging Face name of a tensor or module in mlx-vlm's layouts, as mlx-community publishes
+/// those checkpoints; `None` for a name outside them. Idefics3 / SmolVLM: `sanitize` drops the
+/// `model.` prefix, renames `text_model` to `language_model` and moves `lm_head` under it. Qwen2-VL
+/// / Qwen2.5-VL: `visual` becomes `vision_tower`, `model` `language_model.model`, and `lm_head`
+/// `language_model.lm_head`.
 pub fn hf_name_from_mlx_vlm(name: &str) -> Option<String> {
     if let Some(rest) = name.strip_prefix("language_model.lm_head") {
         return Some(format!("lm_head{rest}"));
+    }
+    if let Some(rest) = name.strip_prefix("language_model.model.") {
+        return Some(format!("model.{rest}"));
+    }
+    if let Some(rest) = name.strip_prefix("vision_tower.") {
+        return Some(format!("visual.{rest}"));
     }
     if let Some(rest) = name.strip_prefix("language_model.") {
         return Some(format!("model.text_model.{rest}"));
