@@ -6,7 +6,8 @@ Reference: HF transformers (pinned in scripts/requirements.txt), with the PIL-ba
 `Qwen2VLImageProcessorPil` and the real Qwen2.5-VL tokenizer and chat template that
 scripts/fetch-qwen-tokenizer.sh writes into a cache outside git.
 
-Writes (committed, ~16 MB in all; the 151,936-row embedding tables dominate):
+Writes (committed, ~18 MB in all; the 151,936-row embedding tables dominate, hence a 24-wide text model:
+each model.safetensors stays under 8 MiB):
   models/tiny-qwen2.5-vl/, models/tiny-qwen2-vl/   config.json, generation_config.json,
                                                     preprocessor_config.json, model.safetensors (bf16)
   tests/fixtures/images/halves.png                  126x70: smart_resize meets round-half-to-even
@@ -50,19 +51,19 @@ def text_config(hidden, heads, kv_heads, head_dim, layers, inter, section):
 
 
 def tiny_qwen25():
-    vision = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
+    vision = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=24,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                   fullatt_block_indexes=[1, 3], hidden_act="silu", in_channels=3, tokens_per_second=2)
-    return Qwen2_5_VLConfig(text_config=text_config(32, 2, 1, 16, 2, 64, [2, 3, 3]), vision_config=vision,
+    return Qwen2_5_VLConfig(text_config=text_config(24, 2, 1, 12, 2, 64, [2, 2, 2]), vision_config=vision,
                             image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
                             vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
                             tie_word_embeddings=True)
 
 
 def tiny_qwen2():
-    vision = dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=14,
+    vision = dict(depth=2, embed_dim=32, hidden_size=24, mlp_ratio=2, num_heads=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", in_channels=3)
-    return Qwen2VLConfig(text_config=text_config(32, 2, 1, 16, 2, 64, [2, 3, 3]), vision_config=vision,
+    return Qwen2VLConfig(text_config=text_config(24, 2, 1, 12, 2, 64, [2, 2, 2]), vision_config=vision,
                          image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
                          vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
                          tie_word_embeddings=True)
