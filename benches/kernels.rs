@@ -5,9 +5,10 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgevlm::image::{load_image_path, process_image, ImageProcessorConfig};
+use edgevlm::image::load_image_path;
 use edgevlm::kernels::attention::{decode_attention, CacheView, KvView};
 use edgevlm::kernels::qmatvec::{affine_matmul, affine_matmul_batch};
+use edgevlm::model::idefics3::{process_image, ImageProcessorConfig};
 use edgevlm::model::nn::{attention, LayerNorm, RmsNorm};
 use edgevlm::quant::{AffineWeight, QuantSpec, ScaleType};
 use std::hint::black_box;

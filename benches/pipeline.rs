@@ -8,7 +8,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use edgevlm::image::{load_image_path, process_image};
+use edgevlm::image::load_image_path;
+use edgevlm::model::idefics3::process_image;
 use edgevlm::prompt::PromptText;
 use edgevlm::{Engine, EngineOptions};
 

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use edgevlm::image::{self, load_image_path, process_image};
+use edgevlm::image::load_image_path;
+use edgevlm::model::idefics3::{expand_image_tokens, process_image};
 use edgevlm::model::vision::patch_mask_from_pixels;
 use edgevlm::openai::{ChatMessage, ChatRequest, ContentPart, ImageUrl, MessageContent};
 use edgevlm::template::{TemplateMessage, TemplatePart};
@@ -128,7 +129,7 @@ fn image_processor_and_input_ids_match_transformers() {
             p.num_tiles * p.height * p.width
         );
         let prompt = case["prompt"].as_str().unwrap();
-        let text = image::expand_image_tokens(
+        let text = expand_image_tokens(
             &edgevlm::prompt::PromptText::template(prompt),
             &[p],
             smolvlm_of(&engine).image.image_seq_len,

@@ -74,6 +74,30 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
+/// Three numbers (or one for all three) under `key`, `default` where absent.
+pub(crate) fn triple(v: Option<&Value>, default: [f32; 3], key: &str) -> Result<[f32; 3]> {
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => {
+            let x = n.as_f64().unwrap_or(0.0) as f32;
+            Ok([x; 3])
+        }
+        Some(Value::Array(a)) if a.len() == 3 => {
+            let mut out = [0f32; 3];
+            for (o, x) in out.iter_mut().zip(a) {
+                *o = x
+                    .as_f64()
+                    .ok_or_else(|| Error::Config(format!("`{key}` must hold numbers")))?
+                    as f32;
+            }
+            Ok(out)
+        }
+        Some(other) => Err(Error::Config(format!(
+            "`{key}` must be 3 numbers, got {other}"
+        ))),
+    }
+}
+
 /// `key` as a count, `None` where absent or null.
 pub(crate) fn count(v: &Value, key: &str) -> Result<Option<usize>> {
     match get(v, key) {

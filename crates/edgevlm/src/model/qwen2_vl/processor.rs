@@ -5,9 +5,8 @@
 
 use serde_json::Value;
 
-use crate::config::count;
+use crate::config::{count, triple};
 use crate::error::{Error, Result};
-use crate::image::processor::triple;
 use crate::image::resample::{resize, Filter, Image8};
 
 /// Settings from `preprocessor_config.json`.

@@ -3,8 +3,9 @@
 
 use serde_json::Value;
 
-use super::resample::{resize, Filter, Image8};
+use crate::config::triple;
 use crate::error::{Error, Result};
+use crate::image::resample::{resize, Filter, Image8};
 use crate::prompt::PromptText;
 
 /// What a chat template writes where an image goes.
@@ -47,30 +48,6 @@ impl Default for ImageProcessorConfig {
             resample: Filter::Lanczos,
             image_seq_len: 64,
         }
-    }
-}
-
-/// Three numbers (or one for all three) under `key`, `default` where absent.
-pub(crate) fn triple(v: Option<&Value>, default: [f32; 3], key: &str) -> Result<[f32; 3]> {
-    match v {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Number(n)) => {
-            let x = n.as_f64().unwrap_or(0.0) as f32;
-            Ok([x; 3])
-        }
-        Some(Value::Array(a)) if a.len() == 3 => {
-            let mut out = [0f32; 3];
-            for (o, x) in out.iter_mut().zip(a) {
-                *o = x
-                    .as_f64()
-                    .ok_or_else(|| Error::Config(format!("`{key}` must hold numbers")))?
-                    as f32;
-            }
-            Ok(out)
-        }
-        Some(other) => Err(Error::Config(format!(
-            "`{key}` must be 3 numbers, got {other}"
-        ))),
     }
 }
 

@@ -1,5 +1,9 @@
-//! `Idefics3ForConditionalGeneration` (SmolVLM): vision encoder → pixel-shuffle connector → Llama decoder,
-//! with image features written over the `<image>` token embeddings.
+//! `Idefics3ForConditionalGeneration` (SmolVLM): SigLIP vision encoder → pixel-shuffle connector →
+//! Llama decoder, with image features written over the `<image>` token embeddings. The family owns
+//! its image processor (tiles plus a global view) and the prompt expansion of `<image>`.
+
+pub mod connector;
+pub mod processor;
 
 use std::any::Any;
 use std::ops::Range;
@@ -7,17 +11,21 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::family::{
-    EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, VisionLanguageModel,
-};
-use super::nn::Weights;
-use super::text::TextModel;
-use super::vision::{Connector, VisionTransformer};
 use crate::config::Idefics3Config;
 use crate::error::{Error, Result};
 use crate::image::resample::Image8;
-use crate::image::{self, ImageProcessorConfig, IMAGE_PLACEHOLDER};
+use crate::model::family::{
+    EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, VisionLanguageModel,
+};
+use crate::model::nn::Weights;
+use crate::model::text::TextModel;
+use crate::model::vision::VisionTransformer;
 use crate::prompt::PromptText;
+pub use connector::Connector;
+pub use processor::{
+    expand_image_tokens, image_prompt_string, process_image, ImageProcessorConfig, ProcessedImage,
+    IMAGE_PLACEHOLDER,
+};
 
 pub struct Idefics3 {
     pub vision: VisionTransformer,
@@ -87,7 +95,12 @@ impl Idefics3 {
     /// Input embeddings `(1, ids.len(), hidden)` with the rows of `<image>` tokens replaced, in order, by
     /// `image_features` (one row per `<image>` token).
     pub fn merge_embeddings(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
-        super::scatter_image_features(&self.text, ids, self.cfg.image_token_id, image_features)
+        crate::model::scatter_image_features(
+            &self.text,
+            ids,
+            self.cfg.image_token_id,
+            image_features,
+        )
     }
 }
 
@@ -151,7 +164,7 @@ impl VisionLanguageModel for Idefics3Vlm {
 
     fn process_image(&self, img: &Image8, opts: &ImageOptions) -> Result<EncoderInput> {
         let split = opts.splitting.unwrap_or(self.image.do_image_splitting);
-        let p = image::process_image(img, &self.image, split)?;
+        let p = process_image(img, &self.image, split)?;
         Ok(EncoderInput {
             pixel_values: p.pixel_values,
             layout: ImageLayout {
@@ -165,13 +178,7 @@ impl VisionLanguageModel for Idefics3Vlm {
     fn expand_prompt(&self, prompt: &PromptText, images: &[ImageLayout]) -> Result<PromptText> {
         let expansions: Vec<String> = images
             .iter()
-            .map(|l| {
-                image::processor::image_prompt_string(
-                    l.shape[0],
-                    l.shape[1],
-                    self.image.image_seq_len,
-                )
-            })
+            .map(|l| image_prompt_string(l.shape[0], l.shape[1], self.image.image_seq_len))
             .collect();
         prompt.expand(IMAGE_PLACEHOLDER, &expansions)
     }
