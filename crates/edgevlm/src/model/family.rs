@@ -96,6 +96,16 @@ pub trait FamilySetup {
     fn load(self: Box<Self>, weights: &Weights) -> Result<Box<dyn VisionLanguageModel>>;
 }
 
+/// Check that the tokenizer has `placeholder` as the token config.json's `image_token_id` names.
+pub fn check_image_token(tokenizer: &Tokenizer, placeholder: &str, id: u32) -> Result<()> {
+    if tokenizer.token_to_id(placeholder) != Some(id) {
+        return Err(Error::Tokenizer(format!(
+            "{placeholder} is not token {id} in tokenizer.json, as config.json's image_token_id says"
+        )));
+    }
+    Ok(())
+}
+
 /// Architectures this build runs from a model folder.
 pub const VISION_ARCHITECTURES: &[&str] = &[
     "Idefics3ForConditionalGeneration",

@@ -15,7 +15,8 @@ use crate::config::Idefics3Config;
 use crate::error::{Error, Result};
 use crate::image::resample::Image8;
 use crate::model::family::{
-    EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, VisionLanguageModel,
+    check_image_token, EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions,
+    VisionLanguageModel,
 };
 use crate::model::nn::Weights;
 use crate::model::text::TextModel;
@@ -131,12 +132,7 @@ pub(super) fn setup(files: &FamilyFiles) -> Result<Box<dyn FamilySetup>> {
         )));
     }
     let image = ImageProcessorConfig::from_values(files.preprocessor, Some(seq_len))?;
-    if files.tokenizer.token_to_id(IMAGE_PLACEHOLDER) != Some(cfg.image_token_id) {
-        return Err(Error::Tokenizer(format!(
-            "<image> is not token {} in tokenizer.json, as config.json's image_token_id says",
-            cfg.image_token_id
-        )));
-    }
+    check_image_token(files.tokenizer, IMAGE_PLACEHOLDER, cfg.image_token_id)?;
     Ok(Box::new(Idefics3Setup { cfg, image }))
 }
 

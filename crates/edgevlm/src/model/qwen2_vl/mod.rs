@@ -13,8 +13,8 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use super::family::{
-    EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions, PromptPositions,
-    VisionLanguageModel,
+    check_image_token, EncoderInput, FamilyFiles, FamilySetup, ImageLayout, ImageOptions,
+    PromptPositions, VisionLanguageModel,
 };
 use super::nn::Weights;
 use super::text::TextModel;
@@ -170,12 +170,7 @@ pub(super) fn setup(files: &FamilyFiles, variant: QwenVariant) -> Result<Box<dyn
             cfg.vision.temporal_patch_size
         )));
     }
-    if files.tokenizer.token_to_id(IMAGE_PAD) != Some(cfg.image_token_id) {
-        return Err(Error::Tokenizer(format!(
-            "{IMAGE_PAD} is not token {} in tokenizer.json, as config.json's image_token_id says",
-            cfg.image_token_id
-        )));
-    }
+    check_image_token(files.tokenizer, IMAGE_PAD, cfg.image_token_id)?;
     Ok(Box::new(QwenSetup { cfg, image }))
 }
 
