@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Full-size check: random weights at the real Qwen2.5-VL-3B-Instruct shapes, transformers vs edgevlm.
+"""Full-size check: random weights at the real Qwen2.5-VL-3B-Instruct shapes (or, with `--family
+qwen2-vl`, Qwen2-VL-2B-Instruct's), transformers vs edgevlm.
 
-1. Builds (once) a random-weight model with Qwen2.5-VL-3B-Instruct's published configuration (below),
+1. Builds (once) a random-weight model with the published configuration (below),
    saved in bf16 with the real tokenizer and chat template (scripts/fetch-qwen-tokenizer.sh) and the
    real preprocessor settings into a cache outside git (~/.cache/edgevlm/qwen2.5-vl-3b-random, or
    $EDGEVLM_QWEN_FULL_MODEL): ~7.5 GB. The same folder is the input for speed and memory benchmarks.
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +47,17 @@ VISION = dict(depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3
               in_channels=3, out_hidden_size=2048, patch_size=14, spatial_merge_size=2,
               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
               tokens_per_second=2)
+# Qwen2-VL-2B-Instruct's.
+TEXT_2B = dict(TEXT, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+               num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768)
+VISION_2B = dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_channels=3,
+                 hidden_act="quick_gelu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+FAMILIES = {
+    "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, TEXT, VISION, "qwen2.5-vl-3b-random",
+                   "EDGEVLM_QWEN_FULL_MODEL"),
+    "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, TEXT_2B, VISION_2B, "qwen2-vl-2b-random",
+                 "EDGEVLM_QWEN2_FULL_MODEL"),
+}
 PREPROCESSOR = {
     "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
@@ -52,18 +65,21 @@ PREPROCESSOR = {
 }
 
 
-def build_model():
+def build_model(family="qwen2.5-vl"):
+    global CACHE
+    config_cls, model_cls, text, vision, folder, env = FAMILIES[family]
+    CACHE = Path(os.environ.get(env, Path.home() / ".cache" / "edgevlm" / folder))
     if (CACHE / "model.safetensors.index.json").exists() or (CACHE / "model.safetensors").exists():
-        return
-    print(f"building random full-size Qwen2.5-VL-3B in {CACHE}", flush=True)
+        return model_cls
+    print(f"building random full-size {family} in {CACHE}", flush=True)
     tok_dir = Path(subprocess.check_output(["bash", str(ROOT / "scripts" / "fetch-qwen-tokenizer.sh")],
                                            text=True).strip())
-    cfg = Qwen2_5_VLConfig(text_config=TEXT, vision_config=VISION, image_token_id=151655,
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=151655,
                            video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
                            tie_word_embeddings=True)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model = model_cls(cfg)
     torch.set_default_dtype(torch.float32)
     randomize(model, seed=1)
     model.save_pretrained(CACHE, safe_serialization=True)
@@ -74,6 +90,7 @@ def build_model():
     (CACHE / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
     (CACHE / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}))
+    return model_cls
 
 
 def main():
@@ -82,12 +99,13 @@ def main():
     ap.add_argument("--image", default=None, help="default: tests/fixtures/images/large.png at 1024x768")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--edgevlm-args", default="", help="extra `edgevlm run` flags, space-separated")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="qwen2.5-vl")
     ap.add_argument("--skip-reference", action="store_true",
                     help="reuse the transformers result saved by an earlier run")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
-    build_model()
+    model_cls = build_model(args.family)
     image = args.image
     if image is None:
         image = str(CACHE / "photo-1024x768.png")
@@ -107,7 +125,7 @@ def main():
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(text=prompt, images=[Image.open(image)], return_tensors="pt")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(CACHE, dtype=torch.float32).eval()
+        model = model_cls.from_pretrained(CACHE, dtype=torch.float32).eval()
         t0 = time.time()
         out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, eos_token_id=None,

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use edgevlm::config::Idefics3Config;
+use edgevlm::model::idefics3::Idefics3Config;
 use serde_json::json;
 
 #[test]

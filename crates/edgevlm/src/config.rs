@@ -1,4 +1,5 @@
-//! Model configuration read from `config.json` (and friends) in the Hugging Face layout.
+//! Model configuration read from `config.json` (and friends) in the Hugging Face layout: the shared
+//! blocks' settings (text decoder, SigLIP encoder) and the JSON helpers the families' configs use.
 //!
 //! Two layouts exist in the wild: transformers 4.x writes `rope_theta` / `torch_dtype`, transformers 5.x
 //! writes `rope_parameters: {rope_theta, rope_type}` / `dtype`. Both are read; missing keys take the
@@ -55,22 +56,7 @@ impl VisionConfig {
     }
 }
 
-/// `Idefics3ForConditionalGeneration` (SmolVLM) configuration.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Idefics3Config {
-    pub text: TextConfig,
-    pub vision: VisionConfig,
-    pub scale_factor: usize,
-    pub image_token_id: u32,
-    pub tie_word_embeddings: bool,
-    /// The dtype the checkpoint was saved in (`torch_dtype` or `dtype`), if stated.
-    pub dtype: Option<String>,
-}
-
-/// Architectures this build knows how to run.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Idefics3ForConditionalGeneration"];
-
-fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+pub(crate) fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
@@ -108,7 +94,7 @@ pub(crate) fn count(v: &Value, key: &str) -> Result<Option<usize>> {
     }
 }
 
-fn usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
+pub(crate) fn usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
     match get(v, key) {
         None => Ok(default),
         Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
@@ -117,7 +103,7 @@ fn usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
     }
 }
 
-fn f64_or(v: &Value, key: &str, default: f64) -> Result<f64> {
+pub(crate) fn f64_or(v: &Value, key: &str, default: f64) -> Result<f64> {
     match get(v, key) {
         None => Ok(default),
         Some(x) => x
@@ -126,7 +112,7 @@ fn f64_or(v: &Value, key: &str, default: f64) -> Result<f64> {
     }
 }
 
-fn str_or(v: &Value, key: &str, default: &str) -> Result<String> {
+pub(crate) fn str_or(v: &Value, key: &str, default: &str) -> Result<String> {
     match get(v, key) {
         None => Ok(default.to_string()),
         Some(x) => x
@@ -136,7 +122,7 @@ fn str_or(v: &Value, key: &str, default: &str) -> Result<String> {
     }
 }
 
-fn bool_or(v: &Value, key: &str, default: bool) -> Result<bool> {
+pub(crate) fn bool_or(v: &Value, key: &str, default: bool) -> Result<bool> {
     match get(v, key) {
         None => Ok(default),
         Some(x) => x
@@ -145,7 +131,7 @@ fn bool_or(v: &Value, key: &str, default: bool) -> Result<bool> {
     }
 }
 
-fn nonzero(name: &str, n: usize) -> Result<usize> {
+pub(crate) fn nonzero(name: &str, n: usize) -> Result<usize> {
     if n == 0 {
         Err(Error::Config(format!("`{name}` must be greater than zero")))
     } else {
@@ -364,72 +350,6 @@ impl VisionConfig {
     }
 }
 
-impl Idefics3Config {
-    /// Parse the text of a `config.json`.
-    pub fn from_json_str(text: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Config(format!("config.json is not valid JSON: {e}")))?;
-        Self::from_value(&v)
-    }
-
-    pub fn from_value(v: &Value) -> Result<Self> {
-        let archs: Vec<&str> = get(v, "architectures")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let model_type = get(v, "model_type").and_then(Value::as_str).unwrap_or("");
-        let known = archs.iter().any(|a| SUPPORTED_ARCHITECTURES.contains(a))
-            || (archs.is_empty() && model_type == "idefics3");
-        if !known {
-            let what = if archs.is_empty() {
-                format!("model_type `{model_type}`")
-            } else {
-                format!("architecture {}", archs.join(", "))
-            };
-            return Err(Error::Unsupported(format!(
-                "{what} is not supported (supported: {})",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )));
-        }
-        let text_v = get(v, "text_config")
-            .ok_or_else(|| Error::Config("config.json has no `text_config`".into()))?;
-        let vision_v = get(v, "vision_config")
-            .ok_or_else(|| Error::Config("config.json has no `vision_config`".into()))?;
-        let text = TextConfig::from_value(text_v)?;
-        text.validate()?;
-        let vision = VisionConfig::from_value(vision_v)?;
-        let scale_factor = nonzero("scale_factor", usize_or(v, "scale_factor", 2)?)?;
-        if vision.patches_per_side() % scale_factor != 0 {
-            return Err(Error::Config(format!(
-                "scale_factor {scale_factor} does not divide the {} patches per side",
-                vision.patches_per_side()
-            )));
-        }
-        let tie_word_embeddings = match get(v, "tie_word_embeddings") {
-            Some(_) => bool_or(v, "tie_word_embeddings", false)?,
-            None => bool_or(text_v, "tie_word_embeddings", false)?,
-        };
-        let dtype = get(v, "dtype")
-            .or_else(|| get(v, "torch_dtype"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        Ok(Self {
-            text,
-            vision,
-            scale_factor,
-            image_token_id: usize_or(v, "image_token_id", 128257)? as u32,
-            tie_word_embeddings,
-            dtype,
-        })
-    }
-
-    /// Number of `<image>` tokens one tile becomes after the pixel-shuffle connector.
-    pub fn image_tokens_per_tile(&self) -> usize {
-        let p = self.vision.patches_per_side();
-        p * p / (self.scale_factor * self.scale_factor)
-    }
-}
-
 /// Token ids at which generation stops: `generation_config.json`'s `eos_token_id` (an id or a list).
 pub fn eos_token_ids(generation_config: &Value) -> Vec<u32> {
     match get(generation_config, "eos_token_id") {
@@ -447,54 +367,6 @@ pub fn eos_token_ids(generation_config: &Value) -> Vec<u32> {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn minimal(text: Value) -> Value {
-        json!({
-            "architectures": ["Idefics3ForConditionalGeneration"],
-            "scale_factor": 4, "image_token_id": 49190,
-            "text_config": text,
-            "vision_config": {"hidden_size": 768, "num_attention_heads": 12, "image_size": 512, "patch_size": 16}
-        })
-    }
-
-    #[test]
-    fn reads_both_rope_layouts() {
-        let v4 = minimal(
-            json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000}),
-        );
-        let v5 = minimal(
-            json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}),
-        );
-        let a = Idefics3Config::from_value(&v4).unwrap();
-        let b = Idefics3Config::from_value(&v5).unwrap();
-        assert_eq!(a.text.rope_theta, 100000.0);
-        assert_eq!(a, b);
-        assert_eq!(a.text.head_dim, 64);
-        assert_eq!(a.image_tokens_per_tile(), 64);
-    }
-
-    #[test]
-    fn unknown_architecture_is_named() {
-        let v = json!({"architectures": ["LlavaForConditionalGeneration"]});
-        let e = Idefics3Config::from_value(&v).unwrap_err().to_string();
-        assert!(e.contains("LlavaForConditionalGeneration"), "{e}");
-    }
-
-    #[test]
-    fn bad_head_grouping_is_an_error() {
-        let v = minimal(
-            json!({"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 2}),
-        );
-        assert!(Idefics3Config::from_value(&v).is_err());
-    }
-
-    #[test]
-    fn scaled_rope_is_refused_clearly() {
-        let v = minimal(json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}));
-        let e = Idefics3Config::from_value(&v).unwrap_err().to_string();
-        assert!(e.contains("yarn"), "{e}");
-    }
 
     #[test]
     fn eos_ids_from_int_or_list() {

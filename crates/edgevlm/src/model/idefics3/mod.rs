@@ -2,6 +2,7 @@
 //! Llama decoder, with image features written over the `<image>` token embeddings. The family owns
 //! its image processor (tiles plus a global view) and the prompt expansion of `<image>`.
 
+pub mod config;
 pub mod connector;
 pub mod processor;
 
@@ -11,7 +12,6 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::config::Idefics3Config;
 use crate::error::{Error, Result};
 use crate::image::resample::Image8;
 use crate::model::family::{
@@ -22,6 +22,7 @@ use crate::model::nn::Weights;
 use crate::model::text::TextModel;
 use crate::model::vision::VisionTransformer;
 use crate::prompt::PromptText;
+pub use config::Idefics3Config;
 pub use connector::Connector;
 pub use processor::{
     expand_image_tokens, image_prompt_string, process_image, ImageProcessorConfig, ProcessedImage,
