@@ -50,6 +50,21 @@ def build_model():
         shutil.copy(SHARED / f, CACHE / f)
 
 
+def run_edgevlm(binary, model, image, threads, extra):
+    """`edgevlm run` greedily for STEPS tokens with the top-TOP logprobs (its timing summary printed):
+    (the per-step logprob entries, wall seconds including load)."""
+    t0 = time.time()
+    res = subprocess.run(
+        [binary, "run", "--model", str(model), "--image", image, "--prompt", PROMPT,
+         "--max-tokens", str(STEPS), "--logprobs", str(TOP), "--threads", str(threads), "--verbose", *extra],
+        capture_output=True, text=True)
+    seconds = time.time() - t0
+    if res.returncode != 0:
+        sys.exit(f"edgevlm failed: {res.stderr}")
+    print(res.stderr.strip())
+    return json.loads(res.stdout)["choices"][0]["logprobs"]["content"], seconds
+
+
 def compare_steps(hf_tokens, hf_steps, decoded, ev_content):
     """Print step by step whether edgevlm's greedy token is transformers' and how far their top-5
     logprobs are apart; `hf_steps[i]` maps token id -> logprob, `decoded` token text -> id."""
@@ -105,18 +120,7 @@ def main():
         hf_steps.append(dict(zip(top.indices.tolist(), top.values.tolist())))
 
     tok = processor.tokenizer
-    t0 = time.time()
-    res = subprocess.run(
-        [args.edgevlm, "run", "--model", str(CACHE), "--image", args.image, "--prompt", PROMPT,
-         "--max-tokens", str(STEPS), "--logprobs", str(TOP), "--threads", str(args.threads), "--verbose",
-         *args.edgevlm_args.split()],
-        capture_output=True, text=True)
-    ev_s = time.time() - t0
-    if res.returncode != 0:
-        sys.exit(f"edgevlm failed: {res.stderr}")
-    ev = json.loads(res.stdout)
-    print(res.stderr.strip())
-    ev_content = ev["choices"][0]["logprobs"]["content"]
+    ev_content, ev_s = run_edgevlm(args.edgevlm, CACHE, args.image, args.threads, args.edgevlm_args.split())
 
     # Map edgevlm's token strings back to ids through the vocabulary's decoded forms.
     decoded = {}

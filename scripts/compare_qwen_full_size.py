@@ -29,7 +29,7 @@ from transformers import (AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditio
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_full_size import compare_steps  # noqa: E402
+from compare_full_size import compare_steps, run_edgevlm  # noqa: E402
 from make_qwen_fixtures import ImageTextProcessor, randomize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,18 +144,8 @@ def main():
         del model, out
         gc.collect()
 
-    t0 = time.time()
-    res = subprocess.run(
-        [args.edgevlm, "run", "--model", str(CACHE), "--image", image, "--prompt", PROMPT,
-         "--max-tokens", str(STEPS), "--logprobs", str(TOP), "--threads", str(args.threads), "--verbose",
-         "--ignore-eos", *args.edgevlm_args.split()],
-        capture_output=True, text=True)
-    ev_s = time.time() - t0
-    if res.returncode != 0:
-        sys.exit(f"edgevlm failed: {res.stderr}")
-    ev = json.loads(res.stdout)
-    print(res.stderr.strip())
-    ev_content = ev["choices"][0]["logprobs"]["content"]
+    ev_content, ev_s = run_edgevlm(args.edgevlm, CACHE, image, args.threads,
+                                   ["--ignore-eos", *args.edgevlm_args.split()])
     decoded = {}
     for i, text in ref["decoded"].items():
         decoded.setdefault(text, int(i))
