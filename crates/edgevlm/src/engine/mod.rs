@@ -807,7 +807,7 @@ impl Engine {
 /// Loading converts and quantizes weights one tensor at a time; the allocator keeps those freed
 /// buffers in its heaps, where they count as resident memory for the life of the process. Hand them
 /// back to the system once the model is built (glibc on Linux; elsewhere nothing to do).
-fn return_freed_memory() {
+pub(crate) fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
     unsafe {

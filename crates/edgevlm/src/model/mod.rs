@@ -7,6 +7,7 @@ pub mod nn;
 pub mod qwen2_vl;
 pub mod text;
 pub mod vision;
+pub mod whisper;
 
 pub use idefics3::Idefics3;
 pub use kv_cache::KvCache;

@@ -309,6 +309,14 @@ impl Linear {
         Self::dense(&w.get("weight", &[out_dim, in_dim])?, bias)
     }
 
+    /// This layer with `bias` added to its outputs (in place of any it had).
+    pub fn with_bias(self, bias: Tensor) -> Self {
+        Self {
+            bias: Some(bias),
+            ..self
+        }
+    }
+
     /// This layer with its products on AMX tiles holding their inputs as `inputs` says.
     pub fn with_tile_inputs(self, inputs: TileInputs) -> Self {
         Self {

