@@ -3,6 +3,7 @@
 mod bench;
 mod options;
 mod quant_eval;
+mod transcribe;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Command {
     Bench(Box<bench::BenchArgs>),
     /// Serve the model over HTTP as an OpenAI-compatible chat completions endpoint (and a chat page).
     Serve(Box<ServeArgs>),
+    /// Speech to text with a Whisper model (WAV in; text, JSON, SRT or VTT out).
+    Transcribe(Box<transcribe::TranscribeArgs>),
 }
 
 #[derive(Args)]
@@ -197,6 +200,16 @@ struct RunArgs {
     /// The question; read from stdin when absent.
     #[arg(long)]
     prompt: Option<String>,
+    /// A spoken question (WAV): transcribed with --speech-model, its text is the question (after
+    /// --prompt's text when both are given).
+    #[arg(long, value_name = "WAV")]
+    audio: Option<PathBuf>,
+    /// The Whisper model that transcribes --audio: a folder in the Hugging Face layout or a repo id.
+    #[arg(long, default_value = transcribe::DEFAULT_SPEECH_MODEL)]
+    speech_model: String,
+    /// Language of --audio (default: detected).
+    #[arg(long)]
+    audio_language: Option<String>,
     /// A system message.
     #[arg(long)]
     system: Option<String>,
@@ -247,7 +260,7 @@ fn read_stdin() -> Result<String> {
     Ok(s)
 }
 
-fn build_request(a: &RunArgs) -> Result<ChatRequest> {
+fn build_request(a: &RunArgs, spoken: Option<&str>) -> Result<ChatRequest> {
     let mut req = match &a.request {
         Some(src) => {
             let text = if src == "-" {
@@ -258,9 +271,11 @@ fn build_request(a: &RunArgs) -> Result<ChatRequest> {
             ChatRequest::from_json(&text)?
         }
         None => {
-            let prompt = match &a.prompt {
-                Some(p) => p.clone(),
-                None => {
+            let prompt = match (&a.prompt, spoken) {
+                (Some(p), Some(s)) => format!("{p}\n{s}"),
+                (None, Some(s)) => s.to_string(),
+                (Some(p), None) => p.clone(),
+                (None, None) => {
                     let p = read_stdin()?;
                     let p = p.trim_end_matches(['\n', '\r']).to_string();
                     if p.is_empty() {
@@ -311,7 +326,26 @@ fn reader_gone(e: &std::io::Error) -> bool {
 fn run(a: RunArgs) -> Result<()> {
     let limits = a.limits.limits(ImageSources::Anywhere);
     let opts = a.load.engine_options(limits.clone())?;
-    let req = build_request(&a)?;
+    // A spoken question is transcribed first (its model loaded and dropped before the VLM loads).
+    let spoken = match &a.audio {
+        Some(path) => {
+            if a.request.is_some() {
+                bail!("--audio and --request: put the audio in the request as an input_audio part");
+            }
+            let t0 = Instant::now();
+            let text = transcribe::question(path, &a.speech_model, a.audio_language.as_deref())?;
+            if a.verbose {
+                eprintln!(
+                    "speech: {:?} ({:.0} ms)",
+                    text,
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            Some(text)
+        }
+        None => None,
+    };
+    let req = build_request(&a, spoken.as_deref())?;
     // What can be checked without the model is checked before loading it.
     req.validate()?;
     for field in req.ignored_fields() {
@@ -393,6 +427,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => quantize(a),
         Command::Bench(a) => bench::run(*a),
         Command::Serve(a) => serve(*a),
+        Command::Transcribe(a) => transcribe::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
