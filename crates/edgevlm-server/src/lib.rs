@@ -7,6 +7,7 @@
 //! (request validation, chunk and completion shapes) is the library's ([`edgevlm::openai`]), the
 //! same the CLI uses.
 
+mod audio;
 pub mod error;
 mod http;
 mod page;

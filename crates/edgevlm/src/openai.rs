@@ -122,8 +122,48 @@ pub enum MessageContent {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
+    Text {
+        text: String,
+    },
+    ImageUrl {
+        image_url: ImageUrl,
+    },
+    /// Speech (OpenAI's `input_audio` part): transcribed by the engine's speech model, its text
+    /// then stands in the message as the user's words.
+    InputAudio {
+        input_audio: InputAudio,
+    },
+}
+
+/// An `input_audio` part's payload: base64 audio and its format (`wav`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct InputAudio {
+    pub data: String,
+    pub format: String,
+}
+
+impl InputAudio {
+    /// The decoded audio, checked as `limits` say (WAV only).
+    pub fn decode(&self, limits: &crate::audio::AudioLimits) -> Result<crate::audio::Waveform> {
+        use base64::Engine as _;
+        let name = "input_audio";
+        if !self.format.eq_ignore_ascii_case("wav") {
+            return Err(Error::Request(format!(
+                "input_audio format `{}` is not supported (wav)",
+                self.format
+            )));
+        }
+        if self.data.len() as u64 > limits.max_bytes.saturating_mul(4) / 3 + 4 {
+            return Err(Error::Audio {
+                source_name: name.into(),
+                message: format!("over the limit of {} bytes", limits.max_bytes),
+            });
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(self.data.trim())
+            .map_err(|e| Error::Request(format!("input_audio data is not valid base64: {e}")))?;
+        crate::audio::decode_wav(&bytes, name, limits)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -155,7 +195,8 @@ impl ChatRequest {
     /// Check what can be checked without a model: message shapes and roles, number ranges (as
     /// OpenAI's API bounds them), `stop`, `n` and logprob settings. Cheap: run it before loading.
     pub fn validate(&self) -> Result<()> {
-        self.template_messages()?;
+        // Audio parts are checked when transcribed (the engine's speech model reads them).
+        self.template_messages_with(true)?;
         let bad = |m: String| Err(Error::Request(m));
         for (field, why) in REFUSED_FIELDS {
             if self.other.get(*field).is_some_and(|v| !v.is_null()) {
@@ -273,6 +314,47 @@ impl ChatRequest {
 
     /// Messages in a chat template's shape, plus the image references in prompt order.
     pub fn template_messages(&self) -> Result<(Vec<TemplateMessage>, Vec<String>)> {
+        self.template_messages_with(false)
+    }
+
+    /// The `input_audio` parts, in order.
+    pub fn audio_parts(&self) -> Vec<&InputAudio> {
+        self.messages
+            .iter()
+            .filter_map(|m| match &m.content {
+                Some(MessageContent::Parts(parts)) => Some(parts),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|p| match p {
+                ContentPart::InputAudio { input_audio } => Some(input_audio),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// This request with its `input_audio` parts replaced, in order, by text parts holding `texts`.
+    pub fn with_transcripts(&self, texts: &[String]) -> Self {
+        let mut out = self.clone();
+        let mut next = texts.iter();
+        for m in &mut out.messages {
+            if let Some(MessageContent::Parts(parts)) = &mut m.content {
+                for p in parts.iter_mut() {
+                    if matches!(p, ContentPart::InputAudio { .. }) {
+                        *p = ContentPart::Text {
+                            text: next.next().cloned().unwrap_or_default(),
+                        };
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn template_messages_with(
+        &self,
+        allow_audio: bool,
+    ) -> Result<(Vec<TemplateMessage>, Vec<String>)> {
         if self.messages.is_empty() {
             return Err(Error::Request("`messages` is empty".into()));
         }
@@ -295,13 +377,19 @@ impl ChatRequest {
                 Some(MessageContent::Parts(parts)) => parts
                     .iter()
                     .map(|p| match p {
-                        ContentPart::Text { text } => TemplatePart::Text { text: text.clone() },
+                        ContentPart::Text { text } => Ok(TemplatePart::Text { text: text.clone() }),
                         ContentPart::ImageUrl { image_url } => {
                             images.push(image_url.url().to_string());
-                            TemplatePart::Image
+                            Ok(TemplatePart::Image)
                         }
+                        ContentPart::InputAudio { .. } if allow_audio => Ok(TemplatePart::Text {
+                            text: String::new(),
+                        }),
+                        ContentPart::InputAudio { .. } => Err(Error::Request(format!(
+                            "messages[{i}]: an input_audio part needs a speech model (this engine has none: load one with --speech-model)"
+                        ))),
                     })
-                    .collect(),
+                    .collect::<Result<_>>()?,
             };
             out.push(TemplateMessage {
                 role: role.to_string(),

@@ -317,6 +317,8 @@ pub struct Engine {
     /// Generation defaults from generation_config.json.
     gen_defaults: Value,
     reuse: ReuseCache,
+    /// Transcribes requests' `input_audio` parts ([`Engine::with_speech`]).
+    speech: Option<std::sync::Arc<crate::speech::Transcriber>>,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -434,6 +436,7 @@ impl Engine {
             opts,
             gen_defaults: Value::Null,
             reuse: ReuseCache::new(reuse_bytes),
+            speech: None,
         })
     }
 
@@ -526,6 +529,7 @@ impl Engine {
             opts,
             gen_defaults,
             reuse: ReuseCache::new(reuse_bytes),
+            speech: None,
         })
     }
 
@@ -572,6 +576,8 @@ impl Engine {
 
     /// Messages in the template's shape, plus the image references in prompt order
     /// ([`ChatRequest::template_messages`]).
+    ///
+    /// `input_audio` parts must have been transcribed first ([`Self::transcribe_audio_parts`]).
     pub fn template_messages(req: &ChatRequest) -> Result<(Vec<TemplateMessage>, Vec<String>)> {
         req.template_messages()
     }
@@ -650,6 +656,13 @@ impl Engine {
     /// [`Limits`] (count, source, size from the header) before any is decoded; an image whose
     /// features the reuse cache holds is not decoded at all.
     pub fn prepare(&self, req: &ChatRequest) -> Result<PreparedPrompt> {
+        let spoken;
+        let req = if req.audio_parts().is_empty() {
+            req
+        } else {
+            spoken = self.transcribe_audio_parts(req)?;
+            &spoken
+        };
         let (messages, refs) = Self::template_messages(req)?;
         if !refs.is_empty() {
             self.vision()?;
@@ -807,6 +820,45 @@ impl Engine {
 /// Loading converts and quantizes weights one tensor at a time; the allocator keeps those freed
 /// buffers in its heaps, where they count as resident memory for the life of the process. Hand them
 /// back to the system once the model is built (glibc on Linux; elsewhere nothing to do).
+impl Engine {
+    /// This engine with a speech model that transcribes requests' `input_audio` parts: the text of
+    /// each stands in its message as the user's words.
+    pub fn with_speech(mut self, speech: std::sync::Arc<crate::speech::Transcriber>) -> Self {
+        self.speech = Some(speech);
+        self
+    }
+
+    /// The speech model, if the engine has one.
+    pub fn speech(&self) -> Option<&crate::speech::Transcriber> {
+        self.speech.as_deref()
+    }
+
+    /// `req` with each `input_audio` part replaced by its transcript (language detected).
+    pub fn transcribe_audio_parts(&self, req: &ChatRequest) -> Result<ChatRequest> {
+        let parts = req.audio_parts();
+        if parts.is_empty() {
+            return Ok(req.clone());
+        }
+        let speech = self.speech.as_deref().ok_or_else(|| {
+            Error::Request(
+                "an input_audio part needs a speech model (this engine has none: load one with --speech-model)"
+                    .into(),
+            )
+        })?;
+        let limits = crate::audio::AudioLimits::default();
+        let texts = parts
+            .iter()
+            .map(|p| {
+                let audio = p.decode(&limits)?;
+                Ok(speech
+                    .transcribe(&audio, &crate::speech::TranscribeOptions::default())?
+                    .text)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(req.with_transcripts(&texts))
+    }
+}
+
 pub(crate) fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.

@@ -60,7 +60,7 @@ pub fn render(t: &Transcript, format: ResponseFormat) -> String {
         ResponseFormat::Json => json!({ "text": t.text }).to_string(),
         ResponseFormat::Text => format!("{}\n", t.text),
         ResponseFormat::VerboseJson => json!({
-            "task": "transcribe",
+            "task": t.task,
             "language": t.language,
             "duration": t.duration,
             "text": t.text,
@@ -115,6 +115,7 @@ mod tests {
             no_speech_prob: 0.01,
         };
         Transcript {
+            task: crate::speech::Task::Transcribe,
             text: "Hello there. How are you?".into(),
             language: "en".into(),
             duration: 3725.5,
@@ -141,7 +142,10 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&render(&t, ResponseFormat::VerboseJson)).unwrap();
         assert_eq!(v["segments"][1]["start"], 3723.25);
-        assert_eq!(v["language"], "en");
+        assert_eq!(
+            (&v["language"], &v["task"]),
+            (&"en".into(), &"transcribe".into())
+        );
         assert!(ResponseFormat::parse("mp3").is_err());
     }
 }

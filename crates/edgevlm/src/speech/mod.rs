@@ -98,6 +98,7 @@ pub struct Segment {
 /// A transcription.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Transcript {
+    pub task: Task,
     pub text: String,
     pub language: String,
     /// Seconds of audio.
@@ -490,6 +491,7 @@ impl Transcriber {
         }
         let text = self.detokenize(&all_tokens[initial_len..])?;
         Ok(Transcript {
+            task: options.task,
             text: text.trim().to_string(),
             language: language.unwrap_or_else(|| "en".into()),
             duration,
