@@ -844,6 +844,20 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Exact GELU (`0.5 x (1 + erf(x/√2))`): the vectorised kernel for f32 CPU tensors, candle's op
+/// otherwise.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let out = with_cpu_f32(x, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        crate::kernels::elementwise::gelu_erf(xs, &mut out);
+        out
+    })?;
+    match out {
+        Some(v) => Ok(Tensor::from_vec(v, x.shape(), x.device())?),
+        None => Ok(x.gelu_erf()?),
+    }
+}
+
 /// `silu(gate) · up` from a stacked `[gate | up]` output `(..., 2·width)`: the vectorised kernel for f32
 /// CPU tensors, candle's ops otherwise.
 pub fn silu_mul_stacked(gate_up: &Tensor, width: usize) -> Result<Tensor> {
@@ -969,7 +983,11 @@ pub(crate) fn load_affine(w: &Weights, in_dim: usize, out_dim: usize) -> Result<
 /// Rows from which a bf16 product runs on AMX where the CPU has it (fewer would mostly be padding).
 const AMX_MIN_ROWS: usize = 16;
 
-/// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel; elsewhere the weight is
+/// Input rows up to which an f16 weight's product runs as mat-vecs ([`crate::kernels::matvec::matvec_f16`]).
+const HALF_MATVEC_MAX_ROWS: usize = 4;
+
+/// `x (..., in)` times a bf16/f16 weight: f32 on the CPU, panel by panel (a few rows of an f16 weight
+/// as mat-vecs); elsewhere the weight is
 /// converted to `x`'s type for the product.
 fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
@@ -996,9 +1014,17 @@ fn half_forward(w: &Tensor, x: &Tensor) -> Result<Tensor> {
                 }
                 DType::F16 => {
                     let wd = &cpu.as_slice::<half::f16>()?[start..start + n * k];
-                    crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
-                        wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
-                    });
+                    if rows <= HALF_MATVEC_MAX_ROWS {
+                        // A few rows (decode steps): one pass over the 16-bit weight per row,
+                        // widened in registers, instead of expanding every panel to f32.
+                        for (x, y) in xs.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+                            crate::kernels::matvec::matvec_f16(wd, x, y);
+                        }
+                    } else {
+                        crate::kernels::qmatvec::panel_matmul_rows(n, k, xs, &mut y, |r, row| {
+                            wd[r * k..(r + 1) * k].convert_to_f32_slice(row)
+                        });
+                    }
                     Ok(true)
                 }
                 _ => Ok(false),

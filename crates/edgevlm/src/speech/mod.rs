@@ -484,12 +484,24 @@ impl Transcriber {
                 add(time_offset, time_offset + length, tokens)?;
                 seek += segment_size;
             }
-            all_tokens.extend(tokens.iter().copied().filter(|&t| t < self.specials.eot));
+            // Timestamps stay in the next window's prompt (as OpenAI's and faster-whisper's do:
+            // without them the model is primed for text without timestamps, and loops).
+            all_tokens.extend(
+                tokens
+                    .iter()
+                    .copied()
+                    .filter(|&t| t < self.specials.eot || is_ts(t)),
+            );
             if !options.condition_on_previous_text || result.temperature > 0.5 {
                 prompt_reset_since = all_tokens.len();
             }
         }
-        let text = self.detokenize(&all_tokens[initial_len..])?;
+        let text_tokens: Vec<u32> = all_tokens[initial_len..]
+            .iter()
+            .copied()
+            .filter(|&t| t < self.specials.eot)
+            .collect();
+        let text = self.detokenize(&text_tokens)?;
         Ok(Transcript {
             task: options.task,
             text: text.trim().to_string(),

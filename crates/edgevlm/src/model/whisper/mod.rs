@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 pub use config::WhisperConfig;
 
 use super::nn::{
-    with_cpu_f32, Embedding, LayerNorm, Linear, LinearWeight, ProjectionGroup, Weights,
+    gelu_erf, with_cpu_f32, Embedding, LayerNorm, Linear, LinearWeight, LoadOptions,
+    ProjectionGroup, Weights,
 };
 use crate::error::{Error, Result};
 use crate::kernels::attention::{decode_attention, prefill_attention, CacheView, KvView};
@@ -84,7 +85,7 @@ impl Conv1d {
             }
         }
         let cols = Tensor::from_vec(cols, (out_frames, c * 3), &Device::Cpu)?;
-        Ok(self.linear.forward(&cols)?.gelu_erf()?)
+        gelu_erf(&self.linear.forward(&cols)?)
     }
 
     /// `x` `(frames, in)` rows → `(frames / stride, out)` rows, GELU applied.
@@ -105,7 +106,7 @@ impl Conv1d {
             }
         }
         let cols = Tensor::from_vec(cols, (out_frames, c * 3), &Device::Cpu)?;
-        Ok(self.linear.forward(&cols)?.gelu_erf()?)
+        gelu_erf(&self.linear.forward(&cols)?)
     }
 }
 
@@ -117,6 +118,8 @@ struct EncoderLayer {
     fc1: Linear,
     fc2: Linear,
     heads: usize,
+    /// Attention on AMX tiles (bf16 inputs, f32 sums) where the CPU has them.
+    tiles: bool,
 }
 
 impl EncoderLayer {
@@ -131,6 +134,7 @@ impl EncoderLayer {
             fc1: Linear::load(&w.pp("fc1"), d, cfg.encoder_ffn_dim, true)?,
             fc2: Linear::load(&w.pp("fc2"), cfg.encoder_ffn_dim, d, true)?,
             heads: cfg.encoder_attention_heads,
+            tiles: w.opts.bf16_tiles,
         })
     }
 
@@ -161,13 +165,13 @@ impl EncoderLayer {
                 key_bias: None,
             };
             let mut out = vec![0f32; n * d];
-            encoder_attention(&a, false, &mut out);
+            encoder_attention(&a, self.tiles, &mut out);
             out
         })?
         .ok_or_else(|| Error::Unsupported("whisper runs on the CPU in f32".into()))?;
         let o = Tensor::from_vec(attended, (n, d), x.device())?;
         let x = (x + self.out.forward(&o)?)?;
-        let y = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?;
+        let y = gelu_erf(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
         Ok((x + self.fc2.forward(&y)?)?)
     }
 }
@@ -454,7 +458,7 @@ impl Decoder {
             }
             let o = Tensor::from_slice(&attn, (t, d), &Device::Cpu)?;
             x = (x + layer.cross_out.forward(&o)?)?;
-            let y = layer.fc1.forward(&layer.ln_ffn.forward(&x)?)?.gelu_erf()?;
+            let y = gelu_erf(&layer.fc1.forward(&layer.ln_ffn.forward(&x)?)?)?;
             x = (x + layer.fc2.forward(&y)?)?;
         }
         state.len += t;
@@ -482,8 +486,14 @@ impl Whisper {
             ));
         }
         let m = w.pp("model");
+        // A quantized encoder (the fast mode) holds its inputs as one bf16 on AMX tiles, as the
+        // vision encoders do, and runs its attention there too; full precision stays f32.
+        let fast = LoadOptions {
+            bf16_tiles: w.opts.quantize.is_some() && w.opts.device.is_cpu(),
+            ..w.opts.clone()
+        };
         Ok(Self {
-            encoder: Encoder::load(&m.pp("encoder"), cfg)?,
+            encoder: Encoder::load(&m.with_opts(&fast).pp("encoder"), cfg)?,
             decoder: Decoder::load(&m.pp("decoder"), cfg)?,
         })
     }
