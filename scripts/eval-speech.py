@@ -6,6 +6,7 @@ faster-whisper), same clips, greedy, English, 2 threads:
     python3 -m venv ~/.cache/edgevlm/venv-audio && ~/.cache/edgevlm/venv-audio/bin/pip install \
         -r scripts/requirements-audio.txt
     ~/.cache/edgevlm/venv-audio/bin/python scripts/eval-speech.py [--rounds 2] [--skip-wer] [--skip-speed]
+        [--isa native|avx2]
 
 Needs espeak-ng and sox (Debian). The clips: 20 sentences spoken by espeak-ng (22.05 kHz), the same
 resampled by sox to 8 kHz and 48 kHz; for speed, the sentences joined into a 30 s and a 5 min clip
@@ -133,14 +134,24 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--skip-wer", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: both engines held to AVX2/FMA (edgevlm's EDGEVLM_NO_* variables and a "
+                        "build without the GEMM's AVX-512 kernels; CTranslate2's CT2_FORCE_CPU_ISA=AVX2)")
     a = p.parse_args()
+    global BIN
+    if a.isa == "avx2":
+        os.environ.update(EDGEVLM_NO_AVX512="1", EDGEVLM_NO_AVXVNNI="1", EDGEVLM_NO_AMX="1",
+                          CT2_FORCE_CPU_ISA="AVX2")
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "edgevlm-cli", "--no-default-features",
+                        "--target-dir", str(ROOT / "target/avx2")], cwd=ROOT, check=True, capture_output=True)
+        BIN = ROOT / "target/avx2/release/edgevlm"
     model = Path(subprocess.run(["bash", str(ROOT / "scripts/fetch-whisper.sh")], capture_output=True, text=True,
                                 check=True).stdout.strip())
     ct2 = model / "ct2"
     if not BIN.exists():
         subprocess.run(["cargo", "build", "--release", "-p", "edgevlm-cli"], cwd=ROOT, check=True)
     sets, long = make_clips()
-    print(f"CPU: {cpu_name()}; 2 threads")
+    print(f"CPU: {cpu_name()}; 2 threads; instruction sets: {a.isa}")
     results = {}
     if not a.skip_wer:
         import jiwer

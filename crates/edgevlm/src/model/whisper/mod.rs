@@ -278,12 +278,70 @@ fn scatter_heads(
     }
 }
 
+/// One layer's cross-attention keys or values: f32, or f16 in the fast (quantized) mode, half the
+/// bytes every decode step reads (1,500 positions x 512 per layer, the largest read of a step).
+enum CrossValues {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl CrossValues {
+    fn new(values: Vec<f32>, half: bool) -> Self {
+        if half {
+            CrossValues::F16(values.iter().map(|&v| half::f16::from_f32(v)).collect())
+        } else {
+            CrossValues::F32(values)
+        }
+    }
+}
+
+/// Cross-attention of each row of `q` `(rows, heads · hd)` over the `len` positions of `k`, `v`,
+/// `(heads, hd, len)` given as `shape`.
+fn cross_attend(
+    q: &[f32],
+    (k, v): (&CrossValues, &CrossValues),
+    shape: (usize, usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) {
+    fn run<T: crate::kernels::attention::CacheElement>(
+        q: &[f32],
+        (k, v): (&[T], &[T]),
+        (heads, hd, len): (usize, usize, usize),
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let view = |data| CacheView {
+            data,
+            head_stride: len * hd,
+        };
+        let kv = KvView {
+            k: view(k),
+            v: view(v),
+            kv_heads: heads,
+            len,
+        };
+        for (qi, oi) in q
+            .chunks_exact(heads * hd)
+            .zip(out.chunks_exact_mut(heads * hd))
+        {
+            decode_attention(qi, kv, hd, scale, oi);
+        }
+    }
+    match (k, v) {
+        (CrossValues::F32(k), CrossValues::F32(v)) => run(q, (k, v), shape, scale, out),
+        (CrossValues::F16(k), CrossValues::F16(v)) => run(q, (k, v), shape, scale, out),
+        // Built together by `Decoder::start`, always of one type.
+        _ => unreachable!("cross keys and values of different types"),
+    }
+}
+
 /// One window's decoding state: the cross-attention keys and values of its encoded audio and the
 /// self-attention cache of the tokens so far.
 pub struct DecoderState {
     /// Per layer `(heads, source positions, d)`.
-    cross_k: Vec<Vec<f32>>,
-    cross_v: Vec<Vec<f32>>,
+    cross_k: Vec<CrossValues>,
+    cross_v: Vec<CrossValues>,
     source_len: usize,
     /// Per layer `(heads, max_target_positions, d)`.
     self_k: Vec<Vec<f32>>,
@@ -320,6 +378,8 @@ pub struct Decoder {
     norm: LayerNorm,
     head: Linear,
     cfg: WhisperConfig,
+    /// Cross-attention keys and values held in f16 (the quantized, fast mode).
+    half_cross: bool,
 }
 
 impl Decoder {
@@ -345,6 +405,7 @@ impl Decoder {
             norm: LayerNorm::load(&w.pp("layer_norm"), d, LN_EPS)?,
             head,
             cfg: cfg.clone(),
+            half_cross: w.opts.quantize.is_some(),
         })
     }
 
@@ -364,7 +425,7 @@ impl Decoder {
                 let rows = values(&proj.forward(audio)?)?;
                 let mut buf = vec![0f32; n * d];
                 scatter_heads(&rows, n, heads, hd, &mut buf, n, 0);
-                dst.push(buf);
+                dst.push(CrossValues::new(buf, self.half_cross));
             }
         }
         let cap = self.cfg.max_target_positions * d;
@@ -441,21 +502,13 @@ impl Decoder {
             x = (x + layer.self_out.forward(&o)?)?;
             // Cross-attention over the audio.
             let q = values(&layer.cross_q.forward(&layer.ln_cross.forward(&x)?)?)?;
-            let kv = KvView {
-                k: CacheView {
-                    data: &state.cross_k[l],
-                    head_stride: state.source_len * hd,
-                },
-                v: CacheView {
-                    data: &state.cross_v[l],
-                    head_stride: state.source_len * hd,
-                },
-                kv_heads: heads,
-                len: state.source_len,
-            };
-            for (qi, oi) in q.chunks_exact(d).zip(attn.chunks_exact_mut(d)) {
-                decode_attention(qi, kv, hd, scale, oi);
-            }
+            cross_attend(
+                &q,
+                (&state.cross_k[l], &state.cross_v[l]),
+                (heads, hd, state.source_len),
+                scale,
+                &mut attn,
+            );
             let o = Tensor::from_slice(&attn, (t, d), &Device::Cpu)?;
             x = (x + layer.cross_out.forward(&o)?)?;
             let y = gelu_erf(&layer.fc1.forward(&layer.ln_ffn.forward(&x)?)?)?;
