@@ -136,12 +136,16 @@ def main():
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="avx2: both engines held to AVX2/FMA (edgevlm's EDGEVLM_NO_* variables and a "
-                        "build without the GEMM's AVX-512 kernels; CTranslate2's CT2_FORCE_CPU_ISA=AVX2)")
+                        "build without the GEMM's AVX-512 kernels; CTranslate2's CT2_FORCE_CPU_ISA=AVX2 "
+                        "with MKL_ENABLE_INSTRUCTIONS / ONEDNN_MAX_CPU_ISA)")
     a = p.parse_args()
     global BIN
     if a.isa == "avx2":
+        # CTranslate2's own kernels, and the MKL / oneDNN GEMMs it calls (which pick their instruction
+        # set themselves: MKL's int8 GEMM would use AVX-512 VNNI otherwise).
         os.environ.update(EDGEVLM_NO_AVX512="1", EDGEVLM_NO_AVXVNNI="1", EDGEVLM_NO_AMX="1",
-                          CT2_FORCE_CPU_ISA="AVX2")
+                          CT2_FORCE_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
+                          DNNL_MAX_CPU_ISA="AVX2")
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "edgevlm-cli", "--no-default-features",
                         "--target-dir", str(ROOT / "target/avx2")], cwd=ROOT, check=True, capture_output=True)
         BIN = ROOT / "target/avx2/release/edgevlm"

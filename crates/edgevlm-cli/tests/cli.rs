@@ -468,3 +468,134 @@ fn gguf_text_model_answers_from_the_command_line() {
     );
     assert_one_line_error(&out, "text-only");
 }
+
+/// The tiny random Whisper with the real tokenizer (fetched by scripts/fetch-whisper.sh), linked into
+/// a scratch folder.
+fn tiny_whisper() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/fetch-whisper.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/fetch-whisper.sh failed (it needs PyPI)"
+    );
+    let base = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let dir = std::env::temp_dir().join(format!("edgevlm-cli-tiny-whisper-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(root().join("models/tiny-whisper")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(base.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    dir
+}
+
+#[test]
+fn transcribe_answers_and_refuses_bad_audio_in_one_line() {
+    let model = tiny_whisper();
+    let model = model.to_str().unwrap();
+    let clip = root().join("tests/fixtures/audio/q22k.wav");
+    let clip = clip.to_str().unwrap();
+    // Every format comes out (the tiny model's words are noise, the shapes are real).
+    let out = edgevlm(
+        &[
+            "transcribe",
+            clip,
+            "--model",
+            model,
+            "--language",
+            "en",
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["language"].as_str(), v["task"].as_str()),
+        (Some("en"), Some("transcribe"))
+    );
+    assert!((v["duration"].as_f64().unwrap() - 2.5).abs() < 0.1, "{v}");
+    let out = edgevlm(
+        &[
+            "transcribe",
+            clip,
+            "--model",
+            model,
+            "--response-format",
+            "vtt",
+        ],
+        None,
+        &[],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("WEBVTT\n\n"));
+    // Bad audio: one line, non-zero exit, before any model loads (the model path is not even read).
+    let readme = root().join("README.md");
+    let out = edgevlm(
+        &[
+            "transcribe",
+            readme.to_str().unwrap(),
+            "--model",
+            "/nonexistent",
+        ],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "not a WAV file");
+    let empty = std::env::temp_dir().join(format!("edgevlm-empty-{}.wav", std::process::id()));
+    std::fs::write(&empty, b"").unwrap();
+    let out = edgevlm(
+        &[
+            "transcribe",
+            empty.to_str().unwrap(),
+            "--model",
+            "/nonexistent",
+        ],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "the file is empty");
+    let out = edgevlm(
+        &[
+            "transcribe",
+            clip,
+            "--model",
+            model,
+            "--response-format",
+            "mp3",
+        ],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "response_format `mp3`");
+    let out = edgevlm(
+        &["transcribe", clip, "--model", model, "--language", "xx"],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "language `xx`");
+    // run --audio: the spoken question becomes the prompt (a missing file is one line).
+    let out = edgevlm(
+        &[
+            "run",
+            "--model",
+            &tiny_model(),
+            "--audio",
+            "/nonexistent.wav",
+            "--speech-model",
+            model,
+        ],
+        None,
+        &[],
+    );
+    assert_one_line_error(&out, "/nonexistent.wav");
+    let _ = std::fs::remove_file(&empty);
+    let _ = std::fs::remove_dir_all(model);
+}
