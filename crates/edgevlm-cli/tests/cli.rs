@@ -497,7 +497,9 @@ fn transcribe_answers_and_refuses_bad_audio_in_one_line() {
     let model = model.to_str().unwrap();
     let clip = root().join("tests/fixtures/audio/q22k.wav");
     let clip = clip.to_str().unwrap();
-    // Every format comes out (the tiny model's words are noise, the shapes are real).
+    // Every format comes out (the tiny model's words are noise, the shapes are real; one temperature
+    // and no timestamps, as noise would run the whole fallback over many short windows).
+    let fast = ["--temperature", "0", "--no-timestamps"];
     let out = edgevlm(
         &[
             "transcribe",
@@ -507,6 +509,9 @@ fn transcribe_answers_and_refuses_bad_audio_in_one_line() {
             "--language",
             "en",
             "--json",
+            fast[0],
+            fast[1],
+            fast[2],
         ],
         None,
         &[],
@@ -530,6 +535,9 @@ fn transcribe_answers_and_refuses_bad_audio_in_one_line() {
             model,
             "--response-format",
             "vtt",
+            fast[0],
+            fast[1],
+            fast[2],
         ],
         None,
         &[],

@@ -377,6 +377,7 @@ impl Transcriber {
         let mut rng = Rng::new(options.seed);
         let mut seek = 0;
         while seek < content_frames {
+            let window_start = seek;
             let time_offset = seek as f64 * frame_seconds;
             let segment_size = n_frames.min(content_frames - seek);
             let window = self.window(&mel, frames, seek);
@@ -486,6 +487,10 @@ impl Transcriber {
             }
             // Timestamps stay in the next window's prompt (as OpenAI's and faster-whisper's do:
             // without them the model is primed for text without timestamps, and loops).
+            // Every window moves on (a segment ending at its own start would decode it forever).
+            if seek <= window_start {
+                seek = window_start + segment_size;
+            }
             all_tokens.extend(
                 tokens
                     .iter()
