@@ -60,6 +60,35 @@ pub(crate) fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
+/// config.json's `architectures` (empty when absent).
+pub(crate) fn architectures(v: &Value) -> Vec<&str> {
+    get(v, "architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// Refuse a config.json that names none of `supported` (by `architectures`, or by `model_type` =
+/// `model_type` when it lists none), saying what it names and what is supported.
+pub(crate) fn check_architecture(v: &Value, supported: &[&str], model_type: &str) -> Result<()> {
+    let archs = architectures(v);
+    let named_type = get(v, "model_type").and_then(Value::as_str).unwrap_or("");
+    let known = archs.iter().any(|a| supported.contains(a))
+        || (archs.is_empty() && named_type == model_type);
+    if known {
+        return Ok(());
+    }
+    let what = if archs.is_empty() {
+        format!("model_type `{named_type}`")
+    } else {
+        format!("architecture {}", archs.join(", "))
+    };
+    Err(Error::Unsupported(format!(
+        "{what} is not supported (supported: {})",
+        supported.join(", ")
+    )))
+}
+
 /// Three numbers (or one for all three) under `key`, `default` where absent.
 pub(crate) fn triple(v: Option<&Value>, default: [f32; 3], key: &str) -> Result<[f32; 3]> {
     match v {

@@ -48,19 +48,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_generic(a, b)
 }
 
+/// `out[r] = row_dot(r)` for every row, rows split across the thread pool.
+fn par_rows(out: &mut [f32], row_dot: impl Fn(usize) -> f32 + Sync) {
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(chunk, ys)| {
+            for (i, y) in ys.iter_mut().enumerate() {
+                *y = row_dot(chunk * ROWS_PER_TASK + i);
+            }
+        });
+}
+
 /// `out[j] = dot(w[j*k..(j+1)*k], x)` for all rows, in parallel.
 pub fn matvec_f32(w: &[f32], x: &[f32], out: &mut [f32]) {
     let k = x.len();
     debug_assert_eq!(w.len(), k * out.len());
-    out.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(chunk, ys)| {
-            let row0 = chunk * ROWS_PER_TASK;
-            for (i, y) in ys.iter_mut().enumerate() {
-                let r = row0 + i;
-                *y = dot(&w[r * k..(r + 1) * k], x);
-            }
-        });
+    par_rows(out, |r| dot(&w[r * k..(r + 1) * k], x));
 }
 
 /// `w · x` for an f16 row, widened in registers (F16C) as it is read: no f32 copy of the weight.
@@ -131,15 +134,7 @@ unsafe fn dot_f16_avx2(w: &[half::f16], x: &[f32]) -> f32 {
 pub fn matvec_f16(w: &[half::f16], x: &[f32], out: &mut [f32]) {
     let k = x.len();
     debug_assert_eq!(w.len(), k * out.len());
-    out.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(chunk, ys)| {
-            let row0 = chunk * ROWS_PER_TASK;
-            for (i, y) in ys.iter_mut().enumerate() {
-                let r = row0 + i;
-                *y = dot_f16(&w[r * k..(r + 1) * k], x);
-            }
-        });
+    par_rows(out, |r| dot_f16(&w[r * k..(r + 1) * k], x));
 }
 
 /// `x (1, in) · Wᵀ` for a contiguous f32 CPU weight `(out, in)`; `None` when the fast path does not apply

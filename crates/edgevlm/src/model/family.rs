@@ -116,11 +116,7 @@ pub const VISION_ARCHITECTURES: &[&str] = &[
 /// The family `config.json` names (by `architectures`, else `model_type`), set up from its files.
 pub fn setup(files: &FamilyFiles) -> Result<Box<dyn FamilySetup>> {
     let v = files.config;
-    let archs: Vec<&str> = v
-        .get("architectures")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let archs = crate::config::architectures(v);
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let by_type = match model_type {
         "idefics3" => Some("Idefics3ForConditionalGeneration"),

@@ -2,7 +2,9 @@
 
 use serde_json::Value;
 
-use crate::config::{bool_or, get, nonzero, usize_or, TextConfig, VisionConfig};
+use crate::config::{
+    bool_or, check_architecture, get, nonzero, usize_or, TextConfig, VisionConfig,
+};
 use crate::error::{Error, Result};
 
 /// The whole model's configuration.
@@ -29,24 +31,7 @@ impl Idefics3Config {
     }
 
     pub fn from_value(v: &Value) -> Result<Self> {
-        let archs: Vec<&str> = get(v, "architectures")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let model_type = get(v, "model_type").and_then(Value::as_str).unwrap_or("");
-        let known = archs.iter().any(|a| SUPPORTED_ARCHITECTURES.contains(a))
-            || (archs.is_empty() && model_type == "idefics3");
-        if !known {
-            let what = if archs.is_empty() {
-                format!("model_type `{model_type}`")
-            } else {
-                format!("architecture {}", archs.join(", "))
-            };
-            return Err(Error::Unsupported(format!(
-                "{what} is not supported (supported: {})",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )));
-        }
+        check_architecture(v, SUPPORTED_ARCHITECTURES, "idefics3")?;
         let text_v = get(v, "text_config")
             .ok_or_else(|| Error::Config("config.json has no `text_config`".into()))?;
         let vision_v = get(v, "vision_config")

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::config::{bool_or, get, nonzero, str_or, usize_or};
+use crate::config::{bool_or, check_architecture, nonzero, str_or, usize_or};
 use crate::error::{Error, Result};
 
 /// The architectures this family reads.
@@ -29,20 +29,7 @@ pub struct WhisperConfig {
 
 impl WhisperConfig {
     pub fn from_value(v: &Value) -> Result<Self> {
-        let archs: Vec<&str> = get(v, "architectures")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let model_type = get(v, "model_type").and_then(Value::as_str).unwrap_or("");
-        let known = archs.iter().any(|a| SUPPORTED_ARCHITECTURES.contains(a))
-            || (archs.is_empty() && model_type == "whisper");
-        if !known {
-            return Err(Error::Unsupported(format!(
-                "speech model: architecture {} / model_type `{model_type}` (supported: {})",
-                archs.join(", "),
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )));
-        }
+        check_architecture(v, SUPPORTED_ARCHITECTURES, "whisper")?;
         let act = str_or(v, "activation_function", "gelu")?;
         if act != "gelu" {
             return Err(Error::Unsupported(format!(
