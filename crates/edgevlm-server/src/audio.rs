@@ -12,7 +12,7 @@ use edgevlm::speech::format::{render, ResponseFormat};
 use edgevlm::speech::TranscribeOptions;
 
 use crate::error::ApiError;
-use crate::http::ready;
+use crate::http::{ready, respond};
 use crate::Shared;
 
 /// Model names a transcription request may give: the speech model's folder name, or OpenAI's
@@ -29,18 +29,11 @@ pub async fn transcriptions(
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Response {
     let t0 = std::time::Instant::now();
-    match transcribe(&shared, form).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::info!(
-                "POST /v1/audio/transcriptions {} in {:.0} ms: {}",
-                e.status.as_u16(),
-                t0.elapsed().as_secs_f64() * 1e3,
-                e.message
-            );
-            e.into_response()
-        }
-    }
+    respond(
+        "POST /v1/audio/transcriptions",
+        t0,
+        transcribe(&shared, form).await,
+    )
 }
 
 async fn transcribe(

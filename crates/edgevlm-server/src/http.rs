@@ -242,11 +242,16 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let t0 = Instant::now();
-    match answer(&shared, body).await {
+    respond("POST /v1/chat/completions", t0, answer(&shared, body).await)
+}
+
+/// A handler's result as a response, a refusal logged with its status and time.
+pub(crate) fn respond(route: &str, t0: Instant, result: Result<Response, ApiError>) -> Response {
+    match result {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(
-                "POST /v1/chat/completions {} in {:.0} ms: {}",
+                "{route} {} in {:.0} ms: {}",
                 e.status.as_u16(),
                 t0.elapsed().as_secs_f64() * 1e3,
                 e.message

@@ -830,32 +830,69 @@ fn with_cpu_slice<T: candle_core::WithDType, R>(
     Ok(Some(f(values)))
 }
 
-/// GELU (tanh form, as SmolVLM's SigLIP uses): the vectorised pool kernel for f32 CPU tensors,
-/// candle's op otherwise.
-pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+/// `kernel(x) → out` for an f32 CPU tensor (an element-wise pool kernel), `fallback(x)` otherwise.
+fn elementwise(
+    x: &Tensor,
+    kernel: fn(&[f32], &mut [f32]),
+    fallback: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
     let out = with_cpu_f32(x, |xs| {
         let mut out = vec![0f32; xs.len()];
-        crate::kernels::elementwise::gelu_tanh(xs, &mut out);
+        kernel(xs, &mut out);
         out
     })?;
     match out {
         Some(v) => Ok(Tensor::from_vec(v, x.shape(), x.device())?),
-        None => Ok(x.gelu()?),
+        None => Ok(fallback(x)?),
     }
+}
+
+/// GELU (tanh form, as SmolVLM's SigLIP uses): the vectorised pool kernel for f32 CPU tensors,
+/// candle's op otherwise.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    elementwise(x, crate::kernels::elementwise::gelu_tanh, Tensor::gelu)
 }
 
 /// Exact GELU (`0.5 x (1 + erf(x/√2))`): the vectorised kernel for f32 CPU tensors, candle's op
 /// otherwise.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let out = with_cpu_f32(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
-        crate::kernels::elementwise::gelu_erf(xs, &mut out);
+    elementwise(x, crate::kernels::elementwise::gelu_erf, Tensor::gelu_erf)
+}
+
+/// Full self-attention of fused `[q | k | v]` rows `(batch · seq, 3 · heads · head_dim)` (f32, CPU)
+/// through the encoder attention kernel (on AMX tiles when `tiles`; `key_bias` masks padding keys):
+/// `(batch, seq, heads · head_dim)`, or `None` for a tensor the kernel cannot read.
+pub fn fused_qkv_attention(
+    qkv: &Tensor,
+    shape: crate::kernels::encoder_attention::EncoderAttentionShape,
+    tiles: bool,
+    key_bias: Option<&[f32]>,
+) -> Result<Option<Tensor>> {
+    use crate::kernels::encoder_attention::{encoder_attention, EncoderAttention, StridedRows};
+    let h = shape.heads * shape.head_dim;
+    let (b, n) = (shape.batch, shape.seq);
+    let out = with_cpu_f32(qkv, |data| {
+        let rows = |offset| StridedRows {
+            data,
+            offset,
+            stride: 3 * h,
+        };
+        let attention = EncoderAttention {
+            q: rows(0),
+            k: rows(h),
+            v: rows(2 * h),
+            shape,
+            scale: (shape.head_dim as f32).powf(-0.5),
+            key_bias,
+        };
+        let mut out = vec![0f32; b * n * h];
+        encoder_attention(&attention, tiles, &mut out);
         out
     })?;
-    match out {
-        Some(v) => Ok(Tensor::from_vec(v, x.shape(), x.device())?),
-        None => Ok(x.gelu_erf()?),
-    }
+    Ok(match out {
+        Some(o) => Some(Tensor::from_vec(o, (b, n, h), qkv.device())?),
+        None => None,
+    })
 }
 
 /// `silu(gate) · up` from a stacked `[gate | up]` output `(..., 2·width)`: the vectorised kernel for f32

@@ -3,9 +3,12 @@
 
 use candle_core::Tensor;
 
-use super::nn::{attention, gelu_tanh, with_cpu_f32, LayerNorm, Linear, ProjectionGroup, Weights};
+use super::nn::{
+    attention, fused_qkv_attention, gelu_tanh, LayerNorm, Linear, ProjectionGroup, Weights,
+};
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
+use crate::kernels::encoder_attention::EncoderAttentionShape;
 
 /// Padding keys of each tile: `bias[b·n + j]` is 0 for a real patch, -inf for padding.
 struct KeyMask {
@@ -58,7 +61,14 @@ impl EncoderLayer {
         let mut parts = match self.qkv.fused() {
             Some(f) => {
                 let qkv = f.forward(y)?;
-                if let Some(o) = self.attend_cpu(&qkv, b, n, scale as f32, mask)? {
+                let shape = EncoderAttentionShape {
+                    batch: b,
+                    seq: n,
+                    heads: self.heads,
+                    head_dim: self.head_dim,
+                };
+                let key_bias = mask.map(|m| m.bias.as_slice());
+                if let Some(o) = fused_qkv_attention(&qkv, shape, self.tiles, key_bias)? {
                     return Ok(o);
                 }
                 vec![
@@ -86,48 +96,6 @@ impl EncoderLayer {
             mask.map(|m| &m.tensor),
         )?;
         Ok(o.transpose(1, 2)?.reshape((b, n, h))?)
-    }
-
-    /// The fused `[q | k | v]` rows through the encoder attention kernel, for f32 on the CPU.
-    fn attend_cpu(
-        &self,
-        qkv: &Tensor,
-        b: usize,
-        n: usize,
-        scale: f32,
-        mask: Option<&KeyMask>,
-    ) -> Result<Option<Tensor>> {
-        use crate::kernels::encoder_attention::{
-            encoder_attention, EncoderAttention, EncoderAttentionShape, StridedRows,
-        };
-        let h = self.heads * self.head_dim;
-        let out = with_cpu_f32(qkv, |data| {
-            let rows = |offset| StridedRows {
-                data,
-                offset,
-                stride: 3 * h,
-            };
-            let attention = EncoderAttention {
-                q: rows(0),
-                k: rows(h),
-                v: rows(2 * h),
-                shape: EncoderAttentionShape {
-                    batch: b,
-                    seq: n,
-                    heads: self.heads,
-                    head_dim: self.head_dim,
-                },
-                scale,
-                key_bias: mask.map(|m| m.bias.as_slice()),
-            };
-            let mut out = vec![0f32; b * n * h];
-            encoder_attention(&attention, self.tiles, &mut out);
-            out
-        })?;
-        Ok(match out {
-            Some(o) => Some(Tensor::from_vec(o, (b, n, h), qkv.device())?),
-            None => None,
-        })
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&KeyMask>) -> Result<Tensor> {

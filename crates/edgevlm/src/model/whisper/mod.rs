@@ -14,14 +14,12 @@ use candle_core::{DType, Device, Tensor};
 pub use config::WhisperConfig;
 
 use super::nn::{
-    gelu_erf, with_cpu_f32, Embedding, LayerNorm, Linear, LinearWeight, LoadOptions,
+    fused_qkv_attention, gelu_erf, Embedding, LayerNorm, Linear, LinearWeight, LoadOptions,
     ProjectionGroup, Weights,
 };
 use crate::error::{Error, Result};
 use crate::kernels::attention::{decode_attention, prefill_attention, CacheView, KvView};
-use crate::kernels::encoder_attention::{
-    encoder_attention, EncoderAttention, EncoderAttentionShape, StridedRows,
-};
+use crate::kernels::encoder_attention::EncoderAttentionShape;
 
 /// LayerNorm epsilon of every Whisper norm (torch's default).
 const LN_EPS: f64 = 1e-5;
@@ -144,32 +142,15 @@ impl EncoderLayer {
         let y = self.ln1.forward(x)?;
         let parts = self.qkv.forward_each(&y)?;
         let qkv = Tensor::cat(&parts, 1)?.contiguous()?;
-        let head_dim = d / self.heads;
-        let attended = with_cpu_f32(&qkv, |data| {
-            let rows = |offset| StridedRows {
-                data,
-                offset,
-                stride: 3 * d,
-            };
-            let a = EncoderAttention {
-                q: rows(0),
-                k: rows(d),
-                v: rows(2 * d),
-                shape: EncoderAttentionShape {
-                    batch: 1,
-                    seq: n,
-                    heads: self.heads,
-                    head_dim,
-                },
-                scale: (head_dim as f32).powf(-0.5),
-                key_bias: None,
-            };
-            let mut out = vec![0f32; n * d];
-            encoder_attention(&a, self.tiles, &mut out);
-            out
-        })?
-        .ok_or_else(|| Error::Unsupported("whisper runs on the CPU in f32".into()))?;
-        let o = Tensor::from_vec(attended, (n, d), x.device())?;
+        let shape = EncoderAttentionShape {
+            batch: 1,
+            seq: n,
+            heads: self.heads,
+            head_dim: d / self.heads,
+        };
+        let o = fused_qkv_attention(&qkv, shape, self.tiles, None)?
+            .ok_or_else(|| Error::Unsupported("whisper runs on the CPU in f32".into()))?
+            .reshape((n, d))?;
         let x = (x + self.out.forward(&o)?)?;
         let y = gelu_erf(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
         Ok((x + self.fc2.forward(&y)?)?)
