@@ -213,7 +213,7 @@ fn gelu(c: &mut Criterion) {
 /// A vision MLP product of one tile (1,024 patches x 768 -> 3,072) with a bf16 weight: on AMX tiles
 /// (where the CPU has them) and in f32 on expanded panels.
 fn bf16_products(c: &mut Criterion) {
-    use edgevlm::kernels::{amx, qmatvec::panel_matmul_rows};
+    use edgevlm::kernels::{amx, fixed16, qmatvec::panel_matmul_rows};
     use half::bf16;
     let mut g = c.benchmark_group("bf16_matmul");
     g.sample_size(10);
@@ -229,6 +229,28 @@ fn bf16_products(c: &mut Criterion) {
         g.bench_function("amx_1024x768x3072", |b| {
             b.iter(|| tw.matmul(black_box(&xs), &mut ys))
         });
+    }
+    if let Some(fw) = fixed16::Fixed16Weight::pack(n, k, |r, row| {
+        for (o, v) in row.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+            *o = v.to_f32();
+        }
+    })
+    .filter(|_| fixed16::available())
+    {
+        g.bench_function("fixed16_1024x768x3072", |b| {
+            b.iter(|| fw.matmul(black_box(&xs), &mut ys))
+        });
+        // fc2's shape: 3,072 inputs -> 768.
+        let (xs2, mut ys2) = (inputs(t, n), vec![0f32; t * k]);
+        let w2: Vec<f32> = (0..n * k).map(|i| w[i].to_f32()).collect();
+        let fw2 = fixed16::Fixed16Weight::pack(k, n, |r, row| {
+            row.copy_from_slice(&w2[r * n..(r + 1) * n])
+        });
+        if let Some(fw2) = fw2 {
+            g.bench_function("fixed16_1024x3072x768", |b| {
+                b.iter(|| fw2.matmul(black_box(&xs2), &mut ys2))
+            });
+        }
     }
     g.bench_function("f32_panels_1024x768x3072", |b| {
         b.iter(|| {

@@ -3,6 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{Device, Tensor};
+use edgevlm::image::load_image_path;
+use edgevlm::model::idefics3::process_image;
+use edgevlm::model::vision::patch_mask_from_pixels;
 use edgevlm::{Engine, EngineOptions};
 
 pub fn repo_root() -> PathBuf {
@@ -309,4 +313,56 @@ pub fn whisper_tiny_dir(name: &str) -> PathBuf {
         &dir.join("tokenizer.json"),
     );
     dir
+}
+
+/// The golden tensors of `scripts/make_fixtures.py` (transformers' f32 logits and features).
+pub fn golden_tensors() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("golden/logits.safetensors"), &Device::Cpu)
+        .expect("logits.safetensors")
+}
+
+/// The largest difference between the engine's vision features of the golden partially padded tile
+/// and transformers'.
+pub fn masked_tile_feature_diff(engine: &Engine) -> f32 {
+    let golden = read_json(&fixtures().join("golden/text.json"));
+    let m = &golden["masked_tile"];
+    let (rows, cols) = (
+        m["rows"].as_u64().unwrap() as usize,
+        m["cols"].as_u64().unwrap() as usize,
+    );
+    let img = load_image_path(
+        &fixtures().join("images").join(m["image"].as_str().unwrap()),
+        &Default::default(),
+    )
+    .unwrap();
+    let p = process_image(&img, &smolvlm_of(engine).image, false).unwrap();
+    let (h, w) = (p.height, p.width);
+    let mut mask = vec![0u8; h * w];
+    let mut px = p.pixel_values.clone();
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                if y < rows && x < cols {
+                    mask[y * w + x] = 1;
+                } else {
+                    px[(c * h + y) * w + x] = 0.0;
+                }
+            }
+        }
+    }
+    let pm = patch_mask_from_pixels(&mask, h, w, 16);
+    assert_eq!(pm.iter().filter(|&&b| b).count(), 19 * 13);
+    let t = Tensor::from_vec(px, (1, 3, h, w), &Device::Cpu).unwrap();
+    let feats = smolvlm_of(engine)
+        .model
+        .encode_images(&t, Some(&[pm]), 1)
+        .unwrap();
+    let ours: Vec<f32> = feats.flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = golden_tensors()["masked_tile.features"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(ours.len(), want.len());
+    max_abs_diff(&ours, &want)
 }

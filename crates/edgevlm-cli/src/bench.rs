@@ -29,8 +29,8 @@ pub struct BenchArgs {
     /// With --quant: keep the vision encoder in full precision.
     #[arg(long, requires = "quant")]
     skip_vision: bool,
-    /// Compute the vision encoder's products and attention in f32 even on CPUs with AMX, where they
-    /// otherwise run on bf16 tiles (exact, about 2x slower there).
+    /// Compute the vision encoder's products and attention in f32, exactly: otherwise they run on
+    /// bf16 AMX tiles where the CPU has them, else (AVX2) as 16-bit integer products.
     #[arg(long)]
     f32_vision: bool,
     /// CUDA: let candle's quantized products round activations to 8 bits (Q8_1), as llama.cpp does

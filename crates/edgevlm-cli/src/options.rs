@@ -26,8 +26,8 @@ pub struct LoadArgs {
     /// With --quant: keep the vision encoder in full precision.
     #[arg(long, requires = "quant")]
     pub skip_vision: bool,
-    /// Compute the vision encoder's products and attention in f32 even on CPUs with AMX, where they
-    /// otherwise run on bf16 tiles (exact, about 2x slower there).
+    /// Compute the vision encoder's products and attention in f32, exactly: otherwise they run on
+    /// bf16 AMX tiles where the CPU has them, else (AVX2) as 16-bit integer products.
     #[arg(long)]
     pub f32_vision: bool,
     /// CUDA: let candle's quantized products round activations to 8 bits (Q8_1), as llama.cpp does

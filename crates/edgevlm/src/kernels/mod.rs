@@ -4,6 +4,7 @@ pub mod amx;
 pub mod attention;
 pub mod elementwise;
 pub mod encoder_attention;
+pub mod fixed16;
 pub mod matvec;
 pub mod qmatvec;
 // Its kernels are x86 only; elsewhere the row-tiled layers run the exact fallback of `qmatvec`.

@@ -220,6 +220,9 @@ pub enum LinearWeight {
     /// A bf16 weight packed at load for products on AMX tiles (inputs rounded to bf16, f32 sums),
     /// on CPUs that have them; a product of a few rows reads it back exactly in f32.
     Tiles(Arc<crate::kernels::amx::TileWeight>),
+    /// A bf16 or f16 weight packed at load as 16-bit integers per row for the AVX2 products of many
+    /// inputs ([`crate::kernels::fixed16`]): the vision encoder's form on x86 CPUs without AMX.
+    Fixed16(Arc<crate::kernels::fixed16::Fixed16Weight>),
     /// MLX-style affine groups, run by edgevlm's CPU kernels.
     Affine(Arc<AffineWeight>),
     /// A GGUF block type with no exact affine form (k-quants, Q5), run by candle's quantized kernels.
@@ -277,6 +280,14 @@ impl Linear {
                     if let Some(t) = packed.flatten() {
                         return Ok(Self {
                             weight: LinearWeight::Tiles(Arc::new(t)),
+                            bias,
+                            tile_inputs: TileInputs::Split,
+                        });
+                    }
+                } else if w.opts.bf16_tiles && crate::kernels::fixed16::available() {
+                    if let Some(f) = pack_fixed16(&weight)? {
+                        return Ok(Self {
+                            weight: LinearWeight::Fixed16(Arc::new(f)),
                             bias,
                             tile_inputs: TileInputs::Split,
                         });
@@ -401,6 +412,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense { w } | LinearWeight::Half { w } => w.dims()[0],
             LinearWeight::Tiles(t) => t.out_dim(),
+            LinearWeight::Fixed16(f) => f.out_dim(),
             LinearWeight::Affine(q) => q.out_dim,
             LinearWeight::Ggml(QMatMul::QTensor(q))
             | LinearWeight::Q8Offsets {
@@ -487,6 +499,22 @@ impl Linear {
                 tile_inputs: TileInputs::Split,
             }));
         }
+        let fixed: Option<Vec<&crate::kernels::fixed16::Fixed16Weight>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Fixed16(f) => Some(f.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let Some(fs) = fixed {
+            return Ok(
+                crate::kernels::fixed16::Fixed16Weight::stack(&fs).map(|f| Self {
+                    weight: LinearWeight::Fixed16(Arc::new(f)),
+                    bias,
+                    tile_inputs: TileInputs::Split,
+                }),
+            );
+        }
         let affine: Option<Vec<&AffineWeight>> = parts
             .iter()
             .map(|p| match &p.weight {
@@ -527,6 +555,7 @@ impl Linear {
             }
             LinearWeight::Half { w } => half_forward(w, x)?,
             LinearWeight::Tiles(t) => tiles_forward(t, x)?,
+            LinearWeight::Fixed16(f) => fixed16_forward(f, x)?,
             LinearWeight::Affine(q) => affine_forward(q, x, self.tile_inputs)?,
             LinearWeight::Ggml(q) => {
                 use candle_core::Module;
@@ -1094,6 +1123,48 @@ fn tiles_forward(t: &crate::kernels::amx::TileWeight, x: &Tensor) -> Result<Tens
         }
     })?
     .ok_or_else(|| Error::Device("AMX-packed weights run on the CPU".into()))?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
+}
+
+/// A 16-bit checkpoint weight `(out, in)` packed for [`crate::kernels::fixed16`]; `None` for other
+/// dtypes or an empty shape.
+fn pack_fixed16(weight: &Tensor) -> Result<Option<crate::kernels::fixed16::Fixed16Weight>> {
+    use crate::kernels::fixed16::Fixed16Weight;
+    use half::slice::HalfFloatSliceExt;
+    let (n, k) = weight.dims2()?;
+    let packed = match weight.dtype() {
+        DType::BF16 => with_cpu_slice::<half::bf16, _>(weight, |v| {
+            Fixed16Weight::pack(n, k, |r, row| {
+                v[r * k..(r + 1) * k].convert_to_f32_slice(row)
+            })
+        })?,
+        DType::F16 => with_cpu_slice::<half::f16, _>(weight, |v| {
+            Fixed16Weight::pack(n, k, |r, row| {
+                v[r * k..(r + 1) * k].convert_to_f32_slice(row)
+            })
+        })?,
+        _ => None,
+    };
+    Ok(packed.flatten())
+}
+
+/// `x (..., in)` times a weight packed for the 16-bit integer products (see
+/// [`crate::kernels::fixed16`]).
+fn fixed16_forward(f: &crate::kernels::fixed16::Fixed16Weight, x: &Tensor) -> Result<Tensor> {
+    let (n, k) = (f.out_dim(), f.in_dim());
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.reshape((rows, k))?.to_dtype(DType::F32)?.contiguous()?;
+    let mut y = vec![0f32; rows * n];
+    let done = with_cpu_f32(&x2, |xs| f.matmul(xs, &mut y))?;
+    if done != Some(true) {
+        return Err(Error::Device(
+            "16-bit packed weights run on a CPU with AVX2".into(),
+        ));
+    }
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = n;
