@@ -117,14 +117,18 @@ def edgevlm_bench(binary, model, a):
 
 def edgevlm_vision_math():
     """How edgevlm computes the bf16 vision products on this machine: on AMX tiles (inputs rounded to
-    bf16, f32 sums) where the CPU has AMX-BF16 and EDGEVLM_NO_AMX is unset, else in f32."""
+    bf16, f32 sums) where the CPU has AMX-BF16 and EDGEVLM_NO_AMX is unset; else as 16-bit integer
+    products (`kernels::fixed16`, `vpdpwssd` where AVX-VNNI is present and EDGEVLM_NO_AVXVNNI unset,
+    `vpmaddwd` otherwise); in f32 with `--f32-vision` among the edgevlm flags."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         flags = ""
     if "amx_bf16" in flags and not os.environ.get("EDGEVLM_NO_AMX"):
         return "AMX bf16 products with f32 sums"
-    return "computed in f32"
+    if "avx_vnni" in flags and not os.environ.get("EDGEVLM_NO_AVXVNNI"):
+        return "16-bit integer products (AVX-VNNI)"
+    return "16-bit integer products (AVX2)"
 
 
 def venv_python():
@@ -313,7 +317,8 @@ def main():
         print(f"{VLMS[which]['name']} (random full-size weights), {a.threads} threads, ISA {a.isa}, {w}x{h} image "
               f"({vlm['edgevlm']['image_tiles']:.0f} / {vlm['llama.cpp']['image_tiles']:.0f} tiles), "
               f"tg{a.gen_tokens}; text {a.vlm_text_quant} (llama.cpp) / q4 groups of 32 (edgevlm); "
-              f"vision f16 (llama.cpp) / bf16 weights, {edgevlm_vision_math()} (edgevlm); "
+              f"vision f16 (llama.cpp) / bf16 weights, "
+              f"{'computed in f32' if '--f32-vision' in a.edgevlm_args else edgevlm_vision_math()} (edgevlm); "
               f"KV cache f16 (llama.cpp) / {'f16' if '--f16-kv-cache' in a.edgevlm_args else 'f32'} (edgevlm); "
               f"{a.rounds} alternating rounds (medians)")
         print("| metric | edgevlm | llama.cpp | edgevlm / llama.cpp |")

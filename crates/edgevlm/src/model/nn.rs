@@ -284,7 +284,10 @@ impl Linear {
                             tile_inputs: TileInputs::Split,
                         });
                     }
-                } else if w.opts.bf16_tiles && crate::kernels::fixed16::available() {
+                } else if w.opts.bf16_tiles
+                    && !crate::kernels::amx::available()
+                    && crate::kernels::fixed16::available()
+                {
                     if let Some(f) = pack_fixed16(&weight)? {
                         return Ok(Self {
                             weight: LinearWeight::Fixed16(Arc::new(f)),
