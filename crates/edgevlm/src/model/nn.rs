@@ -265,9 +265,7 @@ impl Linear {
         };
         if w.contains("scales") {
             let q = load_affine(w, in_dim, out_dim)?;
-            return Self::affine(q, bias)
-                .with_tile_inputs(tile_inputs)
-                .place(&w.opts.device, w.opts.dtype);
+            return Self::quantized(q, bias, tile_inputs, w.opts);
         }
         if w.opts.half_weights && w.opts.quantize.is_none() && w.opts.dtype == DType::F32 {
             let name = w.path("weight");
@@ -316,11 +314,41 @@ impl Linear {
                 |r0, out| rows.fill(r0, out),
             )?;
             w.store().release(&name);
-            return Self::affine(q, bias)
-                .with_tile_inputs(tile_inputs)
-                .place(&w.opts.device, w.opts.dtype);
+            return Self::quantized(q, bias, tile_inputs, w.opts);
         }
         Self::dense(&w.get("weight", &[out_dim, in_dim])?, bias)
+    }
+
+    /// A quantized layer as `opts` place it. An encoder's layer (loaded for bf16 tiles) on an x86 CPU
+    /// with AVX2 but no AMX runs as 16-bit integer products of its dequantized rows
+    /// ([`crate::kernels::fixed16`]: 14 bits of each row's largest value, finer than the 8- or 4-bit
+    /// codes), where the affine kernels' products of many rows would expand f32 panels.
+    fn quantized(
+        q: AffineWeight,
+        bias: Option<Tensor>,
+        tile_inputs: TileInputs,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        if opts.bf16_tiles
+            && opts.device.is_cpu()
+            && !crate::kernels::amx::available()
+            && crate::kernels::fixed16::available()
+        {
+            let packed =
+                crate::kernels::fixed16::Fixed16Weight::pack(q.out_dim, q.in_dim, |r, row| {
+                    q.dequantize_row(r, row)
+                });
+            if let Some(f) = packed {
+                return Ok(Self {
+                    weight: LinearWeight::Fixed16(Arc::new(f)),
+                    bias,
+                    tile_inputs: TileInputs::Split,
+                });
+            }
+        }
+        Self::affine(q, bias)
+            .with_tile_inputs(tile_inputs)
+            .place(&opts.device, opts.dtype)
     }
 
     /// This layer with `bias` added to its outputs (in place of any it had).
