@@ -282,16 +282,9 @@ impl Linear {
                             tile_inputs: TileInputs::Split,
                         });
                     }
-                } else if w.opts.bf16_tiles
-                    && !crate::kernels::amx::available()
-                    && crate::kernels::fixed16::available()
-                {
+                } else if fixed16_encoder(w.opts) {
                     if let Some(f) = pack_fixed16(&weight)? {
-                        return Ok(Self {
-                            weight: LinearWeight::Fixed16(Arc::new(f)),
-                            bias,
-                            tile_inputs: TileInputs::Split,
-                        });
+                        return Ok(Self::packed(LinearWeight::Fixed16(Arc::new(f)), bias));
                     }
                 }
                 return Ok(Self {
@@ -329,26 +322,27 @@ impl Linear {
         tile_inputs: TileInputs,
         opts: &LoadOptions,
     ) -> Result<Self> {
-        if opts.bf16_tiles
-            && opts.device.is_cpu()
-            && !crate::kernels::amx::available()
-            && crate::kernels::fixed16::available()
-        {
+        if fixed16_encoder(opts) {
             let packed =
                 crate::kernels::fixed16::Fixed16Weight::pack(q.out_dim, q.in_dim, |r, row| {
                     q.dequantize_row(r, row)
                 });
             if let Some(f) = packed {
-                return Ok(Self {
-                    weight: LinearWeight::Fixed16(Arc::new(f)),
-                    bias,
-                    tile_inputs: TileInputs::Split,
-                });
+                return Ok(Self::packed(LinearWeight::Fixed16(Arc::new(f)), bias));
             }
         }
         Self::affine(q, bias)
             .with_tile_inputs(tile_inputs)
             .place(&opts.device, opts.dtype)
+    }
+
+    /// A layer on a weight packed at load for its kernel (AMX tiles, 16-bit products).
+    fn packed(weight: LinearWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            tile_inputs: TileInputs::Split,
+        }
     }
 
     /// This layer with `bias` added to its outputs (in place of any it had).
@@ -516,35 +510,19 @@ impl Linear {
                 Self::dense(&w, bias)?
             }));
         }
-        let packed: Option<Vec<&crate::kernels::amx::TileWeight>> = parts
-            .iter()
-            .map(|p| match &p.weight {
-                LinearWeight::Tiles(t) => Some(t.as_ref()),
-                _ => None,
-            })
-            .collect();
-        if let Some(ts) = packed {
-            return Ok(crate::kernels::amx::TileWeight::stack(&ts).map(|t| Self {
-                weight: LinearWeight::Tiles(Arc::new(t)),
-                bias,
-                tile_inputs: TileInputs::Split,
-            }));
+        if let Some(ts) = all_of(parts, |w| match w {
+            LinearWeight::Tiles(t) => Some(t.as_ref()),
+            _ => None,
+        }) {
+            let t = crate::kernels::amx::TileWeight::stack(&ts);
+            return Ok(t.map(|t| Self::packed(LinearWeight::Tiles(Arc::new(t)), bias)));
         }
-        let fixed: Option<Vec<&crate::kernels::fixed16::Fixed16Weight>> = parts
-            .iter()
-            .map(|p| match &p.weight {
-                LinearWeight::Fixed16(f) => Some(f.as_ref()),
-                _ => None,
-            })
-            .collect();
-        if let Some(fs) = fixed {
-            return Ok(
-                crate::kernels::fixed16::Fixed16Weight::stack(&fs).map(|f| Self {
-                    weight: LinearWeight::Fixed16(Arc::new(f)),
-                    bias,
-                    tile_inputs: TileInputs::Split,
-                }),
-            );
+        if let Some(fs) = all_of(parts, |w| match w {
+            LinearWeight::Fixed16(f) => Some(f.as_ref()),
+            _ => None,
+        }) {
+            let f = crate::kernels::fixed16::Fixed16Weight::stack(&fs);
+            return Ok(f.map(|f| Self::packed(LinearWeight::Fixed16(Arc::new(f)), bias)));
         }
         let affine: Option<Vec<&AffineWeight>> = parts
             .iter()
@@ -1159,6 +1137,23 @@ fn tiles_forward(t: &crate::kernels::amx::TileWeight, x: &Tensor) -> Result<Tens
         *last = n;
     }
     Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
+}
+
+/// Whether an encoder's layers (loaded for bf16 tiles) run as 16-bit integer products here: on the
+/// CPU, x86 with AVX2, no AMX.
+fn fixed16_encoder(opts: &LoadOptions) -> bool {
+    opts.bf16_tiles
+        && opts.device.is_cpu()
+        && !crate::kernels::amx::available()
+        && crate::kernels::fixed16::available()
+}
+
+/// `pick` of every part's weight, or `None` where one part has another form.
+fn all_of<'a, T: ?Sized>(
+    parts: &'a [&Linear],
+    pick: impl Fn(&'a LinearWeight) -> Option<&'a T>,
+) -> Option<Vec<&'a T>> {
+    parts.iter().map(|p| pick(&p.weight)).collect()
 }
 
 /// A 16-bit checkpoint weight `(out, in)` packed for [`crate::kernels::fixed16`]; `None` for other
