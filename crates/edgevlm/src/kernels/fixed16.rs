@@ -113,6 +113,14 @@ impl Fixed16Weight {
         })
     }
 
+    /// Every output multiplied by `factor`, folded into the column scales (so into the f32 step
+    /// where each column's sums are scaled anyway).
+    pub fn scale_outputs(&mut self, factor: f32) {
+        for s in &mut self.scales {
+            *s *= factor;
+        }
+    }
+
     pub fn out_dim(&self) -> usize {
         self.n
     }
@@ -306,8 +314,13 @@ fn scale_of(values: &[f32]) -> (f32, f32) {
 }
 
 /// `v` in steps of `1 / inv`, rounded to nearest even (as `vcvtps2dq` rounds).
+#[inline]
 fn code(v: f32, inv: f32) -> i16 {
-    (v * inv).round_ties_even().clamp(-LEVELS, LEVELS) as i16
+    // Adding 1.5 · 2^23 leaves a float whose last place is 1: the sum rounds to the nearest integer,
+    // ties to even, without a libm call (`round_ties_even` is one on a baseline x86-64 build);
+    // exact for |v · inv| ≤ 2^22, and `inv` keeps it within LEVELS.
+    const MAGIC: f32 = 12_582_912.0;
+    (((v * inv) + MAGIC) - MAGIC).clamp(-LEVELS, LEVELS) as i16
 }
 
 /// One input row in blocks of 32: `codes` (`k_pad` values, zero past the row) and `steps`.
