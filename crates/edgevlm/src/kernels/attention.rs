@@ -393,39 +393,108 @@ pub fn decode_attention<T: CacheElement>(
     scale: f32,
     out: &mut [f32],
 ) {
-    let KvView {
-        k,
-        v,
-        kv_heads,
-        len,
-    } = kv;
-    if d == 0 || len == 0 {
+    decode_attention_batch(&mut [DecodeQuery { q, kv, out }], d, scale);
+}
+
+/// One sequence's new position in a decode batch: its query heads, the cache they attend to, and
+/// where its `heads × d` outputs go.
+pub struct DecodeQuery<'a, T = f32> {
+    pub q: &'a [f32],
+    pub kv: KvView<'a, T>,
+    pub out: &'a mut [f32],
+}
+
+/// How one query's work is split: runs of `run` positions, `runs` per KV head, `rep` query heads
+/// per KV head; its tasks' partial results start at task `first` of the batch.
+#[derive(Clone, Copy)]
+struct Split {
+    rep: usize,
+    run: usize,
+    runs: usize,
+    first: usize,
+}
+
+/// [`decode_attention`] for the new positions of several sequences (a server's decode batch) in one
+/// parallel pass: every sequence's tasks share the thread pool at once instead of one sequence
+/// after another. Each sequence is split into tasks as it would be alone (the split depends on its
+/// length and the thread count only) and its runs are merged in the same order, so every output is
+/// bit-identical to that sequence's [`decode_attention`]. Every query has `d`-value heads.
+///
+/// Panics if a slice is shorter than the shape says (callers build them from the same shape).
+pub fn decode_attention_batch<T: CacheElement>(
+    queries: &mut [DecodeQuery<T>],
+    d: usize,
+    scale: f32,
+) {
+    if d == 0 {
         return;
     }
-    let heads = q.len() / d;
-    assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads) && q.len() == heads * d,
-        "queries: {} values for {kv_heads}-group heads of {d}",
-        q.len()
-    );
-    assert!(out.len() >= heads * d, "output too short");
-    for (name, c) in [("keys", k), ("values", v)] {
-        assert!(
-            (kv_heads - 1) * c.head_stride + len * d <= c.data.len(),
-            "{name}: {} values, too few for {kv_heads} heads of {len} positions",
-            c.data.len()
-        );
-    }
-    let rep = heads / kv_heads;
-    // About four tasks per thread, in whole 16-position blocks, 32 to 512 positions each.
+    // About four tasks per thread for each query, in whole 16-position blocks, 32 to 512 positions
+    // each.
     let target = 4 * rayon::current_num_threads().max(1);
-    let run = (len * kv_heads)
-        .div_ceil(target)
-        .next_multiple_of(16)
-        .clamp(32, 512);
-    let runs = len.div_ceil(run);
-    let part_len = rep * (d + 2);
-    let mut parts = vec![0f32; kv_heads * runs * part_len];
+    let mut splits = Vec::with_capacity(queries.len());
+    let mut tasks = 0;
+    let mut part_len = 0;
+    for DecodeQuery { q, kv, out } in queries.iter() {
+        let KvView {
+            k,
+            v,
+            kv_heads,
+            len,
+        } = *kv;
+        if len == 0 {
+            // Nothing cached to attend to: the output is left as it is.
+            splits.push(Split {
+                rep: 1,
+                run: 0,
+                runs: 0,
+                first: tasks,
+            });
+            continue;
+        }
+        let heads = q.len() / d;
+        assert!(
+            kv_heads > 0 && heads.is_multiple_of(kv_heads) && q.len() == heads * d,
+            "queries: {} values for {kv_heads}-group heads of {d}",
+            q.len()
+        );
+        assert!(out.len() >= heads * d, "output too short");
+        for (name, c) in [("keys", k), ("values", v)] {
+            assert!(
+                (kv_heads - 1) * c.head_stride + len * d <= c.data.len(),
+                "{name}: {} values, too few for {kv_heads} heads of {len} positions",
+                c.data.len()
+            );
+        }
+        let rep = heads / kv_heads;
+        let run = (len * kv_heads)
+            .div_ceil(target)
+            .next_multiple_of(16)
+            .clamp(32, 512);
+        let runs = len.div_ceil(run);
+        // One part length for the whole batch (the longest), so that tasks are equal chunks.
+        part_len = part_len.max(rep * (d + 2));
+        splits.push(Split {
+            rep,
+            run,
+            runs,
+            first: tasks,
+        });
+        tasks += kv_heads * runs;
+    }
+    if tasks == 0 {
+        return;
+    }
+    // Task `t` of the batch: its query, KV head and first position.
+    let owner: Vec<(usize, usize, usize)> = splits
+        .iter()
+        .zip(queries.iter())
+        .enumerate()
+        .flat_map(|(i, (s, dq))| {
+            (0..dq.kv.kv_heads * s.runs).map(move |t| (i, t / s.runs, t % s.runs * s.run))
+        })
+        .collect();
+    let mut parts = vec![0f32; tasks * part_len];
     #[cfg(target_arch = "x86_64")]
     let (avx2, avx512) = (has_avx2(), super::has_avx512f());
     /// Per worker: scores, and keys and values widened to f32 for the kernels that read only f32.
@@ -438,14 +507,17 @@ pub fn decode_attention<T: CacheElement>(
     thread_local! {
         static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
     }
+    let shared: &[DecodeQuery<T>] = queries;
     parts
         .par_chunks_mut(part_len)
-        .enumerate()
-        .for_each(|(task, part)| {
-            let (g, j0) = (task / runs, task % runs * run);
-            let n = run.min(len - j0);
-            let kr = &k.data[g * k.head_stride + j0 * d..][..n * d];
-            let vr = &v.data[g * v.head_stride + j0 * d..][..n * d];
+        .zip(owner.par_iter())
+        .for_each(|(part, &(i, g, j0))| {
+            let (DecodeQuery { q, kv, .. }, s) = (&shared[i], splits[i]);
+            let rep = s.rep;
+            let part = &mut part[..rep * (d + 2)];
+            let n = s.run.min(kv.len - j0);
+            let kr = &kv.k.data[g * kv.k.head_stride + j0 * d..][..n * d];
+            let vr = &kv.v.data[g * kv.v.head_stride + j0 * d..][..n * d];
             let qg = &q[g * rep * d..(g + 1) * rep * d];
             SCRATCH.with_borrow_mut(|scratch| {
                 let Scratch {
@@ -494,10 +566,19 @@ pub fn decode_attention<T: CacheElement>(
             })
         });
     // Merge the runs of each head: rescale each to the overall maximum.
-    for (h, o) in out.chunks_exact_mut(d).take(heads).enumerate() {
-        let (g, r) = (h / rep, h % rep);
-        let head_parts = (0..runs).map(|c| {
-            let at = (g * runs + c) * part_len + r * (d + 2);
+    for (dq, s) in queries.iter_mut().zip(&splits).filter(|(_, s)| s.runs > 0) {
+        merge_runs(&parts[s.first * part_len..], part_len, *s, d, dq);
+    }
+}
+
+/// One query's outputs from its tasks' partial results (`parts`, task by task `part_len` apart,
+/// KV head by KV head, run by run): per head, every run rescaled to the overall maximum.
+fn merge_runs<T>(parts: &[f32], part_len: usize, s: Split, d: usize, dq: &mut DecodeQuery<T>) {
+    let heads = dq.q.len() / d;
+    for (h, o) in dq.out.chunks_exact_mut(d).take(heads).enumerate() {
+        let (g, r) = (h / s.rep, h % s.rep);
+        let head_parts = (0..s.runs).map(|c| {
+            let at = (g * s.runs + c) * part_len + r * (d + 2);
             &parts[at..at + d + 2]
         });
         let max = head_parts
@@ -644,6 +725,63 @@ mod tests {
     fn matches_reference_from_an_f16_cache() {
         for (d, len) in [(40, 11), (64, 300), (128, 45)] {
             check(d, len, true);
+        }
+    }
+
+    /// A decode batch of sequences of different lengths (one position, one 16-position block, several
+    /// runs to merge, none cached) in one call: each output bit-identical to that sequence alone, and
+    /// the output of the empty one left untouched.
+    #[test]
+    fn batch_equals_each_alone() {
+        let (heads, kv, d) = (6, 2, 64);
+        let lens = [1usize, 16, 700, 0, 45];
+        let cap = 720;
+        let data = |seed: usize| -> Vec<f32> {
+            (0..kv * cap * d)
+                .map(|i| (((i + seed) * 7 % 23) as f32 - 11.0) / 7.0)
+                .collect()
+        };
+        let (ks, vs): (Vec<_>, Vec<_>) = (0..lens.len()).map(|s| (data(s), data(s + 9))).unzip();
+        let qs: Vec<Vec<f32>> = (0..lens.len())
+            .map(|s| {
+                (0..heads * d)
+                    .map(|i| (((i + 3 * s) * 31 % 17) as f32 - 8.0) / 9.0)
+                    .collect()
+            })
+            .collect();
+        let kvv = |s: usize| KvView {
+            k: CacheView {
+                data: &ks[s][..],
+                head_stride: cap * d,
+            },
+            v: CacheView {
+                data: &vs[s][..],
+                head_stride: cap * d,
+            },
+            kv_heads: kv,
+            len: lens[s],
+        };
+        let scale = 0.125;
+        let mut outs = vec![vec![7f32; heads * d]; lens.len()];
+        let mut batch: Vec<_> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(s, out)| DecodeQuery {
+                q: &qs[s],
+                kv: kvv(s),
+                out,
+            })
+            .collect();
+        decode_attention_batch(&mut batch, d, scale);
+        for (s, out) in outs.iter().enumerate() {
+            let mut alone = vec![7f32; heads * d];
+            decode_attention(&qs[s], kvv(s), d, scale, &mut alone);
+            assert_eq!(out, &alone, "sequence {s} of {} positions", lens[s]);
+            if lens[s] == 0 {
+                assert!(out.iter().all(|&x| x == 7.0));
+            } else {
+                assert!(out.iter().all(|x| x.is_finite()) && out.iter().any(|&x| x != 7.0));
+            }
         }
     }
 

@@ -322,6 +322,14 @@ impl DecoderLayer {
             ProjectionGroup::Fused { linear, .. } => (Some(linear.forward_batch(&y)?), Vec::new()),
             ProjectionGroup::Separate(_) => (None, self.qkv.forward_each_batch(&y)?),
         };
+        let batched = match &fused {
+            Some(all) => self.decode_steps(all, rope, caches, positions, layer)?,
+            None => None,
+        };
+        if let Some(o) = batched {
+            let x = (x + self.o.forward_batch(&o)?)?;
+            return self.mlp(x, Linear::forward_batch);
+        }
         let mut outs = Vec::with_capacity(caches.len());
         for (i, (cache, &offset)) in caches.iter_mut().zip(positions).enumerate() {
             let o = match &fused {
@@ -431,6 +439,84 @@ impl DecoderLayer {
         }
     }
 
+    /// [`Self::decode_step`] for every sequence of a decode batch from their stacked `[q | k | v]`
+    /// rows `(sequences, width)`: each row's query and key rotated, its keys and values written to
+    /// its cache, then one attention pass over all the sequences at once
+    /// ([`decode_attention_batch`](crate::kernels::attention::decode_attention_batch), each output
+    /// bit-identical to the sequence's alone); `(sequences, heads·d)`. `None`, with no cache
+    /// touched, where it does not apply (not f32 on the CPU, RoPE tables it does not read).
+    fn decode_steps(
+        &self,
+        qkv: &Tensor,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        positions: &[usize],
+        layer: usize,
+    ) -> Result<Option<Tensor>> {
+        use crate::kernels::attention::{decode_attention_batch, DecodeQuery, KvView};
+        let (d, heads, kv, n) = (self.head_dim, self.heads, self.kv_heads, caches.len());
+        if n == 0 || positions.len() != n || qkv.dims() != [n, (heads + 2 * kv) * d] {
+            return Ok(None);
+        }
+        let rows = with_cpu_f32(qkv, |all| -> Option<Vec<_>> {
+            all.chunks_exact((heads + 2 * kv) * d)
+                .zip(positions)
+                .map(|(row, &offset)| {
+                    let (q, rest) = row.split_at(heads * d);
+                    let (k, v) = rest.split_at(kv * d);
+                    let (mut q, mut k) = (q.to_vec(), k.to_vec());
+                    let rotated =
+                        rope.rotate_one(&mut q, d, offset) && rope.rotate_one(&mut k, d, offset);
+                    rotated.then(|| (q, k, v.to_vec()))
+                })
+                .collect()
+        })?
+        .flatten();
+        let Some(rows) = rows else {
+            return Ok(None);
+        };
+        let dev = qkv.device();
+        let mut cached = Vec::with_capacity(n);
+        let mut queries = Vec::with_capacity(n);
+        for (cache, (q, k, v)) in caches.iter_mut().zip(rows) {
+            let k = Tensor::from_vec(k, (1, kv, 1, d), dev)?;
+            let v = Tensor::from_vec(v, (1, kv, 1, d), dev)?;
+            cached.push(cache.append(layer, &k, &v)?);
+            queries.push(q);
+        }
+        let mut out = vec![0f32; n * heads * d];
+        let scale = (d as f32).powf(-0.5);
+        fn attend<T: crate::kernels::attention::CacheElement>(
+            queries: &[Vec<f32>],
+            views: &[KvView<T>],
+            out: &mut [f32],
+            d: usize,
+            scale: f32,
+        ) {
+            let mut batch: Vec<_> = queries
+                .iter()
+                .zip(views)
+                .zip(out.chunks_exact_mut(queries.first().map_or(1, Vec::len)))
+                .map(|((q, &kv), out)| DecodeQuery { q, kv, out })
+                .collect();
+            decode_attention_batch(&mut batch, d, scale);
+        }
+        let done = match cached[0].0.dtype() {
+            DType::F16 => with_cache_views::<half::f16, _>(&cached, kv, d, |views| {
+                attend(&queries, views, &mut out, d, scale)
+            })?,
+            _ => with_cache_views::<f32, _>(&cached, kv, d, |views| {
+                attend(&queries, views, &mut out, d, scale)
+            })?,
+        };
+        match done {
+            Some(()) => Ok(Some(Tensor::from_vec(out, (n, heads * d), dev)?)),
+            None => Err(Error::Internal(
+                "KV cache layout changed under the decode step".into(),
+            )),
+        }
+    }
+
     /// The residual MLP half of the block, its products run by `forward` ([`Linear::forward`], or
     /// [`Linear::forward_batch`] for a decode batch).
     fn mlp(&self, x: Tensor, forward: fn(&Linear, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
@@ -531,61 +617,70 @@ fn with_cache_view<T: candle_core::WithDType, R>(
     d: usize,
     f: impl FnOnce(crate::kernels::attention::KvView<T>) -> R,
 ) -> Result<Option<R>> {
+    with_cache_views(&[(k.clone(), v.clone())], kv_heads, d, |views| f(views[0]))
+}
+
+/// [`with_cache_view`] for several sequences' caches at once (a decode batch): `f` runs on all
+/// their views, or (`None`) not at all where one of them is not read in place.
+fn with_cache_views<T: candle_core::WithDType, R>(
+    caches: &[(Tensor, Tensor)],
+    kv_heads: usize,
+    d: usize,
+    f: impl FnOnce(&[crate::kernels::attention::KvView<T>]) -> R,
+) -> Result<Option<R>> {
     use crate::kernels::attention::{CacheView, KvView};
     use candle_core::Storage;
-    if [k.dtype(), v.dtype()] != [T::DTYPE; 2] || kv_heads == 0 {
+    if kv_heads == 0 {
         return Ok(None);
     }
-    let len = k.dim(2)?;
-    if v.dim(2)? != len {
-        return Ok(None);
+    for (k, v) in caches {
+        if [k.dtype(), v.dtype()] != [T::DTYPE; 2] || v.dim(2)? != k.dim(2)? {
+            return Ok(None);
+        }
     }
-    let (kg, kl) = k.storage_and_layout();
-    let (vg, vl) = v.storage_and_layout();
-    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*kg, &*vg) else {
-        return Ok(None);
-    };
-    let (ks, vs) = (kl.stride(), vl.stride());
-    if ks.len() != 4 || vs.len() != 4 || ks[2] != d || ks[3] != 1 || vs[2] != d || vs[3] != 1 {
-        return Ok(None);
+    let held: Vec<_> = caches
+        .iter()
+        .map(|(k, v)| (k.dims()[2], k.storage_and_layout(), v.storage_and_layout()))
+        .collect();
+    // The positions of each head `d` values apart, the last head's `len` inside the storage.
+    fn view<'a, T: candle_core::WithDType>(
+        storage: &'a Storage,
+        layout: &candle_core::Layout,
+        kv_heads: usize,
+        d: usize,
+        len: usize,
+    ) -> Result<Option<CacheView<'a, T>>> {
+        let Storage::Cpu(cpu) = storage else {
+            return Ok(None);
+        };
+        let stride = layout.stride();
+        if stride.len() != 4 || stride[2] != d || stride[3] != 1 {
+            return Ok(None);
+        }
+        let (data, start, head_stride) = (cpu.as_slice::<T>()?, layout.start_offset(), stride[1]);
+        Ok(
+            (start + (kv_heads - 1) * head_stride + len * d <= data.len()).then(|| CacheView {
+                data: &data[start..],
+                head_stride,
+            }),
+        )
     }
-    // The last KV head's `len` positions must lie inside the storage.
-    fn view<T>(
-        data: &[T],
-        start: usize,
-        head_stride: usize,
-        last_head: usize,
-        end: usize,
-    ) -> Option<CacheView<'_, T>> {
-        (start + last_head * head_stride + end <= data.len()).then(|| CacheView {
-            data: &data[start..],
-            head_stride,
-        })
+    let mut views = Vec::with_capacity(caches.len());
+    for &(len, (ref kg, kl), (ref vg, vl)) in &held {
+        let (Some(k), Some(v)) = (
+            view::<T>(kg, kl, kv_heads, d, len)?,
+            view::<T>(vg, vl, kv_heads, d, len)?,
+        ) else {
+            return Ok(None);
+        };
+        views.push(KvView {
+            k,
+            v,
+            kv_heads,
+            len,
+        });
     }
-    let (Some(kview), Some(vview)) = (
-        view(
-            kc.as_slice::<T>()?,
-            kl.start_offset(),
-            ks[1],
-            kv_heads - 1,
-            len * d,
-        ),
-        view(
-            vc.as_slice::<T>()?,
-            vl.start_offset(),
-            vs[1],
-            kv_heads - 1,
-            len * d,
-        ),
-    ) else {
-        return Ok(None);
-    };
-    Ok(Some(f(KvView {
-        k: kview,
-        v: vview,
-        kv_heads,
-        len,
-    })))
+    Ok(Some(f(&views)))
 }
 
 /// Llama decoder with its embedding table and LM head.
