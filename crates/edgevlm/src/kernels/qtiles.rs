@@ -262,6 +262,11 @@ fn kernel<const N: usize>(isa: Isa, four: bool, half: bool) -> TileFn {
     }
 }
 
+/// Whether [`matmul`] takes `w`: held in row tiles, on a CPU with AVX2.
+pub(super) fn applies(w: &AffineWeight) -> bool {
+    cfg!(target_arch = "x86_64") && w.layout == CodeLayout::Tiles && Isa::detect().is_some()
+}
+
 /// `ys (t × out) = xs (t × in) · Wᵀ` on the tile kernels, where they apply: `false` (nothing
 /// written) unless `w` is held in row tiles and the CPU has AVX2.
 pub(super) fn matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) -> bool {
