@@ -403,10 +403,8 @@ impl DecoderLayer {
         Ok(o.reshape((1, 1, self.heads * d))?)
     }
 
-    /// Attention of one new position from its stacked `[q | k | v]` row on f32 CPU tensors, without
-    /// the general path's tensor reshapes: RoPE applied to the row in place of candle's op (the same
-    /// arithmetic), keys and values written to the cache, the decode kernel run on the rotated query;
-    /// `(1, 1, heads·d)`. `None` where it does not apply.
+    /// Attention of one new position from its stacked `[q | k | v]` row: [`Self::decode_steps`] for
+    /// a batch of one; `(1, 1, heads·d)`. `None` where it does not apply.
     fn decode_step(
         &self,
         qkv: &Tensor,
@@ -415,33 +413,18 @@ impl DecoderLayer {
         layer: usize,
         offset: usize,
     ) -> Result<Option<Tensor>> {
-        let (d, heads, kv) = (self.head_dim, self.heads, self.kv_heads);
-        let Some((q, k, v)) = with_cpu_f32(qkv, |row| -> Option<_> {
-            let (q, rest) = row.split_at(heads * d);
-            let (k, v) = rest.split_at(kv * d);
-            let mut q = q.to_vec();
-            let mut k = k.to_vec();
-            let rotated = rope.rotate_one(&mut q, d, offset) && rope.rotate_one(&mut k, d, offset);
-            rotated.then(|| (q, k, v.to_vec()))
-        })?
-        .flatten() else {
-            return Ok(None);
-        };
-        let dev = qkv.device();
-        let k = Tensor::from_vec(k, (1, kv, 1, d), dev)?;
-        let v = Tensor::from_vec(v, (1, kv, 1, d), dev)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
-        match attend_one(&q, &k, &v, kv, d, dev)? {
-            Some(out) => Ok(Some(out)),
-            None => Err(Error::Internal(
-                "KV cache layout changed under the decode step".into(),
-            )),
-        }
+        let row = qkv.reshape((1, qkv.elem_count()))?;
+        let out = self.decode_steps(&row, rope, &mut [cache], &[offset], layer)?;
+        Ok(out
+            .map(|o| o.reshape((1, 1, self.heads * self.head_dim)))
+            .transpose()?)
     }
 
-    /// [`Self::decode_step`] for every sequence of a decode batch from their stacked `[q | k | v]`
-    /// rows `(sequences, width)`: each row's query and key rotated, its keys and values written to
-    /// its cache, then one attention pass over all the sequences at once
+    /// Attention of the new position of every sequence of a decode batch from their stacked
+    /// `[q | k | v]` rows `(sequences, width)` on f32 CPU tensors, without the general path's tensor
+    /// reshapes: each row's query and key rotated in place of candle's RoPE op (the same
+    /// arithmetic), its keys and values written to its cache, then one attention pass over all the
+    /// sequences at once
     /// ([`decode_attention_batch`](crate::kernels::attention::decode_attention_batch), each output
     /// bit-identical to the sequence's alone); `(sequences, heads·d)`. `None`, with no cache
     /// touched, where it does not apply (not f32 on the CPU, RoPE tables it does not read).
