@@ -6,6 +6,7 @@
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgevlm::image::load_image_path;
+use edgevlm::kernels::amx::TileInputs;
 use edgevlm::kernels::attention::{decode_attention, CacheView, KvView};
 use edgevlm::kernels::qmatvec::{affine_matmul, affine_matmul_batch};
 use edgevlm::model::idefics3::{process_image, ImageProcessorConfig};
@@ -69,7 +70,7 @@ fn matvec(c: &mut Criterion) {
 }
 
 /// One decode step of 1, 2, 4 and 8 sequences at once (a server's batch) through the MLP shapes, 4-bit
-/// with f16 scales: what each further sequence costs over the first.
+/// with f16 scales, 16- and 8-bit activations: what each further sequence costs over the first.
 fn matvec_batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("qmatvec_batch");
     for (name, n, k) in [
@@ -77,13 +78,16 @@ fn matvec_batch(c: &mut Criterion) {
         ("down_576x1536", HIDDEN, MLP),
     ] {
         let w = weight(n, k, 4, ScaleType::F16);
-        for t in [1usize, 2, 4, 8] {
-            let x = inputs(t, k);
-            let mut y = vec![0f32; t * n];
-            g.throughput(Throughput::Elements((t * n * k) as u64));
-            g.bench_function(BenchmarkId::new(format!("q4_{name}"), t), |b| {
-                b.iter(|| affine_matmul_batch(black_box(&w), black_box(&x), &mut y))
-            });
+        // 16-bit activations (the default) and one 8-bit code per input (`--int8-activations`).
+        for (form, held) in [("q4", TileInputs::Split), ("q4a8", TileInputs::Int8)] {
+            for t in [1usize, 2, 4, 8] {
+                let x = inputs(t, k);
+                let mut y = vec![0f32; t * n];
+                g.throughput(Throughput::Elements((t * n * k) as u64));
+                g.bench_function(BenchmarkId::new(format!("{form}_{name}"), t), |b| {
+                    b.iter(|| affine_matmul_batch(black_box(&w), black_box(&x), &mut y, held))
+                });
+            }
         }
     }
     g.finish();

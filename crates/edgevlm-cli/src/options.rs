@@ -30,10 +30,11 @@ pub struct LoadArgs {
     /// bf16 AMX tiles where the CPU has them, else (AVX2) as 16-bit integer products.
     #[arg(long)]
     pub f32_vision: bool,
-    /// CUDA: let candle's quantized products round activations to 8 bits (Q8_1), as llama.cpp does
-    /// (faster, less exact; by default they stay f32).
-    #[arg(long)]
-    pub gpu_int8_activations: bool,
+    /// Round the activations of quantized products to 8 bits per block of 32, as llama.cpp does:
+    /// faster decode batches on the CPU (and candle's Q8_1 kernels on CUDA), less exact (the KL
+    /// divergence is in benches/README.md); by default they keep 16 bits (CPU) or f32 (GPU).
+    #[arg(long, alias = "gpu-int8-activations")]
+    pub int8_activations: bool,
     /// Keep the KV cache in f16 where the model computes in f32 on the CPU: half its memory and
     /// faster decoding after long (image) prompts, logits within about 1e-2 of the f32 cache's.
     #[arg(long)]
@@ -66,7 +67,7 @@ impl LoadArgs {
             quantize: parse_quant(self.quant.as_deref(), self.group_size)?,
             skip_vision: self.skip_vision,
             vision_bf16_tiles: !self.f32_vision,
-            gpu_int8_activations: self.gpu_int8_activations,
+            int8_activations: self.int8_activations,
             f16_kv_cache: self.f16_kv_cache,
             limits,
             ..Default::default()

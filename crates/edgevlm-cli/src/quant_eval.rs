@@ -31,6 +31,8 @@ pub struct QuantEvalArgs {
     #[arg(long, default_value_t = 0)]
     skip: usize,
     /// Quantizations to compare, as BITSgGROUP (e.g. 8g32, 4g64); `file` is a GGUF file's own blocks.
+    /// A suffix `-a8` (e.g. `file-a8`) scores that form with 8-bit activations
+    /// (`--int8-activations`).
     #[arg(long, value_delimiter = ',', default_value = "8g32,8g64,4g32,4g64")]
     configs: Vec<String>,
     /// Feed each window one token at a time (the decode path: one-token products, as generation
@@ -42,7 +44,16 @@ pub struct QuantEvalArgs {
     json: bool,
 }
 
-fn parse_config(s: &str) -> Result<Option<QuantSpec>> {
+/// A config's weights (`None`: the file's own) and whether its activations round to 8 bits.
+fn parse_config(s: &str) -> Result<(Option<QuantSpec>, bool)> {
+    let (s, int8) = match s.strip_suffix("-a8") {
+        Some(s) => (s, true),
+        None => (s, false),
+    };
+    Ok((parse_weights(s)?, int8))
+}
+
+fn parse_weights(s: &str) -> Result<Option<QuantSpec>> {
     if s == "file" {
         return Ok(None);
     }
@@ -140,12 +151,13 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
     drop(reference);
 
     let mut scores = vec![ref_score];
-    for (name, spec) in specs {
+    for (name, (spec, int8_activations)) in specs {
         let t0 = Instant::now();
         let engine = Engine::load(
             &a.model,
             EngineOptions {
                 quantize: spec,
+                int8_activations,
                 ..Default::default()
             },
         )?;
@@ -171,10 +183,10 @@ pub fn run(a: QuantEvalArgs) -> Result<()> {
             }
         }
         scores.push(Score {
-            name: if spec.is_some() {
-                format!("q{name}")
-            } else {
-                "file blocks".into()
+            name: match (spec, int8_activations) {
+                (Some(_), _) => format!("q{name}"),
+                (None, false) => "file blocks".into(),
+                (None, true) => "file blocks, 8-bit activations".into(),
             },
             tokens: n,
             top1_agreement: agree as f64 / n as f64,

@@ -143,11 +143,15 @@ pub struct EngineOptions {
     /// the full-size SmolVLM-256M.
     /// Off: exact f32 products everywhere.
     pub vision_bf16_tiles: bool,
-    /// CUDA only: let candle's quantized kernels round each product's activations to 8 bits (ggml
-    /// Q8_1) first, as llama.cpp does: faster, but that flips near ties such as SmolLM2's first
-    /// answer token to "What is the capital of France?" (`tests/gguf.rs`). Off: quantized weights
-    /// meet f32 activations, as on the CPU.
-    pub gpu_int8_activations: bool,
+    /// Round the activations of quantized products to 8 bits per block of 32 first, as llama.cpp
+    /// does. On the CPU, the text decoder's decode steps and short prompts (the row-tile kernels,
+    /// [`crate::kernels::TileInputs::Int8`]): half their integer products, so a batch of 8 decode
+    /// steps runs about 1.3x faster on AVX2 (SmolLM2-135M Q4_0, Zen 3), at a measured cost
+    /// (benches/README.md: mean KL divergence against the default's 16-bit activations); long
+    /// prompts and the vision tower keep theirs. On CUDA, candle's Q8_1 kernels. Either way it can
+    /// flip near ties such as SmolLM2's first answer token to "What is the capital of France?"
+    /// (`tests/gguf.rs`). Off: quantized weights meet 16-bit (CPU) or f32 (GPU) activations.
+    pub int8_activations: bool,
     /// Keep the KV cache in f16 where the model computes in f32 on the CPU: half its memory, and
     /// decoding reads half the bytes per cached position, most of a token's time after an image
     /// prompt (full-size SmolVLM-256M q4, 2 threads, 1,024-token prompt: 109.5 -> 144.5 tokens/s).
@@ -176,7 +180,7 @@ impl Default for EngineOptions {
             skip_vision: false,
             dequantize: false,
             vision_bf16_tiles: true,
-            gpu_int8_activations: false,
+            int8_activations: false,
             f16_kv_cache: false,
             limits: Limits::default(),
             reuse_cache_bytes: 0,
@@ -186,7 +190,7 @@ impl Default for EngineOptions {
 
 impl EngineOptions {
     /// The device these options name, opened. On CUDA this also sets how candle's quantized products
-    /// treat their activations ([`Self::gpu_int8_activations`]); that setting is process-wide in
+    /// treat their activations ([`Self::int8_activations`]); that setting is process-wide in
     /// candle, so the last engine loaded decides it.
     pub fn open_device(&self) -> Result<Device> {
         let device = self.device.open()?;
@@ -194,7 +198,7 @@ impl EngineOptions {
         if device.is_cuda() {
             // "DMMV": dequantize-mul-mat-vec for one row (f32 activations), and for more rows the
             // weight dequantized to f32 for a dense product, instead of the Q8_1 kernels.
-            candle_core::quantized::cuda::set_force_dmmv(!self.gpu_int8_activations);
+            candle_core::quantized::cuda::set_force_dmmv(!self.int8_activations);
         }
         Ok(device)
     }
@@ -424,6 +428,7 @@ impl Engine {
         let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
         load_opts.quantize = opts.quantize;
         load_opts.dequantize = opts.dequantize;
+        load_opts.int8_activations = opts.int8_activations;
         let model = crate::gguf::load_llama(&file, &cfg, &load_opts)?;
         drop(file);
         return_freed_memory();
@@ -513,6 +518,7 @@ impl Engine {
         let store = WeightStore::open_dir(dir)?;
         let mut load_opts = LoadOptions::new(opts.precision.dtype(), device);
         load_opts.bf16_tiles = opts.vision_bf16_tiles;
+        load_opts.int8_activations = opts.int8_activations;
         load_opts.checkpoint_quant =
             CheckpointQuant::from_config(&cfg_json).map_err(|e| Error::file(&config_path, e))?;
         if let Some(spec) = opts.quantize {

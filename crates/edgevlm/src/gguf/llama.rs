@@ -335,9 +335,9 @@ impl Loader<'_> {
         Ok(
             match self.matrix(name, rows, cols, unpermute, self.opts.quantize)? {
                 Matrix::Dense(t) => Linear::dense(&t, bias)?,
-                Matrix::Affine(q) => {
-                    Linear::affine(q, bias).place(&self.opts.device, self.opts.dtype)?
-                }
+                Matrix::Affine(q) => Linear::affine(q, bias)
+                    .with_tile_inputs(self.opts.tile_inputs())
+                    .place(&self.opts.device, self.opts.dtype)?,
                 Matrix::Ggml(q) => Linear::ggml(QMatMul::from_arc(Arc::new(q))?, bias),
             },
         )
@@ -415,7 +415,10 @@ pub fn load_llama(f: &GgufFile, cfg: &TextConfig, opts: &LoadOptions) -> Result<
     let lm_head = if f.contains("output.weight") {
         l.linear("output.weight", cfg.vocab_size, h, None)?
     } else {
-        embed.tied_head()?.place(&opts.device, opts.dtype)?
+        embed
+            .tied_head()?
+            .with_tile_inputs(opts.tile_inputs())
+            .place(&opts.device, opts.dtype)?
     };
     let norm = l.norm("output_norm.weight", cfg)?;
     TextModel::from_parts(embed, layers, norm, lm_head, cfg, opts.dtype, &opts.device)

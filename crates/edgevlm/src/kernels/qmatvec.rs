@@ -113,29 +113,29 @@ pub fn affine_matmul_with(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inp
         panel_matmul(w, xs, ys, tile_inputs);
         return;
     }
-    if super::qtiles::matmul(w, xs, ys) {
+    if super::qtiles::matmul(w, xs, ys, tile_inputs) {
         return;
     }
     exact_products(w, xs, ys);
 }
 
 /// `ys (t × n) = xs (t × k) · Wᵀ` for the tokens of a decode batch, each input's outputs
-/// bit-identical to [`affine_matmul`] of that input alone (so a sequence answers the same alone or
-/// batched), with the codes of each weight tile unpacked once per pass of up to 8 inputs.
-pub fn affine_matmul_batch(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) {
+/// bit-identical to [`affine_matmul_with`] of that input alone (so a sequence answers the same
+/// alone or batched), with the codes of each weight tile unpacked once per pass of up to 8 inputs.
+pub fn affine_matmul_batch(w: &AffineWeight, xs: &[f32], ys: &mut [f32], tile_inputs: TileInputs) {
     let t = xs.len() / w.in_dim;
     if t <= 1 {
-        affine_matmul(w, xs, ys);
+        affine_matmul_with(w, xs, ys, tile_inputs);
         return;
     }
-    if super::qtiles::matmul(w, xs, ys) {
+    if super::qtiles::matmul(w, xs, ys, tile_inputs) {
         return;
     }
     for (x, y) in xs
         .chunks_exact(w.in_dim)
         .zip(ys.chunks_exact_mut(w.out_dim))
     {
-        affine_matmul(w, x, y);
+        affine_matmul_with(w, x, y, tile_inputs);
     }
 }
 
@@ -348,7 +348,7 @@ mod tests {
                     .map(|i| ((i * 13 % 29) as f32 / 7.0) - 2.0 + (i / k) as f32 * 0.37)
                     .collect();
                 let mut batch = vec![0f32; t * n];
-                affine_matmul_batch(&q, &xs, &mut batch);
+                affine_matmul_batch(&q, &xs, &mut batch, TileInputs::Split);
                 for (i, x) in xs.chunks_exact(k).enumerate() {
                     let mut alone = vec![0f32; n];
                     affine_matmul(&q, x, &mut alone);

@@ -16,9 +16,14 @@
 //! f32 sums of each group. Every instruction set computes the same integer sums and float steps, and
 //! each input the same instructions whatever else shares its pass: outputs are bit-identical across
 //! CPUs and alone or batched.
+//!
+//! Opt-in ([`TileInputs::Int8`], `--int8-activations`): one code per input, llama.cpp's rounding
+//! with an f32 scale, and the bias term on the sums of the rounded inputs. The kernels skip the low
+//! codes (half the `vpmaddubsw` of a batch on AVX2), at the accuracy cost benches/README.md states.
 
 use rayon::prelude::*;
 
+use super::amx::TileInputs;
 use crate::quant::{AffineWeight, CodeLayout, TILE_ROWS};
 
 /// Inputs per activation scale.
@@ -27,10 +32,13 @@ const BLOCK: usize = 32;
 /// Activations rounded for the tile kernels: per input and block of 32, the 32 high codes then the
 /// 32 low codes (each in the order the kernels unpack the words in, [`code_slot`]), so that an
 /// input's value `e` is `scale · (256 · hi[e] + lo[e])`; a scale per block; the exact sum per
-/// weight group.
+/// weight group. With one code per input ([`TileInputs::Int8`]) every low code is 0 and the kernels
+/// skip them.
 #[derive(Default)]
 pub(super) struct ByteInputs {
     codes: Vec<i8>,
+    /// Whether the low codes count (else all are 0).
+    two_codes: bool,
     /// For 8-bit layers, each input's `256 · hi + lo` as one 16-bit code (|code| ≤ 32,639), in
     /// order: the AVX2 form without VNNI widens 8-bit weights and multiplies 16-bit pairs.
     wide: Vec<i16>,
@@ -71,22 +79,25 @@ fn code_slot(e: usize, bits: u32) -> usize {
     }
 }
 
-/// `xs` (`t × k`) rounded for a layer of `bits`-bit codes in groups of `gs`.
+/// `xs` (`t × k`) rounded for a layer of `bits`-bit codes in groups of `gs`, to two codes per input
+/// unless `one_code`.
 #[cfg(test)]
-fn quantize(xs: &[f32], k: usize, gs: usize, bits: u32) -> ByteInputs {
+fn quantize(xs: &[f32], k: usize, gs: usize, bits: u32, one_code: bool) -> ByteInputs {
     let mut out = ByteInputs::default();
-    quantize_into(xs, k, gs, bits, &mut out);
+    quantize_into(xs, k, gs, bits, one_code, &mut out);
     out
 }
 
 /// [`quantize`] into `out`'s buffers (reused from product to product: no allocation per token).
-fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInputs) {
+fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, one_code: bool, out: &mut ByteInputs) {
     let ByteInputs {
         codes,
+        two_codes,
         wide,
         scales,
         sums,
     } = out;
+    *two_codes = !one_code;
     codes.clear();
     codes.resize(2 * xs.len(), 0);
     scales.clear();
@@ -113,6 +124,9 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInput
         if vector {
             // SAFETY: the CPU has AVX2 and FMA; `x` holds a block, `c` twice as many codes.
             unsafe { round_block(x, inv, bits == 4, c) };
+            if one_code {
+                c[BLOCK..].fill(0);
+            }
             continue;
         }
         let round = round_even;
@@ -124,8 +138,15 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInput
             // saturates to 127, an error of one such step.
             let slot = code_slot(e, bits);
             hi[slot] = h as i8;
-            lo[slot] = round((y - h) * 256.0) as i8;
+            lo[slot] = if one_code {
+                0
+            } else {
+                round((y - h) * 256.0) as i8
+            };
         }
+    }
+    if one_code {
+        rounded_sums(codes, scales, gs / BLOCK, sums);
     }
     wide.clear();
     if bits == 8 {
@@ -137,6 +158,24 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, out: &mut ByteInput
         }));
     }
     debug_assert_eq!(xs.len() % k, 0);
+}
+
+/// Each group's sum of its rounded inputs (one code each; `per_group` blocks a group), in place of
+/// the exact sums: the bias term then meets the same rounded inputs as the scale term, so the
+/// product is exactly that of the rounded inputs with the weights, and the rounding errors meet the
+/// weights `s · q + b`, centred near 0, rather than `s · q` alone (codes 0..15, all of one sign,
+/// with the exact sums for the bias). On SmolLM2-135M's Q4_1 file that is the difference between a
+/// mean KL divergence of 0.029 and (measured) benches/README.md's figure.
+fn rounded_sums(codes: &[i8], scales: &[f32], per_group: usize, sums: &mut [f32]) {
+    for (g, sum) in sums.iter_mut().enumerate() {
+        *sum = (g * per_group..(g + 1) * per_group)
+            .map(|b| {
+                let hi = &codes[2 * BLOCK * b..2 * BLOCK * b + BLOCK];
+                let steps: i32 = hi.iter().map(|&c| i32::from(c)).sum();
+                scales[b] * (256 * steps) as f32
+            })
+            .sum();
+    }
 }
 
 /// One block's high and low codes (`c`: 32 of each) on AVX2, the same values as the scalar loop
@@ -244,21 +283,28 @@ struct Outputs {
     stride: usize,
 }
 
+/// The kernel for `N` inputs on `isa`: 4- or 8-bit codes, f16 or f32 group values, two activation
+/// codes per input or one.
 #[cfg(target_arch = "x86_64")]
-fn kernel<const N: usize>(isa: Isa, four: bool, half: bool) -> TileFn {
-    match (isa, four, half) {
-        (Isa::Avx512Vnni, true, true) => avx512::tile::<N, 4, true>,
-        (Isa::Avx512Vnni, true, false) => avx512::tile::<N, 4, false>,
-        (Isa::Avx512Vnni, false, true) => avx512::tile::<N, 8, true>,
-        (Isa::Avx512Vnni, false, false) => avx512::tile::<N, 8, false>,
-        (Isa::AvxVnni, true, true) => avx2::tile_vnni::<N, 4, true>,
-        (Isa::AvxVnni, true, false) => avx2::tile_vnni::<N, 4, false>,
-        (Isa::AvxVnni, false, true) => avx2::tile_vnni::<N, 8, true>,
-        (Isa::AvxVnni, false, false) => avx2::tile_vnni::<N, 8, false>,
-        (Isa::Avx2, true, true) => avx2::tile::<N, 4, true>,
-        (Isa::Avx2, true, false) => avx2::tile::<N, 4, false>,
-        (Isa::Avx2, false, true) => avx2::tile::<N, 8, true>,
-        (Isa::Avx2, false, false) => avx2::tile::<N, 8, false>,
+fn kernel<const N: usize>(isa: Isa, four: bool, half: bool, two: bool) -> TileFn {
+    macro_rules! forms {
+        ($($f:ident)::+) => {
+            match (four, half, two) {
+                (true, true, true) => $($f)::+::<N, 4, true, true>,
+                (true, true, false) => $($f)::+::<N, 4, true, false>,
+                (true, false, true) => $($f)::+::<N, 4, false, true>,
+                (true, false, false) => $($f)::+::<N, 4, false, false>,
+                (false, true, true) => $($f)::+::<N, 8, true, true>,
+                (false, true, false) => $($f)::+::<N, 8, true, false>,
+                (false, false, true) => $($f)::+::<N, 8, false, true>,
+                (false, false, false) => $($f)::+::<N, 8, false, false>,
+            }
+        };
+    }
+    match isa {
+        Isa::Avx512Vnni => forms!(avx512::tile),
+        Isa::AvxVnni => forms!(avx2::tile_vnni),
+        Isa::Avx2 => forms!(avx2::tile),
     }
 }
 
@@ -267,16 +313,17 @@ pub(super) fn applies(w: &AffineWeight) -> bool {
     cfg!(target_arch = "x86_64") && w.layout == CodeLayout::Tiles && Isa::detect().is_some()
 }
 
-/// `ys (t × out) = xs (t × in) · Wᵀ` on the tile kernels, where they apply: `false` (nothing
-/// written) unless `w` is held in row tiles and the CPU has AVX2.
-pub(super) fn matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32]) -> bool {
+/// `ys (t × out) = xs (t × in) · Wᵀ` on the tile kernels, where they apply, the inputs rounded to
+/// one 8-bit code each for [`TileInputs::Int8`], else two: `false` (nothing written) unless `w` is
+/// held in row tiles and the CPU has AVX2.
+pub(super) fn matmul(w: &AffineWeight, xs: &[f32], ys: &mut [f32], inputs: TileInputs) -> bool {
     match Isa::detect() {
-        Some(isa) => matmul_on(w, xs, ys, isa),
+        Some(isa) => matmul_on(w, xs, ys, isa, inputs),
         None => false,
     }
 }
 
-fn matmul_on(w: &AffineWeight, xs: &[f32], ys: &mut [f32], isa: Isa) -> bool {
+fn matmul_on(w: &AffineWeight, xs: &[f32], ys: &mut [f32], isa: Isa, inputs: TileInputs) -> bool {
     if w.layout != CodeLayout::Tiles || !cfg!(target_arch = "x86_64") {
         return false;
     }
@@ -298,7 +345,8 @@ fn matmul_on(w: &AffineWeight, xs: &[f32], ys: &mut [f32], isa: Isa) -> bool {
                 Ok(xi) => xi,
                 Err(_) => &mut own,
             };
-            quantize_into(xs, k, w.spec.group_size, w.spec.bits, xi);
+            let one_code = inputs == TileInputs::Int8;
+            quantize_into(xs, k, w.spec.group_size, w.spec.bits, one_code, xi);
             run_tiles(w, xi, t, ys, isa);
         });
     }
@@ -310,17 +358,17 @@ fn matmul_on(w: &AffineWeight, xs: &[f32], ys: &mut [f32], isa: Isa) -> bool {
 #[cfg(target_arch = "x86_64")]
 fn run_tiles(w: &AffineWeight, xi: &ByteInputs, t: usize, ys: &mut [f32], isa: Isa) {
     let n = w.out_dim;
-    let (four, half) = (w.spec.bits == 4, w.scales.is_f16());
+    let (four, half, two) = (w.spec.bits == 4, w.scales.is_f16(), xi.two_codes);
     let per_pass = isa.inputs_per_pass();
     let kernels: [TileFn; 8] = [
-        kernel::<1>(isa, four, half),
-        kernel::<2>(isa, four, half),
-        kernel::<3>(isa, four, half),
-        kernel::<4>(isa, four, half),
-        kernel::<5>(isa, four, half),
-        kernel::<6>(isa, four, half),
-        kernel::<7>(isa, four, half),
-        kernel::<8>(isa, four, half),
+        kernel::<1>(isa, four, half, two),
+        kernel::<2>(isa, four, half, two),
+        kernel::<3>(isa, four, half, two),
+        kernel::<4>(isa, four, half, two),
+        kernel::<5>(isa, four, half, two),
+        kernel::<6>(isa, four, half, two),
+        kernel::<7>(isa, four, half, two),
+        kernel::<8>(isa, four, half, two),
     ];
     let tiles = n.div_ceil(TILE_ROWS);
     let threads = rayon::current_num_threads().max(1);
@@ -442,9 +490,15 @@ mod avx512 {
 
     /// One tile for `N` inputs (see [`super::TileFn`]): 4-bit words split into low and high
     /// nibbles (each against its own activation quad), 8-bit words taken whole; the high and low
-    /// activation codes into two sums joined as `256 · high + low` per block.
+    /// activation codes into two sums joined as `256 · high + low` per block (the high ones alone
+    /// unless `TWO`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn tile<const N: usize, const BITS: u32, const HALF: bool>(
+    pub(super) unsafe fn tile<
+        const N: usize,
+        const BITS: u32,
+        const HALF: bool,
+        const TWO: bool,
+    >(
         w: &AffineWeight,
         tile: usize,
         xi: &ByteInputs,
@@ -478,10 +532,13 @@ mod avx512 {
                     for i in 0..N {
                         let x = p.quads(xi, i0 + i, b);
                         high[i] = dot(high[i], x, q);
-                        low[i] = dot(low[i], x.add(BLOCK / 4), q);
+                        if TWO {
+                            low[i] = dot(low[i], x.add(BLOCK / 4), q);
+                        }
                     }
                 }
                 for i in 0..N {
+                    // (`low` stays 0 with one code.)
                     let sums = _mm512_add_epi32(_mm512_slli_epi32(high[i], 8), low[i]);
                     let f = _mm512_mul_ps(s, _mm512_set1_ps(xi.scales[(i0 + i) * blocks + b]));
                     out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), f, out[i]);
@@ -514,16 +571,24 @@ mod avx2 {
         }
     }
 
+    /// How one AVX2 kernel form reads a block: every input's integer sums of the block's rows for
+    /// half a tile. A trait with `#[inline(always)]` methods rather than a closure: a closure
+    /// defined outside a `target_feature` function that LLVM leaves outlined (as it did once a
+    /// form had two callers) runs without AVX2 and calls every intrinsic, 3x slower.
+    trait BlockSums<const N: usize> {
+        /// The sums of block `b`, half `h` of the tile, for inputs `i0 .. i0 + N`.
+        unsafe fn sums(p: &Pass, xi: &ByteInputs, i0: usize, b: usize, h: usize) -> [__m256i; N];
+    }
+
     /// The walk both AVX2 forms share: for each half of the tile (eight rows), group and block,
-    /// `block_sums(b, h)` gives every input's integer sums of the block's rows, which are scaled
-    /// by the group's and the input's block scales, joined by the bias terms and stored.
+    /// `S::sums` gives every input's integer sums of the block's rows, which are scaled by the
+    /// group's and the input's block scales, joined by the bias terms and stored.
     #[inline(always)]
-    unsafe fn walk<const N: usize, const HALF: bool>(
+    unsafe fn walk<const N: usize, const HALF: bool, S: BlockSums<N>>(
         p: &Pass,
         xi: &ByteInputs,
         i0: usize,
         ys: Outputs,
-        mut block_sums: impl FnMut(usize, usize) -> [__m256i; N],
     ) {
         let blocks = p.k / BLOCK;
         for h in 0..2 {
@@ -531,7 +596,7 @@ mod avx2 {
             for g in 0..p.groups {
                 let s = values::<HALF>(p.scales, g, h);
                 for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
-                    let sums = block_sums(b, h);
+                    let sums = S::sums(p, xi, i0, b, h);
                     for (i, (o, sums)) in out.iter_mut().zip(sums).enumerate() {
                         let f = _mm256_mul_ps(s, _mm256_set1_ps(xi.scales[(i0 + i) * blocks + b]));
                         *o = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, *o);
@@ -560,34 +625,30 @@ mod avx2 {
         p.codes.add(line * 64 + 32 * h)
     }
 
-    /// One tile for `N` inputs, the high and low activation codes into two sums joined as
-    /// `256 · high + low` per block: with `VNNI` by `vpdpbusd` (4-bit words split into nibbles,
-    /// 8-bit ones whole); otherwise (4-bit only) by `vpmaddubsw` on the nibbles against their two
-    /// activation quads, into 16-bit sums that stay within 8 · 2 · 15 · 128 = 30,720 per block,
-    /// widened with their weights (256, 1) by `vpmaddwd`.
-    #[inline(always)]
-    unsafe fn tile_with<const N: usize, const BITS: u32, const HALF: bool, const VNNI: bool>(
-        w: &AffineWeight,
-        tile: usize,
-        xi: &ByteInputs,
-        i0: usize,
-        ys: Outputs,
-    ) {
-        debug_assert!(VNNI || BITS == 4);
-        let p = Pass::new(w, tile);
-        let nibble = _mm256_set1_epi8(0x0F);
-        let weights = [_mm256_set1_epi16(256), _mm256_set1_epi16(1)];
-        // (Called once per block from `walk`, which is inlined here: one call site, inlined too.)
-        let block_sums = |b: usize, h: usize| {
+    /// The high and low activation codes into two sums joined as `256 · high + low` per block
+    /// (the high ones alone unless `TWO`): with `VNNI` by `vpdpbusd` (4-bit words split into
+    /// nibbles, 8-bit ones whole); otherwise (4-bit only) by `vpmaddubsw` on the nibbles against
+    /// their two activation quads, into 16-bit sums that stay within 8 · 2 · 15 · 128 = 30,720 per
+    /// block, widened with their weights (256, 1) by `vpmaddwd`.
+    struct Codes<const BITS: u32, const VNNI: bool, const TWO: bool>;
+
+    impl<const N: usize, const BITS: u32, const VNNI: bool, const TWO: bool> BlockSums<N>
+        for Codes<BITS, VNNI, TWO>
+    {
+        #[inline(always)]
+        unsafe fn sums(p: &Pass, xi: &ByteInputs, i0: usize, b: usize, h: usize) -> [__m256i; N] {
+            debug_assert!(VNNI || BITS == 4);
+            let nibble = _mm256_set1_epi8(0x0F);
             // Per input, the sums of its [high, low] codes.
             let mut acc = [[_mm256_setzero_si256(); 2]; N];
             for d in 0..p.words_per_block {
-                let words = _mm256_loadu_si256(line(&p, b, d, h) as *const __m256i);
+                let words = _mm256_loadu_si256(line(p, b, d, h) as *const __m256i);
                 let lo = _mm256_and_si256(words, nibble);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let x = p.quads(xi, i0 + i, b);
-                    for (part, a) in acc.iter_mut().enumerate() {
+                    let parts = if TWO { 2 } else { 1 };
+                    for (part, a) in acc.iter_mut().enumerate().take(parts) {
                         let x = x.add(part * BLOCK / 4);
                         if BITS == 8 {
                             let x = _mm256_set1_epi32(*x.add(d));
@@ -609,40 +670,33 @@ mod avx2 {
                     }
                 }
             }
-            acc.map(|[high, low]| {
-                if VNNI {
-                    _mm256_add_epi32(_mm256_slli_epi32(high, 8), low)
-                } else {
-                    _mm256_add_epi32(
-                        _mm256_madd_epi16(high, weights[0]),
-                        _mm256_madd_epi16(low, weights[1]),
-                    )
-                }
+            let weights = [_mm256_set1_epi16(256), _mm256_set1_epi16(1)];
+            acc.map(|[high, low]| match (TWO, VNNI) {
+                (false, true) => _mm256_slli_epi32(high, 8),
+                (false, false) => _mm256_madd_epi16(high, weights[0]),
+                (true, true) => _mm256_add_epi32(_mm256_slli_epi32(high, 8), low),
+                (true, false) => _mm256_add_epi32(
+                    _mm256_madd_epi16(high, weights[0]),
+                    _mm256_madd_epi16(low, weights[1]),
+                ),
             })
-        };
-        walk::<N, HALF>(&p, xi, i0, ys, block_sums)
+        }
     }
 
-    /// One tile of 8-bit codes for `N` inputs on AVX2 without VNNI: `vpmaddubsw` would saturate
-    /// on codes up to 255, so the codes are widened to 16 bits (four rows per register, two lanes
-    /// per row) and `vpmaddwd` multiplies them by pairs of the 16-bit activation codes
-    /// `256 · hi + lo` (the same integer sums as the other forms: a block's stays below
-    /// 32 · 255 · 32,639 < 2³¹); one horizontal add per block folds each row's two lanes.
-    #[inline(always)]
-    unsafe fn tile_wide<const N: usize, const HALF: bool>(
-        w: &AffineWeight,
-        tile: usize,
-        xi: &ByteInputs,
-        i0: usize,
-        ys: Outputs,
-    ) {
-        let p = Pass::new(w, tile);
-        // (Called once per block from `walk`, which is inlined here: one call site, inlined too.)
-        let block_sums = |b: usize, h: usize| {
+    /// 8-bit codes on AVX2 without VNNI: `vpmaddubsw` would saturate on codes up to 255, so the
+    /// codes are widened to 16 bits (four rows per register, two lanes per row) and `vpmaddwd`
+    /// multiplies them by pairs of the 16-bit activation codes `256 · hi + lo` (the same integer
+    /// sums as the other forms: a block's stays below 32 · 255 · 32,639 < 2³¹; a low code of 0
+    /// with one code per input); one horizontal add per block folds each row's two lanes.
+    struct WideCodes;
+
+    impl<const N: usize> BlockSums<N> for WideCodes {
+        #[inline(always)]
+        unsafe fn sums(p: &Pass, xi: &ByteInputs, i0: usize, b: usize, h: usize) -> [__m256i; N] {
             // Per input, rows 0-3 and rows 4-7 of the half, two lanes per row.
             let mut acc = [[_mm256_setzero_si256(); 2]; N];
             for d in 0..p.words_per_block {
-                let at = line(&p, b, d, h);
+                let at = line(p, b, d, h);
                 let rows = [
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(at as *const __m128i)),
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
@@ -660,36 +714,47 @@ mod avx2 {
             acc.map(|[lo4, hi4]| {
                 _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo4, hi4), 0b11_01_10_00)
             })
-        };
-        walk::<N, HALF>(&p, xi, i0, ys, block_sums)
-    }
-
-    /// [`tile_with`] (4-bit) or [`tile_wide`] (8-bit) on AVX2.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile<const N: usize, const BITS: u32, const HALF: bool>(
-        w: &AffineWeight,
-        tile: usize,
-        xi: &ByteInputs,
-        i0: usize,
-        ys: Outputs,
-    ) {
-        if BITS == 8 {
-            tile_wide::<N, HALF>(w, tile, xi, i0, ys)
-        } else {
-            tile_with::<N, 4, HALF, false>(w, tile, xi, i0, ys)
         }
     }
 
-    /// [`tile_with`] on AVX-VNNI.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub(super) unsafe fn tile_vnni<const N: usize, const BITS: u32, const HALF: bool>(
+    /// One tile for `N` inputs on AVX2: [`Codes`] (4-bit) or [`WideCodes`] (8-bit).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile<
+        const N: usize,
+        const BITS: u32,
+        const HALF: bool,
+        const TWO: bool,
+    >(
         w: &AffineWeight,
         tile: usize,
         xi: &ByteInputs,
         i0: usize,
         ys: Outputs,
     ) {
-        tile_with::<N, BITS, HALF, true>(w, tile, xi, i0, ys)
+        let p = Pass::new(w, tile);
+        if BITS == 8 {
+            walk::<N, HALF, WideCodes>(&p, xi, i0, ys)
+        } else {
+            walk::<N, HALF, Codes<4, false, TWO>>(&p, xi, i0, ys)
+        }
+    }
+
+    /// One tile for `N` inputs on AVX-VNNI ([`Codes`]).
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn tile_vnni<
+        const N: usize,
+        const BITS: u32,
+        const HALF: bool,
+        const TWO: bool,
+    >(
+        w: &AffineWeight,
+        tile: usize,
+        xi: &ByteInputs,
+        i0: usize,
+        ys: Outputs,
+    ) {
+        let p = Pass::new(w, tile);
+        walk::<N, HALF, Codes<BITS, true, TWO>>(&p, xi, i0, ys)
     }
 }
 
@@ -712,10 +777,11 @@ mod tests {
             .collect()
     }
 
-    /// The exact product of the rounded activations with the dequantized weight, in f64.
-    fn reference(w: &AffineWeight, xs: &[f32]) -> Vec<f64> {
+    /// The exact product of the rounded activations (one code each or two) with the dequantized
+    /// weight, in f64.
+    fn reference(w: &AffineWeight, xs: &[f32], one_code: bool) -> Vec<f64> {
         let (k, n) = (w.in_dim, w.out_dim);
-        let xi = quantize(xs, k, w.spec.group_size, w.spec.bits);
+        let xi = quantize(xs, k, w.spec.group_size, w.spec.bits, one_code);
         let mut row = vec![0f32; k];
         let t = xs.len() / k;
         let mut ys = vec![0f64; t * n];
@@ -731,11 +797,17 @@ mod tests {
                     );
                     let q = 256 * i32::from(hi) + i32::from(lo);
                     let xq = f64::from(q) * f64::from(xi.scales[blk]);
-                    // The bias part of w multiplies the exact inputs; only scale · q the rounded ones.
+                    // With two codes the bias part of w multiplies the exact inputs, only scale · q
+                    // the rounded ones; with one code both multiply the rounded ones.
                     let g = w.value_at(r, e / w.spec.group_size);
                     let (s, b) = (f64::from(w.scales.get(g)), f64::from(w.biases.get(g)));
                     let qw = (f64::from(wv) - b) / s;
-                    y += s * qw.round() * xq + b * f64::from(xs[i * k + e]);
+                    let xb = if one_code {
+                        xq
+                    } else {
+                        f64::from(xs[i * k + e])
+                    };
+                    y += s * qw.round() * xq + b * xb;
                 }
                 ys[i * n + r] = y;
             }
@@ -743,11 +815,17 @@ mod tests {
         ys
     }
 
-    /// Every kernel form, group size and value type against the f64 product of the same rounded
-    /// activations, every form bit-identical to the others, and every input bit-identical to
-    /// that input computed alone.
+    /// Every kernel form, group size, value type and activation rounding against the f64 product of
+    /// the same rounded activations, every form bit-identical to the others, and every input
+    /// bit-identical to that input computed alone.
     #[test]
     fn tile_kernels_equal_the_exact_product_and_batch_like_alone() {
+        for held in [TileInputs::Split, TileInputs::Int8] {
+            tile_kernels_with(held);
+        }
+    }
+
+    fn tile_kernels_with(held: TileInputs) {
         let cases = [
             (4, 32, ScaleType::F16),
             (4, 64, ScaleType::F32),
@@ -762,28 +840,34 @@ mod tests {
             assert_eq!(w.scales.is_f16(), store == ScaleType::F16);
             let t = 11;
             let xs = inputs(t, k);
-            let want = reference(&w, &xs);
+            let want = reference(&w, &xs, held == TileInputs::Int8);
             let mut first: Option<Vec<f32>> = None;
             for isa in Isa::available() {
                 let mut ys = vec![f32::NAN; t * n];
-                assert!(matmul_on(&w, &xs, &mut ys, isa));
+                assert!(matmul_on(&w, &xs, &mut ys, isa, held));
                 // The same integer sums and float steps on every instruction set.
                 match &first {
                     Some(f) => {
-                        assert_eq!(&ys, f, "{isa:?} {bits}-bit gs {gs} against the first form")
+                        assert_eq!(&ys, f, "{isa:?} {held:?} {bits}-bit gs {gs}, first form")
                     }
                     None => first = Some(ys.clone()),
                 }
                 for (i, (&y, &r)) in ys.iter().zip(&want).enumerate() {
                     assert!(
                         (f64::from(y) - r).abs() <= 1e-4 * (1.0 + r.abs()),
-                        "{isa:?} {bits}-bit gs {gs} output {i}: {y} vs {r}"
+                        "{isa:?} {held:?} {bits}-bit gs {gs} output {i}: {y} vs {r}"
                     );
                 }
                 for i in 0..t {
                     let mut alone = vec![0f32; n];
-                    assert!(matmul_on(&w, &xs[i * k..(i + 1) * k], &mut alone, isa));
-                    assert_eq!(alone, ys[i * n..(i + 1) * n], "{isa:?} input {i}");
+                    assert!(matmul_on(
+                        &w,
+                        &xs[i * k..(i + 1) * k],
+                        &mut alone,
+                        isa,
+                        held
+                    ));
+                    assert_eq!(alone, ys[i * n..(i + 1) * n], "{isa:?} {held:?} input {i}");
                 }
             }
         }
@@ -823,7 +907,7 @@ mod tests {
     fn activation_codes_round_to_half_a_step() {
         let k = 64;
         let xs = inputs(1, k);
-        let xi = quantize(&xs, k, 32, 4);
+        let xi = quantize(&xs, k, 32, 4, false);
         for (e, &x) in xs.iter().enumerate() {
             let (blk, slot) = (e / BLOCK, code_slot(e % BLOCK, 4));
             let (hi, lo) = (
@@ -838,5 +922,45 @@ mod tests {
         }
         assert_eq!(xi.sums.len(), 2);
         assert!((xi.sums[0] - xs[..32].iter().sum::<f32>()).abs() < 1e-6);
+    }
+
+    /// One code per input ([`TileInputs::Int8`]): each input to the nearest of 255 steps of its
+    /// block's largest magnitude / 127, llama.cpp's Q8_0 rounding with an f32 scale, and the low
+    /// codes all 0 (the vector and scalar roundings alike, both code orders).
+    #[test]
+    fn one_code_rounds_to_the_block_max_over_127() {
+        let k = 96;
+        let xs = inputs(2, k);
+        for bits in [4, 8] {
+            let xi = quantize(&xs, k, 32, bits, true);
+            assert!(!xi.two_codes);
+            for (blk, x) in xs.chunks_exact(BLOCK).enumerate() {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // The kernels' scale is that of the `256 · hi + lo` form: 256 times finer.
+                assert_eq!(xi.scales[blk], amax / (127.0 * 256.0));
+                let (hi, lo) = xi.codes[2 * BLOCK * blk..2 * BLOCK * (blk + 1)].split_at(BLOCK);
+                assert!(lo.iter().all(|&c| c == 0), "block {blk}: low codes");
+                for (e, &v) in x.iter().enumerate() {
+                    let want = (v * 127.0 / amax).round_ties_even() as i8;
+                    assert_eq!(
+                        hi[code_slot(e, bits)],
+                        want,
+                        "{bits}-bit block {blk} input {e}"
+                    );
+                }
+                if bits == 8 {
+                    let wide = &xi.wide[BLOCK * blk..BLOCK * (blk + 1)];
+                    assert!(wide.iter().zip(hi).all(|(&w, &h)| w == 256 * i16::from(h)));
+                }
+                // Each group's sum is that of its rounded inputs.
+                let rounded: f32 = hi.iter().map(|&c| f32::from(c) * amax / 127.0).sum();
+                assert!(
+                    (xi.sums[blk] - rounded).abs() <= 1e-5 * amax,
+                    "block {blk} sum"
+                );
+                let exact: f32 = x.iter().sum();
+                assert!(xi.sums[blk] != exact, "block {blk}: the exact sum was kept");
+            }
+        }
     }
 }

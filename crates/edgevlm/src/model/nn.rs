@@ -32,6 +32,9 @@ pub struct LoadOptions {
     /// With `half_weights`: run the products of bf16 weights on AMX tiles where the CPU has them
     /// (inputs rounded to bf16, f32 sums; see [`crate::kernels::amx`]) instead of in f32.
     pub bf16_tiles: bool,
+    /// Round the inputs of quantized decode products to one 8-bit code per block of 32 values, as
+    /// llama.cpp does ([`TileInputs::Int8`]): faster batches, a measured accuracy cost.
+    pub int8_activations: bool,
 }
 
 impl LoadOptions {
@@ -45,6 +48,20 @@ impl LoadOptions {
             skip_vision: false,
             half_weights: false,
             bf16_tiles: false,
+            int8_activations: false,
+        }
+    }
+
+    /// How the quantized layers these options load hold the inputs of their products: bf16 on the
+    /// tiles of a vision tower loaded for them, one 8-bit code where `int8_activations` asks, else
+    /// 16 significant bits.
+    pub fn tile_inputs(&self) -> TileInputs {
+        if self.bf16_tiles {
+            TileInputs::Bf16
+        } else if self.int8_activations {
+            TileInputs::Int8
+        } else {
+            TileInputs::Split
         }
     }
 
@@ -62,6 +79,8 @@ impl LoadOptions {
             },
             half_weights: cpu,
             bf16_tiles: cpu && self.bf16_tiles,
+            // Only decode steps gain from coarser inputs.
+            int8_activations: false,
             ..self.clone()
         }
     }
@@ -258,11 +277,7 @@ impl Linear {
         };
         // Quantized layers loaded for bf16 tiles (the vision encoder) round their inputs as its
         // bf16 products do.
-        let tile_inputs = if w.opts.bf16_tiles {
-            TileInputs::Bf16
-        } else {
-            TileInputs::Split
-        };
+        let tile_inputs = w.opts.tile_inputs();
         if w.contains("scales") {
             let q = load_affine(w, in_dim, out_dim)?;
             return Self::quantized(q, bias, tile_inputs, w.opts);
@@ -605,7 +620,7 @@ impl Linear {
         }
         let y = match &self.weight {
             LinearWeight::Affine(q) if x.device().is_cpu() => affine_forward_by(q, x, |xs, y| {
-                crate::kernels::qmatvec::affine_matmul_batch(q, xs, y)
+                crate::kernels::qmatvec::affine_matmul_batch(q, xs, y, self.tile_inputs)
             })?,
             _ => {
                 let outs = (0..rows)

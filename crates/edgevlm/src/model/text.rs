@@ -716,7 +716,9 @@ impl TextModel {
             .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if tied {
-            embed_tokens.tied_head()?
+            embed_tokens
+                .tied_head()?
+                .with_tile_inputs(w.opts.tile_inputs())
         } else {
             Linear::load(head, cfg.hidden_size, cfg.vocab_size, false)?
         };

@@ -34,21 +34,31 @@ use crate::quant::AffineWeight;
 const BLOCK: usize = 32;
 /// Inputs per tile step (16 pairs of bf16).
 const KSTEP: usize = 32;
-/// How finely the inputs of a product are held on the tiles.
+/// How finely the inputs of a quantized product are held: on AMX tiles (products of many inputs)
+/// and by the row-tile kernels of decode steps ([`crate::kernels::qtiles`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TileInputs {
-    /// Two bf16 parts per input, `hi + lo`: 16 significant bits (|error| ≤ 2⁻¹⁷|x|). Prompts.
+    /// Two bf16 parts per input on AMX, `hi + lo`: 16 significant bits (|error| ≤ 2⁻¹⁷|x|); two
+    /// 8-bit codes per input in the row tiles (`256 · hi + lo` steps of a block's largest value
+    /// / 32,512). The default: no measurable loss against f32.
     Split,
-    /// One bf16 per input (2⁻⁹ relative), as the vision encoder's bf16 products round theirs: half
-    /// the tile loads and products (vision with quantized weights, whose own error is far larger).
+    /// One bf16 per input (2⁻⁹ relative) on AMX, as the vision encoder's bf16 products round
+    /// theirs: half the tile loads and products (vision with quantized weights, whose own error is
+    /// far larger). The row tiles keep two codes.
     Bf16,
+    /// One 8-bit code per input and block of 32 in the row tiles (steps of the block's largest
+    /// value / 127, f32 scales), as llama.cpp rounds activations for its 4- and 8-bit blocks (its
+    /// Q8_0, with f16 scales): half the integer products of [`TileInputs::Split`], so a batch of
+    /// decode steps costs less, at a measured accuracy cost (benches/README.md). An opt-in
+    /// (`EngineOptions::int8_activations`); AMX tiles take these inputs as one bf16 each.
+    Int8,
 }
 
 impl TileInputs {
     fn parts(self) -> usize {
         match self {
             TileInputs::Split => 2,
-            TileInputs::Bf16 => 1,
+            TileInputs::Bf16 | TileInputs::Int8 => 1,
         }
     }
 }
