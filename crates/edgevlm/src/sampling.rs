@@ -126,6 +126,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     scratch: Vec<(u32, f32)>,
+    /// The candidates' scaled logits, then their exponentials (one vector pass over the vocabulary).
+    weights: Vec<f32>,
     /// Tokens already penalised this step (reused across steps).
     seen: Vec<bool>,
     /// How often each token occurs in the answer so far (for presence / frequency penalties).
@@ -140,6 +142,7 @@ impl Sampler {
             params,
             rng,
             scratch: Vec::new(),
+            weights: Vec::new(),
             seen: Vec::new(),
             answer_counts: Vec::new(),
         })
@@ -246,13 +249,13 @@ impl Sampler {
             .iter()
             .map(|c| c.1)
             .fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for c in self.scratch.iter_mut() {
-            c.1 = (c.1 - max).exp();
-            sum += c.1;
-        }
-        for c in self.scratch.iter_mut() {
-            c.1 /= sum;
+        // The exponentials in one vectorised pass (a scalar `expf` per token was 5% of a
+        // server's step with 8 streams of a 49,152-token vocabulary).
+        self.weights.clear();
+        self.weights.extend(self.scratch.iter().map(|c| c.1));
+        let sum = crate::kernels::elementwise::exp_shifted_sum(&mut self.weights, max);
+        for (c, &w) in self.scratch.iter_mut().zip(&self.weights) {
+            c.1 = w / sum;
         }
         let (top_p, min_p) = (self.params.top_p, self.params.min_p);
         if top_p < 1.0 {
