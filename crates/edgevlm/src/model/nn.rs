@@ -32,8 +32,8 @@ pub struct LoadOptions {
     /// With `half_weights`: run the products of bf16 weights on AMX tiles where the CPU has them
     /// (inputs rounded to bf16, f32 sums; see [`crate::kernels::amx`]) instead of in f32.
     pub bf16_tiles: bool,
-    /// Round the inputs of quantized decode products to one 8-bit code per block of 32 values, as
-    /// llama.cpp does ([`TileInputs::Int8`]): faster batches, a measured accuracy cost.
+    /// Round the inputs of quantized products to one 8-bit code per block of 32 values, as
+    /// llama.cpp does ([`TileInputs::Int8`]): faster batches and prompts, llama.cpp's accuracy.
     pub int8_activations: bool,
 }
 
