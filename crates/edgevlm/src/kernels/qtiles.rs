@@ -103,7 +103,12 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, one_code: bool, out
     scales.clear();
     scales.resize(xs.len() / BLOCK, 0.0);
     sums.clear();
-    sums.extend(xs.chunks_exact(gs).map(|g| g.iter().sum::<f32>()));
+    if one_code {
+        // Filled from the rounded inputs below.
+        sums.resize(xs.len() / gs, 0.0);
+    } else {
+        sums.extend(xs.chunks_exact(gs).map(|g| g.iter().sum::<f32>()));
+    }
     #[cfg(target_arch = "x86_64")]
     let vector = super::has_avx2();
     for ((x, c), s) in xs
@@ -123,10 +128,7 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, one_code: bool, out
         #[cfg(target_arch = "x86_64")]
         if vector {
             // SAFETY: the CPU has AVX2 and FMA; `x` holds a block, `c` twice as many codes.
-            unsafe { round_block(x, inv, bits == 4, c) };
-            if one_code {
-                c[BLOCK..].fill(0);
-            }
+            unsafe { round_block(x, inv, bits == 4, one_code, c) };
             continue;
         }
         let round = round_even;
@@ -138,11 +140,10 @@ fn quantize_into(xs: &[f32], k: usize, gs: usize, bits: u32, one_code: bool, out
             // saturates to 127, an error of one such step.
             let slot = code_slot(e, bits);
             hi[slot] = h as i8;
-            lo[slot] = if one_code {
-                0
-            } else {
-                round((y - h) * 256.0) as i8
-            };
+            // (With one code the low ones keep the 0 they were cleared to.)
+            if !one_code {
+                lo[slot] = round((y - h) * 256.0) as i8;
+            }
         }
     }
     if one_code {
@@ -180,13 +181,14 @@ fn rounded_sums(codes: &[i8], scales: &[f32], per_group: usize, sums: &mut [f32]
 
 /// One block's high and low codes (`c`: 32 of each) on AVX2, the same values as the scalar loop
 /// of [`quantize_into`]: the same float steps, `vroundps` rounding to nearest-even as `round_even`
-/// does, then packed to bytes and (4-bit) put in [`code_slot`] order by one byte shuffle.
+/// does, then packed to bytes and (4-bit) put in [`code_slot`] order by one byte shuffle. With
+/// `one_code` the low codes are neither computed nor stored.
 ///
 /// # Safety
 /// The CPU has AVX2; `x` holds 32 values and `c` 64 codes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn round_block(x: &[f32], inv: f32, four: bool, c: &mut [i8]) {
+unsafe fn round_block(x: &[f32], inv: f32, four: bool, one_code: bool, c: &mut [i8]) {
     use std::arch::x86_64::*;
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let (inv, steps) = (_mm256_set1_ps(inv), _mm256_set1_ps(256.0));
@@ -195,8 +197,11 @@ unsafe fn round_block(x: &[f32], inv: f32, four: bool, c: &mut [i8]) {
     for j in 0..4 {
         let y = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(8 * j)), inv);
         let h = _mm256_round_ps::<NEAREST>(y);
-        let l = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(_mm256_sub_ps(y, h), steps));
-        (hi[j], lo[j]) = (_mm256_cvtps_epi32(h), _mm256_cvtps_epi32(l));
+        hi[j] = _mm256_cvtps_epi32(h);
+        if !one_code {
+            let l = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(_mm256_sub_ps(y, h), steps));
+            lo[j] = _mm256_cvtps_epi32(l);
+        }
     }
     // Packing interleaves the 128-bit halves: 4-value runs come out as 0, 2, 4, 6, 1, 3, 5, 7.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -205,7 +210,8 @@ unsafe fn round_block(x: &[f32], inv: f32, four: bool, c: &mut [i8]) {
         0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15, 0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12,
         14, 9, 11, 13, 15,
     );
-    for (v, at) in [(hi, 0), (lo, BLOCK)] {
+    let parts = if one_code { 1 } else { 2 };
+    for (v, at) in [(hi, 0), (lo, BLOCK)].into_iter().take(parts) {
         let words = _mm256_packs_epi16(
             _mm256_packs_epi32(v[0], v[1]),
             _mm256_packs_epi32(v[2], v[3]),
@@ -304,7 +310,15 @@ fn kernel<const N: usize>(isa: Isa, four: bool, half: bool, two: bool) -> TileFn
     match isa {
         Isa::Avx512Vnni => forms!(avx512::tile),
         Isa::AvxVnni => forms!(avx2::tile_vnni),
-        Isa::Avx2 => forms!(avx2::tile),
+        // 8-bit codes on AVX2 read the activations' 16-bit form, whatever their count: one form.
+        Isa::Avx2 => match (four, half, two) {
+            (true, true, true) => avx2::tile::<N, 4, true, true>,
+            (true, true, false) => avx2::tile::<N, 4, true, false>,
+            (true, false, true) => avx2::tile::<N, 4, false, true>,
+            (true, false, false) => avx2::tile::<N, 4, false, false>,
+            (false, true, _) => avx2::tile::<N, 8, true, true>,
+            (false, false, _) => avx2::tile::<N, 8, false, true>,
+        },
     }
 }
 
@@ -670,16 +684,21 @@ mod avx2 {
                     }
                 }
             }
+            // A plain loop, not `acc.map(closure)`: the closure could be outlined without AVX2.
             let weights = [_mm256_set1_epi16(256), _mm256_set1_epi16(1)];
-            acc.map(|[high, low]| match (TWO, VNNI) {
-                (false, true) => _mm256_slli_epi32(high, 8),
-                (false, false) => _mm256_madd_epi16(high, weights[0]),
-                (true, true) => _mm256_add_epi32(_mm256_slli_epi32(high, 8), low),
-                (true, false) => _mm256_add_epi32(
-                    _mm256_madd_epi16(high, weights[0]),
-                    _mm256_madd_epi16(low, weights[1]),
-                ),
-            })
+            let mut sums = [_mm256_setzero_si256(); N];
+            for (s, &[high, low]) in sums.iter_mut().zip(&acc) {
+                *s = match (TWO, VNNI) {
+                    (false, true) => _mm256_slli_epi32(high, 8),
+                    (false, false) => _mm256_madd_epi16(high, weights[0]),
+                    (true, true) => _mm256_add_epi32(_mm256_slli_epi32(high, 8), low),
+                    (true, false) => _mm256_add_epi32(
+                        _mm256_madd_epi16(high, weights[0]),
+                        _mm256_madd_epi16(low, weights[1]),
+                    ),
+                };
+            }
+            sums
         }
     }
 
@@ -711,9 +730,11 @@ mod avx2 {
                 }
             }
             // Lanes (r0 r0 r1 r1 | r2 r2 r3 r3) and (r4 ..): pairs added, rows put back in order.
-            acc.map(|[lo4, hi4]| {
-                _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo4, hi4), 0b11_01_10_00)
-            })
+            let mut sums = [_mm256_setzero_si256(); N];
+            for (s, &[lo4, hi4]) in sums.iter_mut().zip(&acc) {
+                *s = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo4, hi4), 0b11_01_10_00);
+            }
+            sums
         }
     }
 
@@ -873,7 +894,8 @@ mod tests {
         }
     }
 
-    /// The AVX2 rounding gives the scalar loop's codes exactly, in both orders.
+    /// The AVX2 rounding gives the scalar loop's codes exactly, in both orders, and with one code
+    /// leaves the low codes untouched.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn vector_rounding_equals_scalar() {
@@ -896,8 +918,17 @@ mod tests {
             }
             let mut got = vec![0i8; 64];
             // SAFETY: AVX2 was checked; 32 values, 64 codes.
-            unsafe { round_block(&x, inv, bits == 4, &mut got) };
+            unsafe { round_block(&x, inv, bits == 4, false, &mut got) };
             assert_eq!(got, want, "{bits}-bit order");
+            let mut one = vec![0i8; 64];
+            // SAFETY: as above.
+            unsafe { round_block(&x, inv, bits == 4, true, &mut one) };
+            assert_eq!(
+                one[..BLOCK],
+                want[..BLOCK],
+                "{bits}-bit high codes, one code"
+            );
+            assert!(one[BLOCK..].iter().all(|&c| c == 0), "{bits}-bit low codes");
         }
     }
 
