@@ -275,10 +275,10 @@ impl Isa {
     }
 }
 
-/// Tile kernel: tile `tile` of `w` for inputs `i0 .. i0 + N`, its 16 outputs for input `i0 + i`
-/// stored at `ys.at + i · ys.stride`.
+/// Tile kernel: the tile `Pass` points at, for inputs `i0 .. i0 + N`, its 16 outputs for input
+/// `i0 + i` stored at `ys.at + i · ys.stride`.
 #[cfg(target_arch = "x86_64")]
-type TileFn = unsafe fn(&AffineWeight, usize, &ByteInputs, usize, Outputs);
+type TileFn = unsafe fn(&Pass, &ByteInputs, usize, Outputs);
 
 /// Where a tile kernel stores: input `i0`'s first output of the tile at `at`, the next input's
 /// `stride` values on.
@@ -394,7 +394,11 @@ fn run_tiles(w: &AffineWeight, xi: &ByteInputs, t: usize, ys: &mut [f32], isa: I
             // A last tile of fewer than 16 rows stores into `spare` (16 outputs per input of a
             // pass), and its rows are copied out.
             let mut spare = [0f32; TILE_ROWS * 8];
+            // SAFETY: `w` is held in row tiles (checked by the caller).
+            let first = unsafe { Pass::first(w) };
             for tile in task * per_task..((task + 1) * per_task).min(tiles) {
+                // SAFETY: `tile` is one of `w`'s tiles.
+                let p = unsafe { first.at(tile) };
                 let (r0, rows) = (tile * TILE_ROWS, TILE_ROWS.min(n - tile * TILE_ROWS));
                 let mut i0 = 0;
                 while i0 < t {
@@ -405,12 +409,11 @@ fn run_tiles(w: &AffineWeight, xi: &ByteInputs, t: usize, ys: &mut [f32], isa: I
                     unsafe {
                         let ys = (ys_addr as *mut f32).add(i0 * n + r0);
                         if rows == TILE_ROWS {
-                            kernels[m - 1](w, tile, xi, i0, Outputs { at: ys, stride: n });
+                            kernels[m - 1](&p, xi, i0, Outputs { at: ys, stride: n });
                         } else {
                             let at = spare.as_mut_ptr();
                             kernels[m - 1](
-                                w,
-                                tile,
+                                &p,
                                 xi,
                                 i0,
                                 Outputs {
@@ -435,6 +438,7 @@ fn run_tiles(w: &AffineWeight, xi: &ByteInputs, t: usize, ys: &mut [f32], isa: I
 
 /// Where one tile's data and one pass's inputs lie.
 #[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
 struct Pass {
     /// The tile's packed words: word `d` of its sixteen rows at `codes + 64 d`.
     codes: *const u8,
@@ -443,8 +447,8 @@ struct Pass {
     biases: *const u8,
     /// Bytes of one tile's codes.
     tile_bytes: usize,
-    /// Packed words per row and block of 32 inputs (4 or 8).
-    words_per_block: usize,
+    /// Bytes of one tile's scales (or biases).
+    values_bytes: usize,
     k: usize,
     groups: usize,
     blocks_per_group: usize,
@@ -452,21 +456,36 @@ struct Pass {
 
 #[cfg(target_arch = "x86_64")]
 impl Pass {
+    /// The first tile of `w` (the sizes worked out once per product, not per tile).
+    ///
     /// # Safety
-    /// `tile` is a tile of `w`, which is held in [`CodeLayout::Tiles`] with 4-bit codes.
-    #[inline(always)]
-    unsafe fn new(w: &AffineWeight, tile: usize) -> Self {
+    /// `w` is held in [`CodeLayout::Tiles`].
+    unsafe fn first(w: &AffineWeight) -> Self {
         let groups = w.groups();
         let vb = if w.scales.is_f16() { 2 } else { 4 };
         Pass {
-            codes: (w.packed.as_ptr() as *const u8).add(tile * TILE_ROWS * w.words_per_row() * 4),
-            words_per_block: BLOCK * w.spec.bits as usize / 32,
-            scales: w.scales.as_ptr().add(tile * TILE_ROWS * groups * vb),
-            biases: w.biases.as_ptr().add(tile * TILE_ROWS * groups * vb),
+            codes: w.packed.as_ptr() as *const u8,
+            scales: w.scales.as_ptr(),
+            biases: w.biases.as_ptr(),
             tile_bytes: TILE_ROWS * w.words_per_row() * 4,
+            values_bytes: TILE_ROWS * groups * vb,
             k: w.in_dim,
             groups,
             blocks_per_group: w.spec.group_size / BLOCK,
+        }
+    }
+
+    /// Tile `tile` of the weight whose [`Pass::first`] this is.
+    ///
+    /// # Safety
+    /// The weight has that tile.
+    #[inline(always)]
+    unsafe fn at(&self, tile: usize) -> Self {
+        Pass {
+            codes: self.codes.add(tile * self.tile_bytes),
+            scales: self.scales.add(tile * self.values_bytes),
+            biases: self.biases.add(tile * self.values_bytes),
+            ..*self
         }
     }
 
@@ -486,10 +505,39 @@ impl Pass {
     }
 }
 
+/// Packed 32-bit words per row and block of 32 inputs for `bits`-bit codes (4 or 8): a constant
+/// in each kernel form, so that its loop over a block's words unrolls.
+#[cfg(target_arch = "x86_64")]
+const fn words_per_block(bits: u32) -> usize {
+    BLOCK * bits as usize / 32
+}
+
+/// Input `i0 + i`'s block scale of block `b` and group sum of group `g`, unchecked.
+///
+/// # Safety
+/// `xi` holds inputs `i0 + i` of `blocks` blocks and `groups` groups each, `b < blocks`, `g < groups`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_scale(xi: &ByteInputs, input: usize, blocks: usize, b: usize) -> f32 {
+    debug_assert!(input * blocks + b < xi.scales.len());
+    *xi.scales.get_unchecked(input * blocks + b)
+}
+
+/// Input `input`'s sum of group `g` (of `groups`), unchecked.
+///
+/// # Safety
+/// `xi` holds that input's group sums.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn group_sum(xi: &ByteInputs, input: usize, groups: usize, g: usize) -> f32 {
+    debug_assert!(input * groups + g < xi.sums.len());
+    *xi.sums.get_unchecked(input * groups + g)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{ByteInputs, Outputs, Pass, BLOCK};
-    use crate::quant::AffineWeight;
+
     use std::arch::x86_64::*;
 
     /// Sixteen rows' group values `g` (f16 or f32) in f32.
@@ -513,13 +561,11 @@ mod avx512 {
         const HALF: bool,
         const TWO: bool,
     >(
-        w: &AffineWeight,
-        tile: usize,
+        p: &Pass,
         xi: &ByteInputs,
         i0: usize,
         ys: Outputs,
     ) {
-        let p = Pass::new(w, tile);
         let blocks = p.k / BLOCK;
         let nibble = _mm512_set1_epi8(0x0F);
         let mut out = [_mm512_setzero_ps(); N];
@@ -528,8 +574,9 @@ mod avx512 {
             for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
                 let mut high = [_mm512_setzero_si512(); N];
                 let mut low = [_mm512_setzero_si512(); N];
-                for d in 0..p.words_per_block {
-                    let line = p.words_per_block * b + d;
+                let words = super::words_per_block(BITS);
+                for d in 0..words {
+                    let line = words * b + d;
                     p.prefetch_next(line);
                     let words = _mm512_loadu_si512(p.codes.add(line * 64) as *const _);
                     let dot = |acc: __m512i, x: *const i32, q: usize| -> __m512i {
@@ -554,13 +601,15 @@ mod avx512 {
                 for i in 0..N {
                     // (`low` stays 0 with one code.)
                     let sums = _mm512_add_epi32(_mm512_slli_epi32(high[i], 8), low[i]);
-                    let f = _mm512_mul_ps(s, _mm512_set1_ps(xi.scales[(i0 + i) * blocks + b]));
+                    let x = super::block_scale(xi, i0 + i, blocks, b);
+                    let f = _mm512_mul_ps(s, _mm512_set1_ps(x));
                     out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), f, out[i]);
                 }
             }
             let bias = values::<HALF>(p.biases, g);
             for (i, o) in out.iter_mut().enumerate() {
-                *o = _mm512_fmadd_ps(bias, _mm512_set1_ps(xi.sums[(i0 + i) * p.groups + g]), *o);
+                let sum = super::group_sum(xi, i0 + i, p.groups, g);
+                *o = _mm512_fmadd_ps(bias, _mm512_set1_ps(sum), *o);
             }
         }
         for (i, o) in out.iter().enumerate() {
@@ -572,7 +621,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{ByteInputs, Outputs, Pass, BLOCK};
-    use crate::quant::AffineWeight;
+
     use std::arch::x86_64::*;
 
     /// Eight rows' (half `h` of the tile's) group values `g` in f32.
@@ -612,13 +661,14 @@ mod avx2 {
                 for b in g * p.blocks_per_group..(g + 1) * p.blocks_per_group {
                     let sums = S::sums(p, xi, i0, b, h);
                     for (i, (o, sums)) in out.iter_mut().zip(sums).enumerate() {
-                        let f = _mm256_mul_ps(s, _mm256_set1_ps(xi.scales[(i0 + i) * blocks + b]));
+                        let x = super::block_scale(xi, i0 + i, blocks, b);
+                        let f = _mm256_mul_ps(s, _mm256_set1_ps(x));
                         *o = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, *o);
                     }
                 }
                 let bias = values::<HALF>(p.biases, g, h);
                 for (i, o) in out.iter_mut().enumerate() {
-                    let sum = _mm256_set1_ps(xi.sums[(i0 + i) * p.groups + g]);
+                    let sum = _mm256_set1_ps(super::group_sum(xi, i0 + i, p.groups, g));
                     *o = _mm256_fmadd_ps(bias, sum, *o);
                 }
             }
@@ -628,11 +678,11 @@ mod avx2 {
         }
     }
 
-    /// Half `h` of line `d` of block `b` (32 bytes: eight rows' words), fetching the next tile's
-    /// line on the first half.
+    /// Half `h` of line `d` of block `b` (32 bytes: eight rows' words; `words` lines a block),
+    /// fetching the next tile's line on the first half.
     #[inline(always)]
-    unsafe fn line(p: &Pass, b: usize, d: usize, h: usize) -> *const u8 {
-        let line = p.words_per_block * b + d;
+    unsafe fn line(p: &Pass, words: usize, b: usize, d: usize, h: usize) -> *const u8 {
+        let line = words * b + d;
         if h == 0 {
             p.prefetch_next(line);
         }
@@ -655,8 +705,9 @@ mod avx2 {
             let nibble = _mm256_set1_epi8(0x0F);
             // Per input, the sums of its [high, low] codes.
             let mut acc = [[_mm256_setzero_si256(); 2]; N];
-            for d in 0..p.words_per_block {
-                let words = _mm256_loadu_si256(line(p, b, d, h) as *const __m256i);
+            let per_block = super::words_per_block(BITS);
+            for d in 0..per_block {
+                let words = _mm256_loadu_si256(line(p, per_block, b, d, h) as *const __m256i);
                 let lo = _mm256_and_si256(words, nibble);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
                 for (i, acc) in acc.iter_mut().enumerate() {
@@ -714,8 +765,9 @@ mod avx2 {
         unsafe fn sums(p: &Pass, xi: &ByteInputs, i0: usize, b: usize, h: usize) -> [__m256i; N] {
             // Per input, rows 0-3 and rows 4-7 of the half, two lanes per row.
             let mut acc = [[_mm256_setzero_si256(); 2]; N];
-            for d in 0..p.words_per_block {
-                let at = line(p, b, d, h);
+            let per_block = super::words_per_block(8);
+            for d in 0..per_block {
+                let at = line(p, per_block, b, d, h);
                 let rows = [
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(at as *const __m128i)),
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
@@ -746,17 +798,15 @@ mod avx2 {
         const HALF: bool,
         const TWO: bool,
     >(
-        w: &AffineWeight,
-        tile: usize,
+        p: &Pass,
         xi: &ByteInputs,
         i0: usize,
         ys: Outputs,
     ) {
-        let p = Pass::new(w, tile);
         if BITS == 8 {
-            walk::<N, HALF, WideCodes>(&p, xi, i0, ys)
+            walk::<N, HALF, WideCodes>(p, xi, i0, ys)
         } else {
-            walk::<N, HALF, Codes<4, false, TWO>>(&p, xi, i0, ys)
+            walk::<N, HALF, Codes<4, false, TWO>>(p, xi, i0, ys)
         }
     }
 
@@ -768,14 +818,12 @@ mod avx2 {
         const HALF: bool,
         const TWO: bool,
     >(
-        w: &AffineWeight,
-        tile: usize,
+        p: &Pass,
         xi: &ByteInputs,
         i0: usize,
         ys: Outputs,
     ) {
-        let p = Pass::new(w, tile);
-        walk::<N, HALF, Codes<BITS, true, TWO>>(&p, xi, i0, ys)
+        walk::<N, HALF, Codes<BITS, true, TWO>>(p, xi, i0, ys)
     }
 }
 
