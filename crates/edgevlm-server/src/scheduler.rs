@@ -5,6 +5,8 @@
 //! others' streams.
 
 use std::collections::VecDeque;
+
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
@@ -177,6 +179,32 @@ fn run(engine: &Engine, jobs: mpsc::Receiver<Job>, parallel: usize, load: &Atomi
     }
 }
 
+/// Run a generating answer up to its next model step, sending the text it shows: `None` while it
+/// goes on, `Some(event)` once it ends (`Some(None)`: its client went away).
+fn poll_one(r: &mut Running<'_>) -> Option<Option<Event>> {
+    let State::Generating(g) = &mut r.state else {
+        return None;
+    };
+    loop {
+        match g.poll() {
+            Ok(Poll::Piece(p)) => {
+                if r.events.send(Event::Piece(p)).is_err() {
+                    return Some(None);
+                }
+            }
+            Ok(Poll::NeedsStep) => return None,
+            Ok(Poll::Done) => {
+                return Some(Some(Event::Done {
+                    finish: g.finish_reason().unwrap_or(FinishReason::Length),
+                    completion_tokens: g.tokens().len(),
+                    timings: Box::new(g.timings().clone()),
+                }))
+            }
+            Err(e) => return Some(Some(Event::Failed(e.into()))),
+        }
+    }
+}
+
 /// One round: a step of the oldest prompt pass, then everything generating up to its next token.
 fn step<'e>(engine: &'e Engine, running: &mut Vec<Running<'e>>, load: &AtomicUsize) {
     let finished = |r: &Running<'_>, load: &AtomicUsize, event: Option<Event>| {
@@ -228,38 +256,14 @@ fn step<'e>(engine: &'e Engine, running: &mut Vec<Running<'e>>, load: &AtomicUsi
             }
         }
     }
-    // Every generating answer runs up to the point where it needs the model.
-    let mut i = 0;
-    while i < running.len() {
-        let r = &mut running[i];
-        let State::Generating(g) = &mut r.state else {
-            i += 1;
-            continue;
-        };
-        let outcome = loop {
-            match g.poll() {
-                Ok(Poll::Piece(p)) => {
-                    if r.events.send(Event::Piece(p)).is_err() {
-                        break Some(None);
-                    }
-                }
-                Ok(Poll::NeedsStep) => break None,
-                Ok(Poll::Done) => {
-                    break Some(Some(Event::Done {
-                        finish: g.finish_reason().unwrap_or(FinishReason::Length),
-                        completion_tokens: g.tokens().len(),
-                        timings: Box::new(g.timings().clone()),
-                    }))
-                }
-                Err(e) => break Some(Some(Event::Failed(e.into()))),
-            }
-        };
-        match outcome {
-            None => i += 1,
-            Some(event) => {
-                let r = running.remove(i);
-                finished(&r, load, event);
-            }
+    // Every generating answer runs up to the point where it needs the model: each samples from its
+    // own logits, so they do it at once on the thread pool (a vocabulary-wide softmax per answer,
+    // which one thread alone would do while the other cores wait).
+    let outcomes: Vec<Option<Option<Event>>> = running.par_iter_mut().map(poll_one).collect();
+    for (i, outcome) in outcomes.into_iter().enumerate().rev() {
+        if let Some(event) = outcome {
+            let r = running.remove(i);
+            finished(&r, load, event);
         }
     }
     let mut batch: Vec<&mut Generation<'e>> = running
