@@ -385,55 +385,63 @@ fn run_tiles(w: &AffineWeight, xi: &ByteInputs, t: usize, ys: &mut [f32], isa: I
         kernel::<8>(isa, four, half, two),
     ];
     let tiles = n.div_ceil(TILE_ROWS);
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = (tiles / (threads * 4)).clamp(1, 16);
+    let tasks = task_count(tiles, rayon::current_num_threads());
     let ys_addr = ys.as_mut_ptr() as usize;
-    (0..tiles.div_ceil(per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            // A last tile of fewer than 16 rows stores into `spare` (16 outputs per input of a
-            // pass), and its rows are copied out.
-            let mut spare = [0f32; TILE_ROWS * 8];
-            // SAFETY: `w` is held in row tiles (checked by the caller).
-            let first = unsafe { Pass::first(w) };
-            for tile in task * per_task..((task + 1) * per_task).min(tiles) {
-                // SAFETY: `tile` is one of `w`'s tiles.
-                let p = unsafe { first.at(tile) };
-                let (r0, rows) = (tile * TILE_ROWS, TILE_ROWS.min(n - tile * TILE_ROWS));
-                let mut i0 = 0;
-                while i0 < t {
-                    let m = per_pass.min(t - i0);
-                    // SAFETY: the kernel's CPU features were detected; tile `tile` and inputs
-                    // i0..i0 + m exist; a whole tile's outputs are inside `ys` (t × n, which
-                    // outlives the loop), written by this task only, a last tile's inside `spare`.
-                    unsafe {
-                        let ys = (ys_addr as *mut f32).add(i0 * n + r0);
-                        if rows == TILE_ROWS {
-                            kernels[m - 1](&p, xi, i0, Outputs { at: ys, stride: n });
-                        } else {
-                            let at = spare.as_mut_ptr();
-                            kernels[m - 1](
-                                &p,
-                                xi,
-                                i0,
-                                Outputs {
-                                    at,
-                                    stride: TILE_ROWS,
-                                },
+    (0..tasks).into_par_iter().for_each(|task| {
+        // A last tile of fewer than 16 rows stores into `spare` (16 outputs per input of a
+        // pass), and its rows are copied out.
+        let mut spare = [0f32; TILE_ROWS * 8];
+        // SAFETY: `w` is held in row tiles (checked by the caller).
+        let first = unsafe { Pass::first(w) };
+        for tile in task * tiles / tasks..(task + 1) * tiles / tasks {
+            // SAFETY: `tile` is one of `w`'s tiles.
+            let p = unsafe { first.at(tile) };
+            let (r0, rows) = (tile * TILE_ROWS, TILE_ROWS.min(n - tile * TILE_ROWS));
+            let mut i0 = 0;
+            while i0 < t {
+                let m = per_pass.min(t - i0);
+                // SAFETY: the kernel's CPU features were detected; tile `tile` and inputs
+                // i0..i0 + m exist; a whole tile's outputs are inside `ys` (t × n, which
+                // outlives the loop), written by this task only, a last tile's inside `spare`.
+                unsafe {
+                    let ys = (ys_addr as *mut f32).add(i0 * n + r0);
+                    if rows == TILE_ROWS {
+                        kernels[m - 1](&p, xi, i0, Outputs { at: ys, stride: n });
+                    } else {
+                        let at = spare.as_mut_ptr();
+                        kernels[m - 1](
+                            &p,
+                            xi,
+                            i0,
+                            Outputs {
+                                at,
+                                stride: TILE_ROWS,
+                            },
+                        );
+                        for i in 0..m {
+                            std::ptr::copy_nonoverlapping(
+                                at.add(i * TILE_ROWS),
+                                ys.add(i * n),
+                                rows,
                             );
-                            for i in 0..m {
-                                std::ptr::copy_nonoverlapping(
-                                    at.add(i * TILE_ROWS),
-                                    ys.add(i * n),
-                                    rows,
-                                );
-                            }
                         }
                     }
-                    i0 += m;
                 }
+                i0 += m;
             }
-        });
+        }
+    });
+}
+
+/// How many tasks the `tiles` of a product are split into, each taking `tiles / tasks` of them or
+/// one more: about four per thread and at most 16 tiles each, in a multiple of the thread count
+/// (where there are tiles enough), so that the threads' halves of the split are equal. (Fixed
+/// runs of tiles left a 576-row product's 36 tiles as nine tasks, one thread doing five of them
+/// while the other waited after four.)
+fn task_count(tiles: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let tasks = (threads * 4).max(tiles.div_ceil(16));
+    tasks.next_multiple_of(threads).min(tiles).max(1)
 }
 
 /// Where one tile's data and one pass's inputs lie.
@@ -939,6 +947,28 @@ mod tests {
                     assert_eq!(alone, ys[i * n..(i + 1) * n], "{isa:?} {held:?} input {i}");
                 }
             }
+        }
+    }
+
+    /// Tasks cover every tile once, at most 16 (and at least one) each, in a multiple of the thread
+    /// count where the tiles allow it.
+    #[test]
+    fn tasks_split_the_tiles_evenly() {
+        for (tiles, threads, want) in [
+            (36, 2, 8),
+            (12, 2, 8),
+            (3072, 2, 192),
+            (3, 4, 3),
+            (96, 3, 12),
+            (1, 1, 1),
+        ] {
+            let tasks = task_count(tiles, threads);
+            assert_eq!(tasks, want, "{tiles} tiles, {threads} threads");
+            let sizes: Vec<usize> = (0..tasks)
+                .map(|t| (t + 1) * tiles / tasks - t * tiles / tasks)
+                .collect();
+            assert_eq!(sizes.iter().sum::<usize>(), tiles);
+            assert!(sizes.iter().all(|&n| (1..=16).contains(&n)), "{sizes:?}");
         }
     }
 
