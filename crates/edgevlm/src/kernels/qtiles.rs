@@ -520,10 +520,10 @@ const fn words_per_block(bits: u32) -> usize {
     BLOCK * bits as usize / 32
 }
 
-/// Input `i0 + i`'s block scale of block `b` and group sum of group `g`, unchecked.
+/// Input `input`'s scale of block `b` (of `blocks`), unchecked.
 ///
 /// # Safety
-/// `xi` holds inputs `i0 + i` of `blocks` blocks and `groups` groups each, `b < blocks`, `g < groups`.
+/// `xi` holds that input's block scales.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn block_scale(xi: &ByteInputs, input: usize, blocks: usize, b: usize) -> f32 {
